@@ -1,0 +1,57 @@
+"""nbflow: durable Cloudflare-style workflows on Redis and RQ, built for Jupyter.
+
+The public surface is what this module exports; everything else is internal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbflow.definition import StepContext, WorkflowEntrypoint, WorkflowEvent
+from nbflow.engine import Engine, Workflow, WorkflowInstance
+from nbflow.errors import (
+    EventTimeoutError,
+    InstanceExistsError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    NonRetryableError,
+    RedisUnavailableError,
+    StepTimeoutError,
+    WorkflowError,
+    WorkflowNotRegisteredError,
+    WorkflowTimeoutError,
+)
+from nbflow.step import SyncWorkflowStep, WorkflowStep
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbflow``: registers the ``%wf`` magics."""
+    from nbflow.notebook.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+__all__ = [
+    "Engine",
+    "Workflow",
+    "WorkflowInstance",
+    "WorkflowEntrypoint",
+    "WorkflowEvent",
+    "WorkflowStep",
+    "SyncWorkflowStep",
+    "StepContext",
+    "WorkflowError",
+    "NonRetryableError",
+    "WorkflowTimeoutError",
+    "StepTimeoutError",
+    "EventTimeoutError",
+    "InstanceNotFoundError",
+    "InstanceExistsError",
+    "InvalidStateError",
+    "WorkflowNotRegisteredError",
+    "RedisUnavailableError",
+    "load_ipython_extension",
+    "__version__",
+]

@@ -1,0 +1,582 @@
+"""The public front of the engine: ``Engine``, ``Workflow`` and ``WorkflowInstance``.
+
+An ``Engine`` binds a Redis (spec 3.1), a key prefix and an RQ queue.  Creating
+an instance writes its state and enqueues an RQ job for it in one MULTI/EXEC,
+so an instance never exists without a way to be run.  Lifecycle calls are one
+Lua script each (``nbflow.store``) and change the status before they return.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import pandas as pd
+import redis as redis_lib
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from nbflow import codec, server
+from nbflow.definition import WorkflowEntrypoint
+from nbflow.durations import parse_duration
+from nbflow.errors import (
+    InstanceExistsError,
+    InstanceNotFoundError,
+    InvalidStateError,
+    WorkflowNotRegisteredError,
+)
+from nbflow.step import event_json, rebuild_error, split_key
+from nbflow.store import FINAL_STATUSES, STATUSES, Keys, Scripts
+from nbflow.validate import check_event_type, check_instance_id, check_step_name
+
+if TYPE_CHECKING:
+    from nbflow.worker import ThreadWorker
+
+log = logging.getLogger("nbflow")
+
+W = TypeVar("W", bound=WorkflowEntrypoint[Any, Any])
+
+DEFAULT_MAX_STEP_BYTES = 16 * 1024 * 1024
+#: create_batch writes this many instances per MULTI/EXEC (and per RQ job).
+BATCH_CHUNK = 500
+
+_INSTANCE_COLUMNS = [
+    "id", "workflow", "status", "created_at", "updated_at", "current_step", "steps_done", "error",
+]
+_STEP_COLUMNS = [
+    "step", "kind", "count", "status", "attempts", "started_at", "finished_at", "duration_s",
+    "output", "error",
+]
+
+
+def _now() -> tuple[str, str]:
+    t = time.time()
+    return f"{t:.6f}", datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ts(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.fromtimestamp(float(value), timezone.utc)
+
+
+class Engine:
+    """Where workflows live: a Redis, a key prefix, an RQ queue, and the registered classes.
+
+    ``redis`` is a URL, a ``redis.Redis`` or ``None`` (``$NBFLOW_REDIS_URL``, else the
+    embedded server under ``$NBFLOW_HOME``).  ``prefix`` and ``queue`` let several
+    independent engines share one Redis; workers must use the same two.  ``env`` and
+    ``ctx`` are handed to every workflow instance as ``self.env`` / ``self.ctx``.
+    ``retention`` (a duration) deletes finished instances that long after they finish.
+    """
+
+    def __init__(
+        self,
+        redis: str | redis_lib.Redis | None = None,
+        *,
+        prefix: str = "workflow",
+        queue: str = "nbflow",
+        env: Any = None,
+        ctx: Any = None,
+        max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
+        retention: str | float | timedelta | None = None,
+    ) -> None:
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \t\r\n"):
+            raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
+        if not isinstance(queue, str) or not queue or any(c in queue for c in " \t\r\n"):
+            raise ValueError(f"queue must be a non-empty string without spaces, not {queue!r}")
+        if isinstance(max_step_bytes, bool) or not isinstance(max_step_bytes, int) or (
+            max_step_bytes <= 0
+        ):
+            raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
+        self.retention: float | None = None if retention is None else parse_duration(retention)
+        self.redis = server.connect(redis)
+        if self.redis.get_connection_kwargs().get("decode_responses"):
+            raise ValueError(
+                "pass a redis.Redis with decode_responses=False (RQ stores binary data); "
+                "nbflow decodes what it reads itself"
+            )
+        self.prefix = prefix
+        self.queue_name = queue
+        self.env = env
+        self.ctx = ctx
+        self.max_step_bytes = max_step_bytes
+        self.keys = Keys(prefix)
+        self._scripts = Scripts(self.redis)
+        self._queue = Queue(
+            queue, connection=self.redis, serializer=JSONSerializer, default_timeout=-1
+        )
+        self._classes: dict[str, type[WorkflowEntrypoint[Any, Any]]] = {}
+        # instance id -> token of the run this process is advancing (for lease heartbeats)
+        self._runs: dict[str, str] = {}
+        self._worker: ThreadWorker | None = None
+        self._worker_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Engine({server.describe(self.redis)!r}, prefix={self.prefix!r}, queue={self.queue_name!r})"
+
+    # -- workflows ----------------------------------------------------------------
+
+    def register(self, cls: type[W], name: str | None = None) -> Workflow[W]:
+        """Make ``cls`` runnable under ``name`` (default: the class name).
+
+        Registering a name again replaces the class, so re-running a notebook cell
+        that redefines a workflow uses the new definition for new runs.
+        """
+        if not isinstance(cls, type) or not callable(getattr(cls, "run", None)):
+            raise TypeError(
+                f"register() takes a WorkflowEntrypoint subclass with a run(event, step) "
+                f"method, not {cls!r}"
+            )
+        wf_name = cls.__name__ if name is None else name
+        try:
+            check_instance_id(wf_name)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"invalid workflow name {wf_name!r}: use letters, digits, '_' and '-' "
+                "(not starting with '-'), at most 100 characters"
+            ) from None
+        self._classes[wf_name] = cls
+        return Workflow(self, wf_name)
+
+    def workflow(self, name: str) -> Workflow[Any]:
+        """The registered workflow called ``name``."""
+        if name not in self._classes:
+            known = ", ".join(sorted(self._classes)) or "none"
+            raise WorkflowNotRegisteredError(
+                f"no workflow named {name!r} is registered (registered: {known})"
+            )
+        return Workflow(self, name)
+
+    @property
+    def workflows(self) -> list[str]:
+        """Names of the registered workflows."""
+        return sorted(self._classes)
+
+    def instance(self, instance_id: str) -> WorkflowInstance:
+        """A handle on any instance under this prefix, whatever its workflow."""
+        check_instance_id(instance_id)
+        name = self.redis.hget(self.keys.metadata(instance_id), "workflowName")
+        if name is None:
+            raise InstanceNotFoundError(f"no instance {instance_id!r} under prefix {self.prefix!r}")
+        return WorkflowInstance(self, instance_id, name.decode())
+
+    # -- listing ------------------------------------------------------------------
+
+    def instances(
+        self, workflow: str | None = None, status: str | None = None, limit: int = 1000
+    ) -> pd.DataFrame:
+        """Instances newest first, as a DataFrame (read from indexes, never a key scan).
+
+        Columns: id, workflow, status, created_at, updated_at, current_step,
+        steps_done, error.
+        """
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be a non-negative int, not {limit!r}")
+        if status is not None:
+            index = self.keys.by_status(status)
+        elif workflow is not None:
+            index = self.keys.by_workflow(workflow)
+        else:
+            index = self.keys.index
+        rows: list[dict[str, Any]] = []
+        start, page = 0, max(limit, 100)
+        while len(rows) < limit:
+            ids = [i.decode() for i in self.redis.zrevrange(index, start, start + page - 1)]
+            if not ids:
+                break
+            start += page
+            for row in self._rows(ids):
+                if workflow is None or row["workflow"] == workflow:
+                    rows.append(row)
+                    if len(rows) >= limit:
+                        break
+        return pd.DataFrame(rows, columns=_INSTANCE_COLUMNS)
+
+    def _rows(self, ids: Sequence[str]) -> Iterable[dict[str, Any]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for iid in ids:
+            pipe.hmget(self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone")
+            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep")
+        res = pipe.execute()
+        for n, iid in enumerate(ids):
+            st, meta = res[2 * n], res[2 * n + 1]
+            if st[0] is None:
+                continue  # deleted between the index read and now
+            yield {
+                "id": iid,
+                "workflow": _text(meta[0]),
+                "status": _text(st[0]),
+                "created_at": pd.Timestamp(_text(st[1])),
+                "updated_at": pd.Timestamp(_text(st[2])),
+                "current_step": _text(meta[1]) or None,
+                "steps_done": int(st[4] or 0),
+                "error": codec.decode(st[3]) if st[3] else None,
+            }
+
+    # -- workers ------------------------------------------------------------------
+
+    def start_worker(self) -> ThreadWorker:
+        """Start a worker thread in this process (runs notebook-defined classes too).
+
+        It runs every workflow registered on this engine, before or after it started.
+        Calling it while a worker runs returns that worker.
+        """
+        from nbflow.worker import ThreadWorker
+
+        with self._worker_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = ThreadWorker(self)
+                self._worker.start()
+            return self._worker
+
+    def stop_worker(self, timeout: float = 10.0) -> None:
+        """Stop the in-process worker; it takes no more work once this returns.
+
+        A step already running is left to finish in the background; its instance is
+        handed back to the queue at its next step.
+        """
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop(timeout)
+
+    def run_worker(self, burst: bool = True) -> int:
+        """Work in the foreground; with ``burst`` return when nothing is due any more.
+
+        Returns how many RQ jobs were run.
+        """
+        from nbflow.worker import run_foreground
+
+        return run_foreground(self, burst=burst)
+
+    # -- internals used by workflows, instances and workers -------------------------
+
+    def _enqueue(
+        self, ids: Sequence[str], at_front: bool = False, pipe: Any = None
+    ) -> None:
+        """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it)."""
+        self._queue.enqueue_call(
+            "nbflow.runner.run_job",
+            args=(self.prefix, list(ids)),
+            timeout=-1,
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            description=f"nbflow {self.prefix} {ids[0]}" + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
+            at_front=at_front,
+            pipeline=pipe,
+        )
+
+    def _lifecycle(
+        self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
+    ) -> str:
+        now, now_iso = _now()
+        pipe = self.redis.pipeline()
+        pipe.multi()  # RQ's enqueue expects an explicit MULTI when given a pipeline
+        getattr(self._scripts, script)(args=[self.prefix, iid, now, now_iso, *extra], client=pipe)
+        if enqueue:
+            self._enqueue([iid], at_front=True, pipe=pipe)
+        res = pipe.execute()[0]
+        tag, value = res[0].decode(), res[1].decode()
+        if tag == "ok":
+            return value
+        if value == "unknown":
+            raise InstanceNotFoundError(f"no instance {iid!r} under prefix {self.prefix!r}")
+        if tag == "nostep":
+            raise ValueError(f"instance {iid!r} has no step {value!r}")
+        raise InvalidStateError(value)
+
+
+class Workflow(Generic[W]):
+    """A registered workflow: creates and finds its instances."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r})"
+
+    def _prepare(self, instance_id: Any, params: Any) -> tuple[str, str]:
+        iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
+        try:
+            payload = codec.encode(params)
+        except TypeError as exc:
+            raise TypeError(f"params of instance {iid!r}: {exc}") from None
+        if len(payload.encode()) > self.engine.max_step_bytes:
+            raise ValueError(
+                f"params of instance {iid!r} are larger than "
+                f"max_step_bytes={self.engine.max_step_bytes}"
+            )
+        return iid, payload
+
+    def _write(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        engine = self.engine
+        now, now_iso = _now()
+        retention = "" if engine.retention is None else f"{engine.retention:.6f}"
+        args = [engine.prefix, now, now_iso, self.name, retention]
+        for iid, payload in pairs:
+            args += [iid, payload]
+        pipe = engine.redis.pipeline()
+        pipe.multi()  # RQ's enqueue expects an explicit MULTI when given a pipeline
+        engine._scripts.create(args=args, client=pipe)
+        engine._enqueue([iid for iid, _ in pairs], pipe=pipe)
+        flags = pipe.execute()[0]
+        return [bool(f) for f in flags]
+
+    def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
+        """Create an instance and queue it to run; ``id`` defaults to a fresh uuid4 hex.
+
+        Raises ``InstanceExistsError`` if an instance with that id exists.
+        """
+        iid, payload = self._prepare(id, params)
+        if not self._write([(iid, payload)])[0]:
+            raise InstanceExistsError(f"an instance with id {iid!r} already exists")
+        return WorkflowInstance(self.engine, iid, self.name)
+
+    def create_batch(self, items: Iterable[Mapping[str, Any]]) -> list[WorkflowInstance]:
+        """Create many instances: ``[{"id"?: ..., "params"?: ...}, ...]``.
+
+        Everything is checked before anything is written (duplicate ids in the batch
+        raise ``ValueError``); ids that already exist are skipped and left out of the
+        result, which keeps input order.  Written in chunks of ``BATCH_CHUNK``.
+        """
+        pairs: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for n, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise TypeError(f"create_batch item {n} must be a dict with 'id' and/or 'params'")
+            extra = set(item) - {"id", "params"}
+            if extra:
+                raise ValueError(
+                    f"create_batch item {n} has unknown key(s) {sorted(extra)}; allowed: id, params"
+                )
+            iid, payload = self._prepare(item.get("id"), item.get("params"))
+            if iid in seen:
+                raise ValueError(f"create_batch: id {iid!r} appears more than once in the batch")
+            seen.add(iid)
+            pairs.append((iid, payload))
+        created: list[WorkflowInstance] = []
+        for start in range(0, len(pairs), BATCH_CHUNK):
+            chunk = pairs[start : start + BATCH_CHUNK]
+            for (iid, _), ok in zip(chunk, self._write(chunk)):
+                if ok:
+                    created.append(WorkflowInstance(self.engine, iid, self.name))
+        return created
+
+    def get(self, id: str) -> WorkflowInstance:
+        """The instance with this id; ``InstanceNotFoundError`` if this workflow has none."""
+        check_instance_id(id)
+        name = self.engine.redis.hget(self.engine.keys.metadata(id), "workflowName")
+        if name is None or name.decode() != self.name:
+            raise InstanceNotFoundError(f"workflow {self.name!r} has no instance {id!r}")
+        return WorkflowInstance(self.engine, id, self.name)
+
+
+def _step_key(from_step: str) -> str:
+    """``"name"`` -> ``"name#1"``; ``"name#3"`` stays (the 3rd occurrence)."""
+    if not isinstance(from_step, str):
+        raise TypeError(f"step must be a name like 'load' or 'load#2', not {from_step!r}")
+    name, sep, count = from_step.rpartition("#")
+    if sep and count.isdigit() and int(count) >= 1 and name:
+        return f"{check_step_name(name)}#{int(count)}"
+    return f"{check_step_name(from_step)}#1"
+
+
+class WorkflowInstance:
+    """A handle on one instance: status, lifecycle calls, events and step results."""
+
+    def __init__(self, engine: Engine, id: str, workflow: str) -> None:
+        self.engine = engine
+        self.id = id
+        self.workflow = workflow
+
+    def __repr__(self) -> str:
+        return f"WorkflowInstance(id={self.id!r}, workflow={self.workflow!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, WorkflowInstance)
+            and other.id == self.id
+            and other.engine.prefix == self.engine.prefix
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.engine.prefix, self.id))
+
+    def status(self) -> dict[str, Any]:
+        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
+        st, output, error = self.engine.redis.hmget(
+            self.engine.keys.state(self.id), "status", "output", "error"
+        )
+        if st is None:
+            return {"status": "unknown"}
+        result: dict[str, Any] = {"status": st.decode()}
+        if result["status"] == "complete":
+            result["output"] = codec.decode(output) if output is not None else None
+        elif result["status"] == "errored" and error is not None:
+            result["error"] = codec.decode(error)
+        return result
+
+    def _call(self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()) -> str:
+        try:
+            return self.engine._lifecycle(script, self.id, extra, enqueue=enqueue)
+        except InvalidStateError as exc:
+            raise InvalidStateError(
+                f"cannot {script} instance {self.id!r}: it is {exc.args[0]}; "
+                f"{script} works from {allowed}"
+            ) from None
+
+    def pause(self) -> None:
+        """Pause: no new step starts; a running step finishes and is stored first.
+
+        Works from queued, running or waiting; afterwards the status is
+        ``waitingForPause`` (a step is finishing) or ``paused``.
+        """
+        self._call("pause", "queued, running or waiting")
+
+    def resume(self) -> None:
+        """Resume a paused instance where it stopped (from paused or waitingForPause)."""
+        self._call("resume", "paused or waitingForPause", enqueue=True)
+
+    def terminate(self) -> None:
+        """Stop for good: nothing of the instance runs afterwards; timers and waits go."""
+        self._call("terminate", "any status but complete, errored or terminated")
+
+    def restart(self, from_step: str | None = None) -> None:
+        """Run again with the same params, from any status.
+
+        Without ``from_step`` every step result is dropped.  With ``from_step="name"``
+        (or ``"name#3"``, its 3rd occurrence) the steps that ran before it keep their
+        results and that step and all after it run again.
+        """
+        key = "" if from_step is None else _step_key(from_step)
+        try:
+            self.engine._lifecycle("restart", self.id, [key], enqueue=True)
+        except ValueError:
+            known = [split_key(k.decode())[0] for k in self.engine.redis.hkeys(self.engine.keys.steps(self.id))]
+            raise ValueError(
+                f"instance {self.id!r} has no step {from_step!r} to restart from "
+                f"(its steps: {', '.join(sorted(set(known))) or 'none'})"
+            ) from None
+
+    def send_event(self, type: str, payload: Any = None) -> None:
+        """Send an event; a ``wait_for_event`` of that type receives it (now or later).
+
+        Events are kept per type in order until consumed.  Raises
+        ``InvalidStateError`` if the instance is complete, errored or terminated.
+        """
+        check_event_type(type)
+        try:
+            text = event_json(type, payload)
+        except TypeError as exc:
+            raise TypeError(f"event payload: {exc}") from None
+        if len(text.encode()) > self.engine.max_step_bytes:
+            raise ValueError(f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}")
+        now, now_iso = _now()
+        res = self.engine._scripts.send_event(args=[self.engine.prefix, self.id, type, text, now, now_iso])
+        res = res.decode()
+        if res == "unknown":
+            raise InstanceNotFoundError(f"no instance {self.id!r} under prefix {self.engine.prefix!r}")
+        if res in FINAL_STATUSES:
+            raise InvalidStateError(
+                f"cannot send an event to instance {self.id!r}: it is {res}; events go to "
+                "instances that are not complete, errored or terminated"
+            )
+        if res == "woken":
+            self.engine._enqueue([self.id], at_front=True)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until complete, errored or terminated; returns ``status()``.
+
+        Raises ``TimeoutError`` if ``timeout`` seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            status = self.status()
+            if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"instance {self.id!r} is still {status['status']} after {timeout} seconds"
+                )
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            delay = min(delay * 1.5, 0.1)
+
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        raw = self.engine.redis.hgetall(self.engine.keys.steps(self.id))
+        entries = []
+        for k, v in raw.items():
+            entry = codec.decode(v)
+            assert isinstance(entry, dict)
+            entries.append((k.decode(), entry))
+        entries.sort(key=lambda kv: int(kv[1]["i"]))
+        return entries
+
+    def steps(self) -> pd.DataFrame:
+        """One row per step in the order they first started.
+
+        Columns: step, kind, count, status, attempts, started_at, finished_at,
+        duration_s, output, error.
+        """
+        rows = []
+        for key, e in self._entries():
+            name, count = split_key(key)
+            t0, t1 = e.get("t0"), e.get("t1")
+            rows.append(
+                {
+                    "step": name,
+                    "kind": e["k"],
+                    "count": count,
+                    "status": e["s"],
+                    "attempts": int(e.get("a", 0)),
+                    "started_at": _ts(t0),
+                    "finished_at": _ts(t1),
+                    "duration_s": (float(t1) - float(t0)) if t0 is not None and t1 is not None else None,
+                    "output": e.get("v"),
+                    "error": ({"name": e["e"]["name"], "message": e["e"]["message"]} if e.get("e") else None),
+                }
+            )
+        return pd.DataFrame(rows, columns=_STEP_COLUMNS)
+
+    def step_output(self, name: str) -> Any:
+        """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).
+
+        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.
+        """
+        key = _step_key(name)
+        raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
+        if raw is None:
+            if not self.engine.redis.exists(self.engine.keys.state(self.id)):
+                raise InstanceNotFoundError(f"no instance {self.id!r} under prefix {self.engine.prefix!r}")
+            raise LookupError(f"instance {self.id!r} has no step {name!r}")
+        entry = codec.decode(raw)
+        assert isinstance(entry, dict)
+        if entry["s"] == "errored":
+            err = rebuild_error(entry.get("e") or {})
+            raise LookupError(f"step {name!r} of instance {self.id!r} failed: {type(err).__name__}: {err}")
+        if entry["s"] != "complete":
+            raise LookupError(f"step {name!r} of instance {self.id!r} has no result yet ({entry['s']})")
+        return entry.get("v")
+
+    def history(self) -> list[dict[str, Any]]:
+        """The instance's recorded events (created, steps, sleeps, events, lifecycle calls)."""
+        out = []
+        for raw in self.engine.redis.lrange(self.engine.keys.history(self.id), 0, -1):
+            item = codec.decode(raw)
+            assert isinstance(item, dict)
+            out.append(item)
+        return out

@@ -1,0 +1,711 @@
+"""The step protocol: ``step.do``, ``step.sleep``, ``step.sleep_until`` and
+``step.wait_for_event``, and how each replays from stored results.
+
+A run of an instance calls ``run(event, step)`` from the top every time it is
+advanced.  Each step has a key, ``"name#count"`` (the count-th call with that
+name), and an entry in the instance's ``steps`` hash (see ``nbflow.store``):
+
+* a final entry (``complete`` / ``errored``) answers at once: the stored result
+  is returned, or the stored error is raised again;
+* a pending entry (``waiting`` / ``retrying`` / ``running``) says where an earlier
+  run stopped: a sleep's deadline, an event wait's timeout, the time of the
+  next retry, or an attempt cut short by a dead worker;
+* no entry: the step runs now.
+
+When a step cannot finish now (a sleep, an event not yet sent, a long retry
+wait) it raises ``Suspend``; the runner then parks the instance in Redis and
+the worker moves on.  Steps call the runner (``nbflow.runner.Run``) for every
+Redis write; this module decides *what* to record, the runner *how*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import importlib
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from nbflow import codec, errors
+from nbflow.definition import StepContext
+from nbflow.durations import parse_duration, retry_delay, to_epoch
+from nbflow.validate import StepConfig, check_event_type, check_step_name, resolve_step_config
+
+if TYPE_CHECKING:
+    from nbflow.runner import Run
+
+log = logging.getLogger("nbflow")
+
+T = TypeVar("T")
+
+#: Retry waits up to this long are slept inline; longer ones park the instance
+#: in Redis (status ``waiting``) so the worker is free meanwhile.
+INLINE_WAIT_MAX = 1.0
+
+# Sync callbacks run here so their ``timeout`` can be enforced; a thread that
+# overruns cannot be killed (Python has no such thing) and finishes unobserved.
+_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="nbflow-step")
+
+
+class Suspend(BaseException):
+    """Unwinds ``run`` when the instance must stop for now (a BaseException so a
+    workflow's ``except Exception`` cannot swallow it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FatalRunError(BaseException):
+    """Fails the instance at once (an unstorable result): no retries, no catching."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.error = {"name": name, "message": message}
+
+
+def error_dict(exc: BaseException) -> dict[str, str]:
+    """The stored form of an error: class name, message, and where the class lives."""
+    cls = type(exc)
+    return {"name": cls.__name__, "message": str(exc), "module": cls.__module__}
+
+
+def rebuild_error(err: Mapping[str, Any]) -> BaseException:
+    """The exception a stored error replays as: the same type and message.
+
+    The class is found again by module and name; when that fails (a class defined
+    in a notebook that has since restarted) a same-named ``WorkflowError`` subclass
+    stands in, so ``except`` by name in logs still reads right.
+    """
+    name = str(err.get("name", "WorkflowError"))
+    message = str(err.get("message", ""))
+    cls: Any = None
+    module = err.get("module")
+    if module:
+        mod = sys.modules.get(str(module))
+        if mod is None:
+            try:
+                mod = importlib.import_module(str(module))
+            except Exception:
+                mod = None
+        cls = getattr(mod, name, None) if mod is not None else None
+    if cls is None:
+        cls = getattr(errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        try:
+            return cls(message)
+        except Exception:
+            pass
+    return type(name, (errors.WorkflowError,), {})(message)
+
+
+@lru_cache(maxsize=4096)
+def _takes_context(code: Any, bound: bool) -> bool:
+    return bool(code.co_argcount - (1 if bound else 0) > 0 or code.co_flags & inspect.CO_VARARGS)
+
+
+def wants_context(callback: Callable[..., Any]) -> bool:
+    """Whether a callback takes the ``StepContext`` (it has a positional parameter)."""
+    func = getattr(callback, "__func__", callback)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        return _takes_context(code, func is not callback)
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+
+
+def _invoke_blocking(callback: Callable[..., Any], ctx: StepContext | None) -> Any:
+    """Runs a callback in a pool thread; an awaitable it returns is run there too."""
+    result = callback(ctx) if ctx is not None else callback()
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(aw: Awaitable[Any]) -> Any:
+    return await aw
+
+
+def _now() -> float:
+    return time.time()
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """``"name#count"`` -> (name, count); names may contain ``#`` themselves."""
+    name, _, count = key.rpartition("#")
+    return name, int(count)
+
+
+class _Step:
+    """One call of a step method: its key, order, cached entry and config."""
+
+    __slots__ = ("name", "count", "key", "entry", "index")
+
+    def __init__(self, run: Run, name: str) -> None:
+        self.name = check_step_name(name)
+        self.count = run.counts.get(name, 0) + 1
+        run.counts[name] = self.count
+        self.key = f"{name}#{self.count}"
+        self.entry: dict[str, Any] | None = run.cache.get(self.key)
+        self.index = int(self.entry["i"]) if self.entry else run.next_index()
+
+
+class _StepBase:
+    """Logic shared by the async and the sync step API (see ``WorkflowStep``)."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    # -- step.do: argument forms ------------------------------------------------
+
+    def _parse_do(
+        self,
+        name: Any,
+        config_or_callback: Any,
+        callback: Any,
+        config: Mapping[str, Any] | None,
+    ) -> tuple[str | None, Mapping[str, Any] | None, Callable[..., Any] | None]:
+        if callable(name) and config_or_callback is None and callback is None:
+            return name.__name__, config, name  # bare @step.do
+        if callable(config_or_callback):
+            if callback is not None:
+                raise TypeError("step.do(name, callback) takes one callback, not two")
+            return name, config, config_or_callback
+        if config_or_callback is not None:
+            if not isinstance(config_or_callback, Mapping):
+                raise TypeError(
+                    "step.do(name, config, callback): config must be a dict like "
+                    f"{{'retries': {{...}}, 'timeout': '30 seconds'}}, "
+                    f"not {type(config_or_callback).__name__}"
+                )
+            if config is not None:
+                raise TypeError("step.do got config twice (positionally and as config=)")
+            config = config_or_callback
+        if callback is not None and not callable(callback):
+            raise TypeError(f"step.do callback must be callable, not {type(callback).__name__}")
+        return name, config, callback
+
+    # -- step.do: one step ---------------------------------------------------------
+
+    def _begin_do(self, name: str, config: Mapping[str, Any] | None) -> tuple[_Step, StepConfig]:
+        cfg = resolve_step_config(config)
+        st = _Step(self._run, name)
+        return st, cfg
+
+    def _replayed(self, st: _Step) -> tuple[bool, Any]:
+        """(True, value) when the step's stored entry answers it; raises a stored error."""
+        e = st.entry
+        if e is None:
+            return False, None
+        if e["s"] == "complete":
+            return True, e.get("v")
+        if e["s"] == "errored":
+            raise rebuild_error(e.get("e") or {})
+        return False, None
+
+    def _first_attempt(self, st: _Step, cfg: StepConfig) -> tuple[int, float]:
+        """The attempt to run next and how long to wait before it (pending entries)."""
+        e = st.entry
+        if e is None:
+            return 1, 0.0
+        if e["s"] == "retrying":
+            return int(e["a"]) + 1, max(0.0, float(e.get("u", 0)) - _now())
+        if e["s"] == "running":
+            # An attempt cut short (its worker died): it counts, so a step that
+            # kills its worker every time cannot loop for ever.
+            attempt = int(e["a"]) + 1
+            if attempt > cfg.retry_limit + 1:
+                exc = errors.WorkflowError(
+                    f"step {st.name!r} was interrupted {e['a']} time(s) (its worker died) "
+                    "and has no attempts left"
+                )
+                self._fail_final(st, exc, int(e["a"]), float(e.get("t0", _now())))
+                raise exc
+            return attempt, 0.0
+        return 1, 0.0
+
+    def _wait_before(self, st: _Step, attempt: int, wait: float, t0: float, err: Any) -> float:
+        """Parks the instance when a retry wait is long; returns what to sleep inline."""
+        if wait > INLINE_WAIT_MAX:
+            retry_at = _now() + wait
+            self._run.request_wait(
+                st.key,
+                _entry("retrying", "do", st.index, attempt - 1, t0, u=retry_at, err=err),
+                retry_at,
+            )
+        return wait
+
+    def _start_attempt(self, st: _Step, attempt: int, t0: float) -> None:
+        self._run.start_step(
+            st.key, st.name, _entry("running", "do", st.index, attempt, t0), attempt
+        )
+
+    def _succeed(self, st: _Step, value: Any, attempt: int, t0: float) -> Any:
+        try:
+            text = codec.encode(value)
+        except TypeError as exc:
+            self._fatal(st, attempt, t0, "TypeError", f"step {st.name!r} returned {exc}")
+        size = len(text.encode())
+        limit = self._run.max_step_bytes
+        if size > limit:
+            self._fatal(
+                st,
+                attempt,
+                t0,
+                "ValueError",
+                f"step {st.name!r} returned {size} bytes, more than max_step_bytes={limit}; "
+                "store large data elsewhere and return a reference",
+            )
+        self._run.record(
+            st.key,
+            _entry("complete", "do", st.index, attempt, t0, t1=_now(), value_json=text),
+            final=True,
+            event="step.finished",
+            attempt=attempt,
+        )
+        return codec.decode(text) if _needs_roundtrip(value) else value
+
+    def _fatal(self, st: _Step, attempt: int, t0: float, name: str, message: str) -> Any:
+        err = {"name": name, "message": message}
+        self._run.record(
+            st.key,
+            _entry("errored", "do", st.index, attempt, t0, t1=_now(), err=err),
+            final=True,
+            event="step.failed",
+            attempt=attempt,
+        )
+        raise FatalRunError(name, message)
+
+    def _failed(
+        self, st: _Step, cfg: StepConfig, exc: BaseException, attempt: int, t0: float
+    ) -> float:
+        """After a failed attempt: the delay before the next one, or raises the final error."""
+        if isinstance(exc, errors.NonRetryableError) or attempt >= cfg.retry_limit + 1:
+            self._fail_final(st, exc, attempt, t0)
+            raise exc
+        delay = retry_delay(cfg.retry_delay, cfg.backoff, attempt)
+        log.info(
+            "instance %s step %r attempt %d failed (%s: %s); retry in %.3gs",
+            self._run.iid, st.name, attempt, type(exc).__name__, exc, delay,
+        )
+        err = error_dict(exc)
+        if delay <= INLINE_WAIT_MAX:
+            self._run.record(
+                st.key,
+                _entry("retrying", "do", st.index, attempt, t0, u=_now() + delay, err=err),
+                final=False,
+                event="step.retrying",
+                attempt=attempt,
+            )
+        return self._wait_before(st, attempt + 1, delay, t0, err)
+
+    def _fail_final(self, st: _Step, exc: BaseException, attempt: int, t0: float) -> None:
+        log.warning(
+            "instance %s step %r failed after %d attempt(s): %s: %s",
+            self._run.iid, st.name, attempt, type(exc).__name__, exc,
+        )
+        self._run.record(
+            st.key,
+            _entry("errored", "do", st.index, attempt, t0, t1=_now(), err=error_dict(exc)),
+            final=True,
+            event="step.failed",
+            attempt=attempt,
+        )
+
+    def _context(
+        self, callback: Callable[..., Any], st: _Step, attempt: int, cfg: StepConfig
+    ) -> StepContext | None:
+        if not wants_context(callback):
+            return None
+        return StepContext(name=st.name, count=st.count, attempt=attempt, config=cfg.as_dict())
+
+    def _timeout_error(self, st: _Step, attempt: int, cfg: StepConfig) -> errors.StepTimeoutError:
+        return errors.StepTimeoutError(
+            f"step {st.name!r} attempt {attempt} ran over its timeout of {cfg.timeout:g} seconds"
+        )
+
+    # -- sleeps -------------------------------------------------------------------
+
+    def _sleep_until_epoch(self, name: str, deadline: float | None, duration: float) -> None:
+        """Records and (unless due) parks a sleep; the first run fixes its deadline."""
+        st = _Step(self._run, name)
+        e = st.entry
+        if e is not None and e["s"] == "complete":
+            return
+        now = _now()
+        if e is not None and "u" in e:
+            until, t0 = float(e["u"]), float(e["t0"])
+        else:
+            until, t0 = (deadline if deadline is not None else now + duration), now
+        if now >= until:
+            self._run.record(
+                st.key,
+                _entry("complete", "sleep", st.index, 1, t0, t1=now, u=until, value_json="null"),
+                final=True,
+                event="slept",
+                attempt=1,
+            )
+            return
+        self._run.request_wait(st.key, _entry("waiting", "sleep", st.index, 1, t0, u=until), until)
+
+    # -- events ------------------------------------------------------------------
+
+    def _wait_event(self, name: str, event_type: str, timeout: Any) -> Any:
+        check_event_type(event_type)
+        seconds = parse_duration(timeout)
+        st = _Step(self._run, name)
+        e = st.entry
+        if e is not None and e["s"] == "complete":
+            return e.get("v")
+        if e is not None and e["s"] == "errored":
+            raise rebuild_error(e.get("e") or {})
+        now = _now()
+        if e is not None and "u" in e:
+            deadline, t0 = float(e["u"]), float(e["t0"])
+        else:
+            deadline, t0 = now + seconds, now
+        got = self._run.take_event(st.key, st.name, event_type, st.index, t0)
+        if got is not None:
+            return got.get("v")
+        if now >= deadline:
+            exc = errors.EventTimeoutError(
+                f"no {event_type!r} event arrived for step {name!r} within {seconds:g} seconds"
+            )
+            self._run.record(
+                st.key,
+                _entry("errored", "event", st.index, 1, t0, t1=now, u=deadline,
+                       ty=event_type, err=error_dict(exc)),
+                final=True,
+                event="event.timeout",
+                attempt=1,
+            )
+            raise exc
+        self._run.request_wait(
+            st.key,
+            _entry("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
+            deadline,
+            event_type=event_type,
+        )
+        raise AssertionError("unreachable")  # request_wait raises Suspend
+
+
+def _needs_roundtrip(value: Any) -> bool:
+    """Whether a fresh result differs from its replayed form (tuples come back as lists).
+
+    Returning the decoded form on the first run too means a workflow sees the same
+    value whether a step ran now or replayed, so it cannot depend on the difference.
+    """
+    return not isinstance(value, (str, int, float, bool, type(None)))
+
+
+def _entry(
+    status: str,
+    kind: str,
+    index: int,
+    attempts: int,
+    t0: float,
+    *,
+    t1: float | None = None,
+    u: float | None = None,
+    ty: str | None = None,
+    err: Mapping[str, Any] | None = None,
+    value_json: str | None = None,
+) -> str:
+    """A step entry as JSON; the first three fields stay first (Lua reads them)."""
+    parts = [f'{{"s":"{status}","k":"{kind}","i":{index},"a":{attempts},"t0":{t0:.6f}']
+    if t1 is not None:
+        parts.append(f',"t1":{t1:.6f}')
+    if u is not None:
+        parts.append(f',"u":{u:.6f}')
+    if ty is not None:
+        parts.append(f',"ty":"{ty}"')
+    if err is not None:
+        parts.append(f',"e":{codec.encode(dict(err))}')
+    if value_json is not None:
+        parts.append(f',"v":{value_json}')
+    parts.append("}")
+    return "".join(parts)
+
+
+class WorkflowStep(_StepBase):
+    """The ``step`` an ``async def run(self, event, step)`` receives.
+
+    Every method returns an awaitable, so ``asyncio.gather`` can run steps side
+    by side.  Each completed step's result is stored in Redis and returned on
+    every later replay without running the step again.
+    """
+
+    @overload
+    def do(
+        self,
+        name: str,
+        config_or_callback: Callable[..., Awaitable[T]] | Callable[..., T],
+        callback: None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> Awaitable[T]: ...
+
+    @overload
+    def do(
+        self,
+        name: str,
+        config_or_callback: Mapping[str, Any],
+        callback: Callable[..., Awaitable[T]] | Callable[..., T],
+        *,
+        config: None = None,
+    ) -> Awaitable[T]: ...
+
+    @overload
+    def do(
+        self,
+        name: str | None = None,
+        config_or_callback: Mapping[str, Any] | None = None,
+        callback: None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[[], Awaitable[Any]]]: ...
+
+    def do(
+        self,
+        name: Any = None,
+        config_or_callback: Any = None,
+        callback: Any = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run ``callback`` as a durable step named ``name`` (or decorate a function).
+
+        Forms: ``do(name, callback)``, ``do(name, config, callback)``,
+        ``do(name, callback, config=...)``, and ``@step.do(name=None, *, config=None)``
+        (calling the decorated function runs the step).  The callback may be sync
+        or async and may take one argument, a ``StepContext``.  Retries, backoff
+        and the per-attempt timeout follow ``config`` merged over the defaults.
+        """
+        name, config, callback = self._parse_do(name, config_or_callback, callback, config)
+        if callback is None:
+            return self._decorator(name, config)
+        if name is None:
+            raise TypeError("step.do needs a name: step.do('fetch user', callback)")
+        st, cfg = self._begin_do(name, config)
+        return self._do_async(st, cfg, callback)
+
+    def _decorator(
+        self, name: str | None, config: Mapping[str, Any] | None
+    ) -> Callable[[Callable[..., Any]], Callable[[], Awaitable[Any]]]:
+        def wrap(func: Callable[..., Any]) -> Callable[[], Awaitable[Any]]:
+            step_name = name if name is not None else func.__name__
+
+            def run_step() -> Awaitable[Any]:
+                st, cfg = self._begin_do(step_name, config)
+                return self._do_async(st, cfg, func)
+
+            run_step.__name__ = getattr(func, "__name__", "step")
+            return run_step
+
+        return wrap
+
+    async def _do_async(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
+        done, value = self._replayed(st)
+        if done:
+            return value
+        attempt, wait = self._first_attempt(st, cfg)
+        if wait > 0:
+            await asyncio.sleep(self._wait_before(st, attempt, wait, float(st.entry["t0"]), None))
+        t0 = float(st.entry["t0"]) if st.entry else _now()
+        loop = asyncio.get_running_loop()
+        while True:
+            self._start_attempt(st, attempt, t0)
+            ctx = self._context(callback, st, attempt, cfg)
+            try:
+                if inspect.iscoroutinefunction(callback):
+                    coro = callback(ctx) if ctx is not None else callback()
+                    result = await asyncio.wait_for(coro, cfg.timeout)
+                else:
+                    started = time.monotonic()
+                    result = await asyncio.wait_for(
+                        loop.run_in_executor(_POOL, _call_plain, callback, ctx), cfg.timeout
+                    )
+                    if inspect.isawaitable(result):
+                        left = max(0.001, cfg.timeout - (time.monotonic() - started))
+                        result = await asyncio.wait_for(_await(result), left)
+            except (Suspend, FatalRunError):
+                raise
+            except asyncio.TimeoutError:
+                exc: BaseException = self._timeout_error(st, attempt, cfg)
+            except Exception as caught:
+                exc = caught
+            else:
+                return self._succeed(st, result, attempt, t0)
+            delay = self._failed(st, cfg, exc, attempt, t0)
+            attempt += 1
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def sleep(self, name: str, duration: str | float | timedelta) -> None:
+        """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.
+
+        On replay a finished sleep returns at once and an unfinished one waits only
+        for what is left of its original deadline.
+        """
+        self._sleep_until_epoch(name, None, parse_duration(duration))
+
+    async def sleep_until(self, name: str, when: datetime | float) -> None:
+        """Sleep until an aware datetime or epoch seconds; a moment past returns at once."""
+        self._sleep_until_epoch(name, to_epoch(when), 0.0)
+
+    async def wait_for_event(
+        self, name: str, type: str, timeout: str | float | timedelta = "24 hours"
+    ) -> dict[str, Any]:
+        """Wait for an event of ``type`` sent with ``instance.send_event``.
+
+        Returns ``{"type", "payload", "timestamp"}``; raises ``EventTimeoutError``
+        (which ``run`` may catch) if none arrives within ``timeout``.  Events sent
+        earlier are buffered and taken first in, first out.
+        """
+        result: dict[str, Any] = self._wait_event(name, type, timeout)
+        return result
+
+
+def _call_plain(callback: Callable[..., Any], ctx: StepContext | None) -> Any:
+    return callback(ctx) if ctx is not None else callback()
+
+
+class SyncWorkflowStep(_StepBase):
+    """The ``step`` a plain ``def run(self, event, step)`` receives: the same methods as
+    ``WorkflowStep``, returning values directly instead of awaitables."""
+
+    @overload
+    def do(
+        self,
+        name: str,
+        config_or_callback: Callable[..., T],
+        callback: None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> T: ...
+
+    @overload
+    def do(
+        self,
+        name: str,
+        config_or_callback: Mapping[str, Any],
+        callback: Callable[..., T],
+        *,
+        config: None = None,
+    ) -> T: ...
+
+    @overload
+    def do(
+        self,
+        name: str | None = None,
+        config_or_callback: Mapping[str, Any] | None = None,
+        callback: None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> Callable[[Callable[..., T]], Callable[[], T]]: ...
+
+    def do(
+        self,
+        name: Any = None,
+        config_or_callback: Any = None,
+        callback: Any = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Run ``callback`` as a durable step (see ``WorkflowStep.do``); returns its value."""
+        name, config, callback = self._parse_do(name, config_or_callback, callback, config)
+        if callback is None:
+            return self._decorator(name, config)
+        if name is None:
+            raise TypeError("step.do needs a name: step.do('fetch user', callback)")
+        st, cfg = self._begin_do(name, config)
+        return self._do_sync(st, cfg, callback)
+
+    def _decorator(
+        self, name: str | None, config: Mapping[str, Any] | None
+    ) -> Callable[[Callable[..., Any]], Callable[[], Any]]:
+        def wrap(func: Callable[..., Any]) -> Callable[[], Any]:
+            step_name = name if name is not None else func.__name__
+
+            def run_step() -> Any:
+                st, cfg = self._begin_do(step_name, config)
+                return self._do_sync(st, cfg, func)
+
+            run_step.__name__ = getattr(func, "__name__", "step")
+            return run_step
+
+        return wrap
+
+    def _do_sync(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
+        done, value = self._replayed(st)
+        if done:
+            return value
+        attempt, wait = self._first_attempt(st, cfg)
+        if wait > 0:
+            time.sleep(self._wait_before(st, attempt, wait, float(st.entry["t0"]), None))
+        t0 = float(st.entry["t0"]) if st.entry else _now()
+        while True:
+            self._start_attempt(st, attempt, t0)
+            ctx = self._context(callback, st, attempt, cfg)
+            future = _POOL.submit(_invoke_blocking, callback, ctx)
+            try:
+                result = future.result(timeout=cfg.timeout)
+            except (Suspend, FatalRunError):
+                raise
+            except FutureTimeout:
+                exc: BaseException = self._timeout_error(st, attempt, cfg)
+            except Exception as caught:
+                exc = caught
+            else:
+                return self._succeed(st, result, attempt, t0)
+            delay = self._failed(st, cfg, exc, attempt, t0)
+            attempt += 1
+            if delay > 0:
+                time.sleep(delay)
+
+    def sleep(self, name: str, duration: str | float | timedelta) -> None:
+        """Sleep durably (see ``WorkflowStep.sleep``)."""
+        self._sleep_until_epoch(name, None, parse_duration(duration))
+
+    def sleep_until(self, name: str, when: datetime | float) -> None:
+        """Sleep until an aware datetime or epoch seconds (see ``WorkflowStep.sleep_until``)."""
+        self._sleep_until_epoch(name, to_epoch(when), 0.0)
+
+    def wait_for_event(
+        self, name: str, type: str, timeout: str | float | timedelta = "24 hours"
+    ) -> dict[str, Any]:
+        """Wait for an event (see ``WorkflowStep.wait_for_event``)."""
+        result: dict[str, Any] = self._wait_event(name, type, timeout)
+        return result
+
+
+def event_json(event_type: str, payload: Any) -> str:
+    """The stored form of a sent event, as ``wait_for_event`` returns it."""
+    return codec.encode(
+        {"type": event_type, "payload": payload, "timestamp": datetime.now(timezone.utc)}
+    )
+
+
+__all__ = [
+    "WorkflowStep",
+    "SyncWorkflowStep",
+    "Suspend",
+    "FatalRunError",
+    "event_json",
+    "error_dict",
+    "rebuild_error",
+    "split_key",
+]

@@ -1,0 +1,563 @@
+"""Every Redis key name and every Lua script nbflow uses, in one place.
+
+Layout under ``prefix`` (spec section 4; the first three are the seed's)::
+
+    {p}:{id}:state        hash  status, createdAt, updatedAt, error, output, plus the
+                                run bookkeeping: owner (token of the run advancing it),
+                                gen, createdTs, finishedAt, waitType, stepsDone, retention
+    {p}:{id}:steps        hash  step key ("name#count") -> step entry (JSON, see below)
+    {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep
+    {p}:{id}:history      list  JSON events: created, step started/finished/failed/retried,
+                                slept, woke, event received, lifecycle calls
+    {p}:{id}:events:{t}   list  buffered events of type t, first in first out
+    {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
+    {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
+    {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
+    {p}:leases            zset  running instances -> epoch when their runner's lease expires
+    {p}:expiry            zset  finished instances -> epoch when retention deletes them
+    {p}:index             zset  every instance -> createdTs (newest-first listings)
+    {p}:index:wf:{name}   zset  the same, per workflow
+    {p}:index:status:{s}  zset  the same, per status
+
+A step entry is JSON whose first fields are fixed so Lua can read them without
+decoding the (possibly large) result: ``{"s":status,"k":kind,"i":order,...}`` with
+``a`` attempts, ``t0``/``t1`` start/finish epoch, ``u`` deadline of a wait, ``ty`` the
+event type, ``e`` the error ``{name, message}`` and ``v`` the result (codec JSON).
+
+Every status change happens inside one of the scripts below, so a pause, a
+terminate, a step completion and a lease expiry that meet at the same moment
+are applied one after the other, never interleaved.  Scripts build key names
+from the prefix they are given: nbflow targets a single Redis (not Cluster).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+FINAL_STATUSES = ("complete", "errored", "terminated")
+STATUSES = (
+    "queued",
+    "running",
+    "waiting",
+    "waitingForPause",
+    "paused",
+    "complete",
+    "errored",
+    "terminated",
+)
+
+
+class Keys:
+    """Key names for one prefix; the only place that spells them."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ready = f"{prefix}:ready"
+        self.timers = f"{prefix}:timers"
+        self.leases = f"{prefix}:leases"
+        self.expiry = f"{prefix}:expiry"
+        self.index = f"{prefix}:index"
+
+    def state(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:state"
+
+    def steps(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:steps"
+
+    def metadata(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:metadata"
+
+    def history(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:history"
+
+    def events(self, iid: str, event_type: str) -> str:
+        return f"{self.prefix}:{iid}:events:{event_type}"
+
+    def by_workflow(self, name: str) -> str:
+        return f"{self.prefix}:index:wf:{name}"
+
+    def by_status(self, status: str) -> str:
+        return f"{self.prefix}:index:status:{status}"
+
+
+# Shared Lua prelude: key helpers and the one function that changes a status
+# (it also keeps the per-status index in step).
+_PRELUDE = r"""
+local P = ARGV[1]
+local function k_state(id) return P .. ':' .. id .. ':state' end
+local function k_steps(id) return P .. ':' .. id .. ':steps' end
+local function k_meta(id) return P .. ':' .. id .. ':metadata' end
+local function k_hist(id) return P .. ':' .. id .. ':history' end
+local function hist(id, now, ev, extra)
+  local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
+  if extra and extra ~= '' then e = e .. ',' .. extra end
+  redis.call('RPUSH', k_hist(id), e .. '}')
+end
+local function set_status(id, new, now_iso)
+  local st = k_state(id)
+  local old = redis.call('HGET', st, 'status')
+  local created = redis.call('HGET', st, 'createdTs') or '0'
+  if old then redis.call('ZREM', P .. ':index:status:' .. old, id) end
+  redis.call('ZADD', P .. ':index:status:' .. new, created, id)
+  redis.call('HSET', st, 'status', new, 'updatedAt', now_iso)
+end
+local function release(id)
+  redis.call('HSET', k_state(id), 'owner', '')
+  redis.call('ZREM', P .. ':leases', id)
+end
+local function make_queued(id, now, now_iso)
+  set_status(id, 'queued', now_iso)
+  redis.call('ZADD', P .. ':ready', now, id)
+end
+local function finish_bookkeeping(id, now)
+  local st = k_state(id)
+  redis.call('HSET', st, 'finishedAt', now)
+  redis.call('HDEL', st, 'waitType')
+  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':timers', id)
+  local ret = redis.call('HGET', st, 'retention')
+  if ret and ret ~= '' then
+    redis.call('ZADD', P .. ':expiry', now + tonumber(ret), id)
+  end
+end
+-- Checks that the caller's run still owns the instance: returns 'running' or
+-- 'waitingForPause' when it does, else why not ('lost', 'unknown', a status).
+local function check_owner(id, token)
+  local st = k_state(id)
+  local status = redis.call('HGET', st, 'status')
+  if not status then return 'unknown' end
+  if redis.call('HGET', st, 'owner') ~= token then return 'lost' end
+  return status
+end
+local function pause_now(id, now, now_iso)
+  set_status(id, 'paused', now_iso)
+  release(id)
+  hist(id, now, 'paused', '')
+end
+-- As check_owner, and applies a pause that was asked for: returns 'running'
+-- when the run may go on, else why it must stop.
+local function owned(id, token, now, now_iso)
+  local why = check_owner(id, token)
+  if why == 'waitingForPause' then
+    pause_now(id, now, now_iso)
+    return 'paused'
+  end
+  return why
+end
+local function entry_status(entry)
+  if not entry then return nil end
+  return string.match(entry, '^{"s":"(%a+)"')
+end
+"""
+
+# ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), then id, payload pairs.
+# Returns one flag per id: 1 created, 0 already existed.
+_CREATE = r"""
+local now, now_iso, wf, retention = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out = {}
+for i = 6, #ARGV, 2 do
+  local id, payload = ARGV[i], ARGV[i + 1]
+  local st = k_state(id)
+  if redis.call('EXISTS', st) == 1 then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', st, 'createdAt', now_iso, 'createdTs', now, 'owner', '', 'gen', 0,
+               'stepsDone', 0, 'retention', retention)
+    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '')
+    make_queued(id, now, now_iso)
+    redis.call('ZADD', P .. ':index', now, id)
+    redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+    hist(id, now, 'created', '')
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+
+# ARGV: prefix, id, token, now, now_iso, lease_until.
+# Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
+_CLAIM = r"""
+local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local st = k_state(id)
+local status = redis.call('HGET', st, 'status')
+if status ~= 'queued' then return {status or 'unknown'} end
+set_status(id, 'running', now_iso)
+redis.call('HSET', st, 'owner', token)
+redis.call('HDEL', st, 'waitType')
+redis.call('ZREM', P .. ':ready', id)
+redis.call('ZREM', P .. ':timers', id)
+redis.call('ZADD', P .. ':leases', lease, id)
+local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
+local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
+local steps = redis.call('HGETALL', k_steps(id))
+for i = 1, #steps do out[#out + 1] = steps[i] end
+return out
+"""
+
+# ARGV: prefix, id, token, now, now_iso, lease_until, key, entry, step name, history.
+# Records that a step (attempt) starts, unless its entry is already final.
+_STEP_START = r"""
+local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local key, entry, name = ARGV[7], ARGV[8], ARGV[9]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return why end
+local sk = k_steps(id)
+local s = entry_status(redis.call('HGET', sk, key))
+if s == 'complete' or s == 'errored' then return 'final' end
+redis.call('HSET', sk, key, entry)
+redis.call('HSET', k_meta(id), 'currentStep', name)
+redis.call('HSET', k_state(id), 'updatedAt', now_iso)
+redis.call('ZADD', P .. ':leases', 'XX', lease, id)
+hist(id, now, 'step.started', ARGV[10])
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, now, now_iso, lease_until, key, entry, final(1/0), event, history.
+# Stores a step's outcome (final, or a retry/wait record). A final entry is
+# never overwritten, so a late duplicate from a lost run changes nothing.
+_STEP_FINISH = r"""
+local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local key, entry, final, ev = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local st = k_state(id)
+local status = check_owner(id, token)
+if status ~= 'running' and status ~= 'waitingForPause' then return status end
+local sk = k_steps(id)
+local s = entry_status(redis.call('HGET', sk, key))
+if s == 'complete' or s == 'errored' then return 'final' end
+redis.call('HSET', sk, key, entry)
+if final == '1' and entry_status(entry) == 'complete' then
+  redis.call('HINCRBY', st, 'stepsDone', 1)
+end
+redis.call('HSET', st, 'updatedAt', now_iso)
+hist(id, now, ev, ARGV[11])
+if status == 'waitingForPause' then
+  pause_now(id, now, now_iso)
+  return 'paused'
+end
+redis.call('ZADD', P .. ':leases', 'XX', lease, id)
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, now, now_iso, wake_at ('' = none), wait types (",a,b," or ''),
+# history, then key, entry pairs (pending entries recording each wait's deadline,
+# so a replay waits only what is left). The run stops until a timer (sleep, event
+# timeout, retry) or an event wakes it. An event that arrived since the run looked
+# for it re-queues the instance at once instead, so no wake-up is ever lost.
+_SUSPEND = r"""
+local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local wake_at, types = ARGV[6], ARGV[7]
+local st = k_state(id)
+local status = check_owner(id, token)
+if status ~= 'running' and status ~= 'waitingForPause' then return status end
+local sk = k_steps(id)
+for i = 9, #ARGV, 2 do
+  local s = entry_status(redis.call('HGET', sk, ARGV[i]))
+  if s ~= 'complete' and s ~= 'errored' then redis.call('HSET', sk, ARGV[i], ARGV[i + 1]) end
+end
+if status == 'waitingForPause' then
+  pause_now(id, now, now_iso)
+  return 'paused'
+end
+release(id)
+for t in string.gmatch(types, '[^,]+') do
+  if redis.call('LLEN', P .. ':' .. id .. ':events:' .. t) > 0 then
+    make_queued(id, now, now_iso)
+    return 'queued'
+  end
+end
+set_status(id, 'waiting', now_iso)
+if types ~= '' then redis.call('HSET', st, 'waitType', types) end
+if wake_at ~= '' then redis.call('ZADD', P .. ':timers', wake_at, id) end
+hist(id, now, 'waiting', ARGV[8])
+return 'waiting'
+"""
+
+# ARGV: prefix, id, token, now, now_iso, key, type, index, t0.
+# Takes the oldest buffered event of the type into the step's entry, if any.
+_TAKE_EVENT = r"""
+local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key, etype, idx, t0 = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return {why} end
+local sk = k_steps(id)
+local cur = redis.call('HGET', sk, key)
+local s = entry_status(cur)
+if s == 'complete' or s == 'errored' then return {'final', cur} end
+local ev = redis.call('LPOP', P .. ':' .. id .. ':events:' .. etype)
+if not ev then return {'none'} end
+local st = k_state(id)
+local e = '{"s":"complete","k":"event","i":' .. idx .. ',"a":1,"t0":' .. t0 .. ',"t1":' .. now ..
+          ',"ty":"' .. etype .. '","v":' .. ev .. '}'
+redis.call('HSET', sk, key, e)
+redis.call('HINCRBY', st, 'stepsDone', 1)
+redis.call('HSET', st, 'updatedAt', now_iso)
+hist(id, now, 'event.received', '"step":' .. cjson.encode(key) .. ',"type":"' .. etype .. '"')
+return {'event', e}
+"""
+
+# ARGV: prefix, id, type, event JSON, now, now_iso.
+_SEND_EVENT = r"""
+local id, etype, ev, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local st = k_state(id)
+local status = redis.call('HGET', st, 'status')
+if not status then return 'unknown' end
+if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
+redis.call('RPUSH', P .. ':' .. id .. ':events:' .. etype, ev)
+redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
+hist(id, now, 'event.sent', '"type":"' .. etype .. '"')
+local waits = redis.call('HGET', st, 'waitType')
+if status == 'waiting' and waits and string.find(waits, ',' .. etype .. ',', 1, true) then
+  redis.call('HDEL', st, 'waitType')
+  redis.call('ZREM', P .. ':timers', id)
+  make_queued(id, now, now_iso)
+  return 'woken'
+end
+return 'buffered'
+"""
+
+# ARGV: prefix, now, now_iso, limit. Wakes waiting instances whose timer is due.
+_WAKE_DUE = r"""
+local now, now_iso = ARGV[2], ARGV[3]
+local due = redis.call('ZRANGEBYSCORE', P .. ':timers', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, id in ipairs(due) do
+  redis.call('ZREM', P .. ':timers', id)
+  if redis.call('HGET', k_state(id), 'status') == 'waiting' then
+    redis.call('HDEL', k_state(id), 'waitType')
+    make_queued(id, now, now_iso)
+    hist(id, now, 'woke', '')
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: prefix, now, now_iso, limit. Takes back instances whose runner stopped
+# renewing its lease (a dead worker): running -> queued, waitingForPause -> paused.
+_REAP = r"""
+local now, now_iso = ARGV[2], ARGV[3]
+local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {}
+for _, id in ipairs(dead) do
+  local status = redis.call('HGET', k_state(id), 'status')
+  release(id)
+  if status == 'running' then
+    make_queued(id, now, now_iso)
+    hist(id, now, 'recovered', '')
+    out[#out + 1] = id
+  elseif status == 'waitingForPause' then
+    set_status(id, 'paused', now_iso)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, rq queue key, older_than, now, limit. When the RQ queue is empty,
+# queued instances older than `older_than` have lost their job: hand them out again.
+_ORPHANS = r"""
+if redis.call('LLEN', ARGV[2]) > 0 then return {} end
+local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[5]))
+for _, id in ipairs(ids) do redis.call('ZADD', P .. ':ready', ARGV[4], id) end
+return ids
+"""
+
+# ARGV: prefix, token, lease_until, id... Renews the leases the caller still owns.
+_HEARTBEAT = r"""
+local token, lease = ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', k_state(id), 'owner') == token then
+    redis.call('ZADD', P .. ':leases', 'XX', lease, id)
+  end
+end
+return 1
+"""
+
+# ARGV: prefix, id, token, now, now_iso, outcome, value JSON, history.
+# Ends a run: complete/errored; a pause asked for meanwhile wins (paused, the
+# output is recomputed from stored steps on resume).
+_FINISH = r"""
+local id, token, now, now_iso, outcome, value = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return why end
+local st = k_state(id)
+set_status(id, outcome, now_iso)
+release(id)
+if outcome == 'complete' then
+  redis.call('HSET', st, 'output', value)
+else
+  redis.call('HSET', st, 'error', value)
+end
+redis.call('HSET', k_meta(id), 'currentStep', '')
+finish_bookkeeping(id, now)
+hist(id, now, outcome, ARGV[8])
+return outcome
+"""
+
+# ARGV: prefix, id, token, now, now_iso. Gives an instance back to the queue
+# (its worker is stopping); it goes on where it stopped on another run.
+_RELEASE = r"""
+local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return why end
+release(id)
+make_queued(id, now, now_iso)
+return 'queued'
+"""
+
+# Lifecycle calls. ARGV: prefix, id, now, now_iso[, extra]. Each returns
+# {'ok', new_status} or {'bad', current_status} (or {'bad', 'unknown'}).
+_PAUSE = r"""
+local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local status = redis.call('HGET', k_state(id), 'status')
+if not status then return {'bad', 'unknown'} end
+local new
+if status == 'queued' or status == 'waiting' then
+  new = 'paused'
+  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':timers', id)
+  redis.call('HDEL', k_state(id), 'waitType')
+elseif status == 'running' then
+  new = 'waitingForPause'
+else
+  return {'bad', status}
+end
+set_status(id, new, now_iso)
+if new == 'paused' then hist(id, now, 'paused', '') else hist(id, now, 'pause.requested', '') end
+return {'ok', new}
+"""
+
+_RESUME = r"""
+local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local status = redis.call('HGET', k_state(id), 'status')
+if not status then return {'bad', 'unknown'} end
+local new
+if status == 'paused' then
+  new = 'queued'
+  make_queued(id, now, now_iso)
+elseif status == 'waitingForPause' then
+  new = 'running'
+  set_status(id, new, now_iso)
+else
+  return {'bad', status}
+end
+hist(id, now, 'resumed', '')
+return {'ok', new}
+"""
+
+_TERMINATE = r"""
+local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local st = k_state(id)
+local status = redis.call('HGET', st, 'status')
+if not status then return {'bad', 'unknown'} end
+if status == 'complete' or status == 'errored' or status == 'terminated' then
+  return {'bad', status}
+end
+set_status(id, 'terminated', now_iso)
+release(id)
+finish_bookkeeping(id, now)
+redis.call('HSET', k_meta(id), 'currentStep', '')
+local types = P .. ':' .. id .. ':evtypes'
+for _, t in ipairs(redis.call('SMEMBERS', types)) do
+  redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
+end
+redis.call('DEL', types)
+hist(id, now, 'terminated', '')
+return {'ok', 'terminated'}
+"""
+
+# ARGV: prefix, id, now, now_iso, from_key ('' = all). Keeps the entries of the
+# steps that started before from_key (by their order field) and drops the rest.
+_RESTART = r"""
+local id, now, now_iso, from_key = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local st = k_state(id)
+local status = redis.call('HGET', st, 'status')
+if not status then return {'bad', 'unknown'} end
+local sk = k_steps(id)
+local done = 0
+if from_key == '' then
+  redis.call('DEL', sk)
+else
+  local target = redis.call('HGET', sk, from_key)
+  if not target then return {'nostep', from_key} end
+  local cut = tonumber(string.match(target, '^{"s":"%a+","k":"%a+","i":(%d+)'))
+  local all = redis.call('HGETALL', sk)
+  for i = 1, #all, 2 do
+    local s, idx = string.match(all[i + 1], '^{"s":"(%a+)","k":"%a+","i":(%d+)')
+    if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
+      redis.call('HDEL', sk, all[i])
+    elseif s == 'complete' then
+      done = done + 1
+    end
+  end
+end
+release(id)
+redis.call('HINCRBY', st, 'gen', 1)
+redis.call('HSET', st, 'stepsDone', done)
+redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType')
+redis.call('HSET', k_meta(id), 'currentStep', '')
+redis.call('ZREM', P .. ':timers', id)
+redis.call('ZREM', P .. ':expiry', id)
+make_queued(id, now, now_iso)
+hist(id, now, 'restarted', '"from":' .. cjson.encode(from_key))
+return {'ok', 'queued'}
+"""
+
+# ARGV: prefix, now, limit. Deletes finished instances whose retention ran out.
+_PURGE = r"""
+local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local st = k_state(id)
+  local status = redis.call('HGET', st, 'status')
+  local wf = redis.call('HGET', k_meta(id), 'workflowName')
+  if status then redis.call('ZREM', P .. ':index:status:' .. status, id) end
+  if wf then redis.call('ZREM', P .. ':index:wf:' .. wf, id) end
+  local types = P .. ':' .. id .. ':evtypes'
+  for _, t in ipairs(redis.call('SMEMBERS', types)) do
+    redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
+  end
+  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types)
+  redis.call('ZREM', P .. ':index', id)
+  redis.call('ZREM', P .. ':expiry', id)
+  redis.call('ZREM', P .. ':ready', id)
+end
+return #ids
+"""
+
+_SOURCES = {
+    "create": _CREATE,
+    "claim": _CLAIM,
+    "step_start": _STEP_START,
+    "step_finish": _STEP_FINISH,
+    "suspend": _SUSPEND,
+    "take_event": _TAKE_EVENT,
+    "send_event": _SEND_EVENT,
+    "wake_due": _WAKE_DUE,
+    "reap": _REAP,
+    "orphans": _ORPHANS,
+    "heartbeat": _HEARTBEAT,
+    "finish": _FINISH,
+    "release": _RELEASE,
+    "pause": _PAUSE,
+    "resume": _RESUME,
+    "terminate": _TERMINATE,
+    "restart": _RESTART,
+    "purge": _PURGE,
+}
+
+
+class Scripts:
+    """The Lua scripts registered on one Redis client (EVALSHA, loaded on first use)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._scripts: dict[str, Any] = {
+            name: client.register_script(_PRELUDE + body) for name, body in _SOURCES.items()
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._scripts[name]
+        except KeyError:
+            raise AttributeError(name) from None

@@ -1,0 +1,246 @@
+"""Workers: RQ's ``SimpleWorker`` running nbflow jobs inline (no fork per job), plus
+the housekeeping every worker does beside it.
+
+* ``NbflowWorker`` dequeues RQ jobs and runs them in its own thread, so a step
+  runs in the worker process and a notebook-defined class is reachable.
+* ``Housekeeper`` (a thread next to each worker) wakes instances whose timer
+  is due, renews the leases of runs in progress, takes back instances whose
+  worker died (expired lease), re-dispatches queued instances whose RQ job was
+  lost, and deletes instances past their retention.
+* ``ThreadWorker`` is the in-process worker behind ``engine.start_worker()``;
+  ``run_foreground`` is ``engine.run_worker()``; ``serve`` is ``nbflow worker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import SimpleWorker, WorkerStatus
+
+from nbflow import runner
+
+if TYPE_CHECKING:
+    from nbflow.engine import Engine
+
+log = logging.getLogger("nbflow")
+
+WAKE_INTERVAL = 0.05  # how often due timers are looked for
+HEARTBEAT_INTERVAL = runner.LEASE_SECONDS / 3
+SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
+ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
+
+
+def _now() -> tuple[float, str]:
+    t = time.time()
+    return t, datetime.fromtimestamp(t, timezone.utc).isoformat()
+
+
+class NbflowWorker(SimpleWorker):
+    """An RQ worker that runs nbflow jobs inline against one ``Engine``.
+
+    ``in_thread`` workers (notebooks) install no signal handlers and add no log
+    handlers (a background thread must never print into a cell); every worker
+    polls in short slices so a stop request is honoured within about a second.
+    """
+
+    death_penalty_class = TimerDeathPenalty  # nbflow jobs have no RQ timeout; never SIGALRM
+
+    def __init__(
+        self, engine: Engine, *, in_thread: bool = False, stopping: threading.Event | None = None
+    ) -> None:
+        super().__init__(
+            [engine._queue], connection=engine.redis, serializer=JSONSerializer
+        )
+        self.engine = engine
+        self.in_thread = in_thread
+        self.stopping = stopping or threading.Event()
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        if not self.in_thread:
+            super().bootstrap(*args, **kwargs)
+            return
+        self.register_birth()
+        self.subscribe()
+        self.set_state(WorkerStatus.STARTED)
+
+    def _install_signal_handlers(self) -> None:
+        if not self.in_thread:
+            super()._install_signal_handlers()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        if timeout is None or max_idle_time is not None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not (self._stop_requested or self.stopping.is_set()):
+            result = super().dequeue_job_and_maintain_ttl(timeout, 1)
+            if result is not None:
+                return result
+        return None
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        runner.bind_engine(self.engine, self.stopping)
+        super().execute_job(job, queue)
+
+
+class Housekeeper(threading.Thread):
+    """Timers, lease heartbeats and recovery for one engine (see module docstring)."""
+
+    def __init__(self, engine: Engine, stopping: threading.Event) -> None:
+        super().__init__(name="nbflow-housekeeper", daemon=True)
+        self.engine = engine
+        self.stopping = stopping
+
+    def run(self) -> None:
+        next_beat = next_sweep = 0.0
+        while not self.stopping.is_set():
+            try:
+                self.wake_due()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.heartbeat()
+                    next_beat = now + HEARTBEAT_INTERVAL
+                if now >= next_sweep:
+                    self.sweep(ORPHAN_AGE)
+                    next_sweep = now + SWEEP_INTERVAL
+            except Exception:  # Redis down for a moment: log and keep going
+                log.warning("nbflow housekeeping failed; retrying", exc_info=True)
+                self.stopping.wait(1.0)
+            self.stopping.wait(WAKE_INTERVAL)
+
+    def wake_due(self) -> int:
+        """Queue instances whose sleep, event timeout or retry wait is due."""
+        now, now_iso = _now()
+        ids = self.engine._scripts.wake_due(args=[self.engine.prefix, f"{now:.6f}", now_iso, 500])
+        if ids:
+            self.engine._enqueue([i.decode() for i in ids], at_front=True)
+        return len(ids)
+
+    def heartbeat(self) -> None:
+        """Renew the leases of the runs this process is advancing."""
+        runs = dict(self.engine._runs)
+        by_token: dict[str, list[str]] = {}
+        for iid, token in runs.items():
+            by_token.setdefault(token, []).append(iid)
+        lease = f"{time.time() + runner.LEASE_SECONDS:.6f}"
+        for token, ids in by_token.items():
+            self.engine._scripts.heartbeat(args=[self.engine.prefix, token, lease, *ids])
+
+    def sweep(self, orphan_age: float) -> int:
+        """Recover dead workers' instances, re-dispatch lost jobs, apply retention."""
+        engine = self.engine
+        now, now_iso = _now()
+        found = 0
+        dead = engine._scripts.reap(args=[engine.prefix, f"{now:.6f}", now_iso, 500])
+        if dead:
+            log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead))
+            engine._enqueue([i.decode() for i in dead], at_front=True)
+            found += len(dead)
+        lost = engine._scripts.orphans(
+            args=[engine.prefix, engine._queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500]
+        )
+        if lost:
+            engine._enqueue([i.decode() for i in lost])
+            found += len(lost)
+        engine._scripts.purge(args=[engine.prefix, f"{now:.6f}", 500])
+        return found
+
+
+class ThreadWorker:
+    """The in-process worker of ``engine.start_worker()``: a worker thread and a housekeeper."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.stopping = threading.Event()
+        self.worker = NbflowWorker(engine, in_thread=True, stopping=self.stopping)
+        self.housekeeper = Housekeeper(engine, self.stopping)
+        self.thread = threading.Thread(target=self._work, name="nbflow-worker", daemon=True)
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_alive() else "stopped"
+        return f"<nbflow ThreadWorker {state} queue={self.engine.queue_name!r}>"
+
+    def _work(self) -> None:
+        try:
+            self.worker.work(burst=False, logging_level="WARNING")
+        except Exception:
+            log.exception("nbflow in-process worker stopped on an error")
+
+    def start(self) -> None:
+        self.housekeeper.start()
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.worker._stop_requested = True
+        self.housekeeper.join(timeout)
+        self.thread.join(timeout)
+
+
+def run_foreground(engine: Engine, burst: bool = True) -> int:
+    """``engine.run_worker()``: work in this thread; with ``burst`` stop when nothing is due."""
+    stopping = threading.Event()
+    worker = NbflowWorker(engine, in_thread=True, stopping=stopping)
+    keeper = Housekeeper(engine, stopping)
+    if not burst:
+        keeper.start()
+        try:
+            worker.work(burst=False, logging_level="WARNING")
+        finally:
+            stopping.set()
+        return 0
+    jobs = 0
+    while True:
+        keeper.wake_due()
+        keeper.sweep(orphan_age=0.0)
+        if engine._queue.count == 0:
+            return jobs
+        runner.bind_engine(engine, stopping)
+        worker = NbflowWorker(engine, in_thread=True, stopping=stopping)
+        before = worker.successful_job_count + worker.failed_job_count
+        worker.work(burst=True, logging_level="WARNING")
+        jobs += worker.successful_job_count + worker.failed_job_count - before
+
+
+def serve(engine: Engine, burst: bool = False) -> None:
+    """``nbflow worker`` in this process: an RQ worker in the main thread plus a housekeeper."""
+    stopping = threading.Event()
+    keeper = Housekeeper(engine, stopping)
+    keeper.start()
+    worker = NbflowWorker(engine, stopping=stopping)
+    try:
+        if burst:
+            keeper.wake_due()
+            keeper.sweep(orphan_age=0.0)
+        worker.work(burst=burst)
+    finally:
+        stopping.set()
+        keeper.join(5)
+
+
+def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
+    """``nbflow worker --processes N``: N worker processes, each with its own housekeeper."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_child, args=(make_engine, burst), daemon=False) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(10)
+
+
+def _child(make_engine: Any, burst: bool) -> None:
+    serve(make_engine(), burst=burst)
