@@ -36,6 +36,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -174,6 +175,7 @@ def _default(value: object) -> object:
 
 _JSON_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 _STR_ONLY: Final = frozenset({str})
+_DICT_ONLY: Final = frozenset({dict})
 
 
 def _needs_slow_path(value: object) -> bool:
@@ -183,8 +185,9 @@ def _needs_slow_path(value: object) -> bool:
     ``1`` into ``"1"``), a dict with the reserved ``"$nbflow"`` key, and dict or
     list *subclasses* (json encodes those natively, skipping both checks).
     Per container the work is C-level set operations; a Python-level loop only
-    runs over containers that hold other containers. NaN and circular
-    references are left to ``json`` itself, which raises ``ValueError``.
+    runs over containers that hold other containers, and a list of flat dicts
+    (records, the usual table-like result) is checked in one batch. NaN and
+    circular references are left to ``json`` itself, which raises ``ValueError``.
     """
     stack: list[Any] = [value]
     seen: set[int] = set()
@@ -203,6 +206,14 @@ def _needs_slow_path(value: object) -> bool:
             return isinstance(obj, dict | list | tuple)
         if _JSON_SCALARS.issuperset(map(type, children)):
             continue
+        if kind is not dict and _DICT_ONLY.issuperset(map(type, obj)):
+            # A list of dicts (records, the usual table-like result): check all their
+            # keys, then all their values, in one C-level pass each.
+            keys = set(chain.from_iterable(children))
+            if TAG in keys or not _STR_ONLY.issuperset(map(type, keys)):
+                return True
+            if _JSON_SCALARS.issuperset(map(type, chain.from_iterable(map(dict.values, obj)))):
+                continue
         if id(obj) in seen:  # a container seen before: shared, or a cycle (json reports those)
             continue
         seen.add(id(obj))

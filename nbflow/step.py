@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta, timezone
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from nbflow import codec, errors
@@ -107,23 +106,23 @@ def rebuild_error(err: Mapping[str, Any]) -> BaseException:
     return type(name, (errors.WorkflowError,), {})(message)
 
 
-@lru_cache(maxsize=4096)
-def _takes_context(code: Any, bound: bool) -> bool:
-    return bool(code.co_argcount - (1 if bound else 0) > 0 or code.co_flags & inspect.CO_VARARGS)
-
-
 def wants_context(callback: Callable[..., Any]) -> bool:
-    """Whether a callback takes the ``StepContext`` (it has a positional parameter)."""
+    """Whether a callback takes the ``StepContext``: it has a required positional parameter.
+
+    ``lambda i=i: i`` (the usual loop idiom) has none, so it is called with no argument.
+    """
     func = getattr(callback, "__func__", callback)
     code = getattr(func, "__code__", None)
     if code is not None:
-        return _takes_context(code, func is not callback)
+        bound = 1 if func is not callback else 0
+        return bool(code.co_argcount - len(getattr(func, "__defaults__", None) or ()) - bound > 0)
     try:
         params = inspect.signature(callback).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in params
     )
 
 

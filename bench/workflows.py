@@ -1,0 +1,37 @@
+"""Workflows the benchmarks run (importable by `nbflow worker --import workflows`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nbflow import WorkflowEntrypoint
+
+
+class ThreeSteps(WorkflowEntrypoint):
+    """Three trivial steps: the unit of the latency and throughput benchmarks."""
+
+    async def run(self, event: Any, step: Any) -> int:
+        a = await step.do("one", lambda: 1)
+        b = await step.do("two", lambda: a + 1)
+        return await step.do("three", lambda: b + 1)
+
+
+class ManySteps(WorkflowEntrypoint):
+    """``payload["n"]`` trivial steps in a row: per-step overhead."""
+
+    async def run(self, event: Any, step: Any) -> int:
+        total = 0
+        for i in range(event.payload["n"]):
+            total += await step.do("s", lambda i=i: i)
+        return total
+
+
+class ManyStepsThenWait(WorkflowEntrypoint):
+    """``payload["n"]`` steps, then an event wait: replay cost once the event arrives."""
+
+    async def run(self, event: Any, step: Any) -> int:
+        total = 0
+        for i in range(event.payload["n"]):
+            total += await step.do("s", lambda i=i: i)
+        await step.wait_for_event("go", "go", timeout="1 hour")
+        return total

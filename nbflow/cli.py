@@ -1,0 +1,222 @@
+"""The ``nbflow`` command: workers, listings, the demo and the embedded server.
+
+::
+
+    nbflow worker [--redis URL] [--prefix P] [--queue Q] [--import MODULE ...]
+                  [--processes N] [--burst]
+    nbflow list [--status S] [--workflow NAME] [--limit N]
+    nbflow status ID
+    nbflow demo
+    nbflow server start|stop|status
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import inspect
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from nbflow import server
+from nbflow.definition import WorkflowEntrypoint
+from nbflow.engine import Engine
+from nbflow.errors import InstanceNotFoundError, WorkflowError
+
+
+def import_workflows(engine: Engine, modules: Sequence[str]) -> list[str]:
+    """Register every ``WorkflowEntrypoint`` subclass defined in each module, by class name."""
+    names = []
+    for modname in modules:
+        module = importlib.import_module(modname)
+        for _, obj in inspect.getmembers(module, inspect.isclass):
+            if (
+                issubclass(obj, WorkflowEntrypoint)
+                and obj is not WorkflowEntrypoint
+                and obj.__module__ == module.__name__
+            ):
+                engine.register(obj)
+                names.append(obj.__name__)
+    return names
+
+
+def make_engine(redis: str | None, prefix: str, queue: str, imports: Sequence[str]) -> Engine:
+    """An engine with the imported workflows registered (picklable via partial for spawn)."""
+    sys.path.insert(0, ".")  # `--import mymodule` finds modules in the working directory
+    engine = Engine(redis, prefix=prefix, queue=queue)
+    import_workflows(engine, imports)
+    return engine
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", help="Redis URL (default: $NBFLOW_REDIS_URL, else the embedded server)")
+    p.add_argument("--prefix", default="workflow", help="key prefix (must match the Engine's)")
+    p.add_argument("--queue", default="nbflow", help="RQ queue name (must match the Engine's)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbflow", description="Durable workflows on Redis and RQ")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run workers (any number, on any number of machines)")
+    _engine_args(w)
+    w.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)")
+    w.add_argument("--processes", type=int, default=1, help="worker processes to start (default 1)")
+    w.add_argument("--burst", action="store_true", help="exit when nothing is due")
+    w.add_argument("-v", "--verbose", action="store_true", help="log at INFO instead of WARNING")
+
+    ls = sub.add_parser("list", help="list instances, newest first")
+    _engine_args(ls)
+    ls.add_argument("--status")
+    ls.add_argument("--workflow")
+    ls.add_argument("--limit", type=int, default=50)
+
+    st = sub.add_parser("status", help="show one instance and its steps")
+    _engine_args(st)
+    st.add_argument("id")
+
+    sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
+
+    sv = sub.add_parser("server", help="the embedded redis-server under $NBFLOW_HOME")
+    sv.add_argument("action", choices=["start", "stop", "status"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nbflow`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except (WorkflowError, ValueError, TypeError, ImportError) as exc:
+        print(f"nbflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from nbflow.worker import serve, serve_many
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.processes < 1:
+        raise ValueError(f"--processes must be at least 1, not {args.processes}")
+    engine = make_engine(args.redis, args.prefix, args.queue, args.imports)
+    names = sorted(engine.workflows)
+    print(
+        f"nbflow worker: {server.describe(engine.redis)} prefix={args.prefix!r} "
+        f"queue={args.queue!r} processes={args.processes} workflows: {', '.join(names) or 'none'}",
+        flush=True,
+    )
+    if args.processes == 1:
+        serve(engine, burst=args.burst)
+    else:
+        factory = functools.partial(make_engine, args.redis, args.prefix, args.queue, args.imports)
+        serve_many(factory, args.processes, burst=args.burst)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    df = engine.instances(workflow=args.workflow, status=args.status, limit=args.limit)
+    if df.empty:
+        print("no instances")
+    else:
+        print(df[["id", "workflow", "status", "current_step", "steps_done", "created_at"]]
+              .to_string(index=False))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    try:
+        inst = engine.instance(args.id)
+    except InstanceNotFoundError as exc:
+        print(f"nbflow status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(inst.status(), default=str, indent=2))
+    steps = inst.steps()
+    if not steps.empty:
+        print(steps[["step", "kind", "count", "status", "attempts", "duration_s"]].to_string(index=False))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nbflow.demo import DemoOrder
+
+    print("nbflow demo: a durable workflow, step by step")
+    engine = Engine(prefix="nbflow-demo", queue="nbflow-demo")
+    print(f"  Redis: {server.describe(engine.redis)}")
+    flow = engine.register(DemoOrder)
+    engine.start_worker()
+    try:
+        inst = flow.create(id=f"order-{uuid.uuid4().hex[:8]}", params={"order_id": 42})
+        print(f"  created instance {inst.id} of workflow {flow.name}")
+        started = time.monotonic()
+        _wait_for(inst, "waiting", 30)
+        print("  it sleeps in Redis (status 'waiting'), then waits for a 'approved' event ...")
+        _wait_for_step(inst, "manager approval", 30)
+        inst.send_event("approved", {"by": "manager"})
+        print("  sent event 'approved'")
+        result = inst.wait(timeout=60)
+        took = time.monotonic() - started
+        for row in inst.steps().itertuples():
+            tries = f"{row.attempts} attempts" if row.attempts > 1 else "1 attempt"
+            out = "" if row.output is None else f"-> {json.dumps(row.output, default=str)}"
+            print(f"    {row.status:9} {row.kind:6} {row.step:17} {tries:11} {out}")
+        print(f"  instance {inst.id} is {result['status']} after {took:.1f} s:")
+        print(f"    {json.dumps(result.get('output') or result.get('error'))}")
+        print("Next: `nbflow list --prefix nbflow-demo`, or open notebooks/ in Jupyter.")
+        return 0 if result["status"] == "complete" else 1
+    finally:
+        engine.stop_worker()
+
+
+def _wait_for(inst: Any, status: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while inst.status()["status"] != status and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _wait_for_step(inst: Any, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = inst.steps()
+        if not steps.empty and name in set(steps["step"]):
+            return
+        time.sleep(0.02)
+
+
+def _server(args: argparse.Namespace) -> int:
+    if args.action == "start":
+        url = server.start_server()
+        print(f"nbflow server running at {url} (data in {server.nbflow_home() / 'data'})")
+    elif args.action == "stop":
+        stopped = server.stop_server()
+        print("nbflow server stopped" if stopped else "nbflow server was not running")
+    else:
+        info = server.server_status()
+        print(json.dumps(info, indent=2, default=str))
+        return 0 if info.get("running") else 1
+    return 0
+
+
+_COMMANDS = {
+    "worker": _worker,
+    "list": _list,
+    "status": _status,
+    "demo": _demo,
+    "server": _server,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())
