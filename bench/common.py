@@ -29,9 +29,25 @@ def start_workers(prefix: str, queue: str, processes: int) -> subprocess.Popen[b
     """`nbflow worker` in a subprocess with the bench workflows importable."""
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.Popen(
-        [sys.executable, "-m", "nbflow.cli", "worker", "--redis", redis_url(), "--prefix", prefix,
-         "--queue", queue, "--import", "workflows", "--processes", str(processes)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "nbflow.cli",
+            "worker",
+            "--redis",
+            redis_url(),
+            "--prefix",
+            prefix,
+            "--queue",
+            queue,
+            "--import",
+            "workflows",
+            "--processes",
+            str(processes),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 

@@ -34,13 +34,15 @@ def main() -> None:
             status = inst.wait(timeout=30)
             samples.append((time.perf_counter() - t0) * 1000)
             assert status["status"] == "complete", status
-        emit({
-            "benchmark": "latency_3_steps",
-            "runs": args.runs,
-            "p50_ms": round(percentile(samples, 0.50), 3),
-            "p99_ms": round(percentile(samples, 0.99), 3),
-            "mean_ms": round(sum(samples) / len(samples), 3),
-        })
+        emit(
+            {
+                "benchmark": "latency_3_steps",
+                "runs": args.runs,
+                "p50_ms": round(percentile(samples, 0.50), 3),
+                "p99_ms": round(percentile(samples, 0.99), 3),
+                "mean_ms": round(sum(samples) / len(samples), 3),
+            }
+        )
     finally:
         stop(proc)
         cleanup(prefix, queue)

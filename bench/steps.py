@@ -34,13 +34,15 @@ def main() -> None:
         assert status["status"] == "complete", status
         steps = inst.steps()
         span = (steps["finished_at"].max() - steps["started_at"].min()).total_seconds()
-        emit({
-            "benchmark": "per_step_overhead",
-            "steps": args.steps,
-            "us_per_step": round(span / args.steps * 1e6, 1),
-            "wall_us_per_step": round(wall / args.steps * 1e6, 1),
-            "wall_s": round(wall, 3),
-        })
+        emit(
+            {
+                "benchmark": "per_step_overhead",
+                "steps": args.steps,
+                "us_per_step": round(span / args.steps * 1e6, 1),
+                "wall_us_per_step": round(wall / args.steps * 1e6, 1),
+                "wall_s": round(wall, 3),
+            }
+        )
     finally:
         engine.stop_worker()
         cleanup(prefix, queue)

@@ -55,7 +55,9 @@ def make_engine(redis: str | None, prefix: str, queue: str, imports: Sequence[st
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis", help="Redis URL (default: $NBFLOW_REDIS_URL, else the embedded server)")
+    p.add_argument(
+        "--redis", help="Redis URL (default: $NBFLOW_REDIS_URL, else the embedded server)"
+    )
     p.add_argument("--prefix", default="workflow", help="key prefix (must match the Engine's)")
     p.add_argument("--queue", default="nbflow", help="RQ queue name (must match the Engine's)")
 
@@ -66,8 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run workers (any number, on any number of machines)")
     _engine_args(w)
-    w.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)")
+    w.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)",
+    )
     w.add_argument("--processes", type=int, default=1, help="worker processes to start (default 1)")
     w.add_argument("--burst", action="store_true", help="exit when nothing is due")
     w.add_argument("-v", "--verbose", action="store_true", help="log at INFO instead of WARNING")
@@ -131,8 +139,11 @@ def _list(args: argparse.Namespace) -> int:
     if df.empty:
         print("no instances")
     else:
-        print(df[["id", "workflow", "status", "current_step", "steps_done", "created_at"]]
-              .to_string(index=False))
+        print(
+            df[["id", "workflow", "status", "current_step", "steps_done", "created_at"]].to_string(
+                index=False
+            )
+        )
     return 0
 
 
@@ -146,7 +157,11 @@ def _status(args: argparse.Namespace) -> int:
     print(json.dumps(inst.status(), default=str, indent=2))
     steps = inst.steps()
     if not steps.empty:
-        print(steps[["step", "kind", "count", "status", "attempts", "duration_s"]].to_string(index=False))
+        print(
+            steps[["step", "kind", "count", "status", "attempts", "duration_s"]].to_string(
+                index=False
+            )
+        )
     return 0
 
 

@@ -17,9 +17,7 @@ class DemoOrder(WorkflowEntrypoint[Any, dict[str, Any]]):
 
     async def run(self, event: WorkflowEvent[dict[str, Any]], step: WorkflowStep) -> dict[str, Any]:
         order_id = event.payload["order_id"]
-        order = await step.do(
-            "fetch order", lambda: {"order": order_id, "items": 3, "total": 12.5}
-        )
+        order = await step.do("fetch order", lambda: {"order": order_id, "items": 3, "total": 12.5})
 
         def charge(ctx: StepContext) -> str:
             if ctx.attempt < 3:  # a flaky payment API: the first two attempts fail

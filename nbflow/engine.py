@@ -46,11 +46,26 @@ DEFAULT_MAX_STEP_BYTES = 16 * 1024 * 1024
 BATCH_CHUNK = 500
 
 _INSTANCE_COLUMNS = [
-    "id", "workflow", "status", "created_at", "updated_at", "current_step", "steps_done", "error",
+    "id",
+    "workflow",
+    "status",
+    "created_at",
+    "updated_at",
+    "current_step",
+    "steps_done",
+    "error",
 ]
 _STEP_COLUMNS = [
-    "step", "kind", "count", "status", "attempts", "started_at", "finished_at", "duration_s",
-    "output", "error",
+    "step",
+    "kind",
+    "count",
+    "status",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "output",
+    "error",
 ]
 
 
@@ -94,8 +109,10 @@ class Engine:
             raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
         if not isinstance(queue, str) or not queue or any(c in queue for c in " \t\r\n"):
             raise ValueError(f"queue must be a non-empty string without spaces, not {queue!r}")
-        if isinstance(max_step_bytes, bool) or not isinstance(max_step_bytes, int) or (
-            max_step_bytes <= 0
+        if (
+            isinstance(max_step_bytes, bool)
+            or not isinstance(max_step_bytes, int)
+            or (max_step_bytes <= 0)
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
         self.retention: float | None = None if retention is None else parse_duration(retention)
@@ -122,7 +139,8 @@ class Engine:
         self._worker_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Engine({server.describe(self.redis)!r}, prefix={self.prefix!r}, queue={self.queue_name!r})"
+        where = server.describe(self.redis)
+        return f"Engine({where!r}, prefix={self.prefix!r}, queue={self.queue_name!r})"
 
     # -- workflows ----------------------------------------------------------------
 
@@ -207,7 +225,9 @@ class Engine:
     def _rows(self, ids: Sequence[str]) -> Iterable[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
         for iid in ids:
-            pipe.hmget(self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone")
+            pipe.hmget(
+                self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
+            )
             pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep")
         res = pipe.execute()
         for n, iid in enumerate(ids):
@@ -263,9 +283,7 @@ class Engine:
 
     # -- internals used by workflows, instances and workers -------------------------
 
-    def _enqueue(
-        self, ids: Sequence[str], at_front: bool = False, pipe: Any = None
-    ) -> None:
+    def _enqueue(self, ids: Sequence[str], at_front: bool = False, pipe: Any = None) -> None:
         """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it)."""
         self._queue.enqueue_call(
             "nbflow.runner.run_job",
@@ -273,7 +291,8 @@ class Engine:
             timeout=-1,
             result_ttl=0,
             failure_ttl=24 * 3600,
-            description=f"nbflow {self.prefix} {ids[0]}" + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
+            description=f"nbflow {self.prefix} {ids[0]}"
+            + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
             at_front=at_front,
             pipeline=pipe,
         )
@@ -370,7 +389,7 @@ class Workflow(Generic[W]):
         created: list[WorkflowInstance] = []
         for start in range(0, len(pairs), BATCH_CHUNK):
             chunk = pairs[start : start + BATCH_CHUNK]
-            for (iid, _), ok in zip(chunk, self._write(chunk)):
+            for (iid, _), ok in zip(chunk, self._write(chunk), strict=True):
                 if ok:
                     created.append(WorkflowInstance(self.engine, iid, self.name))
         return created
@@ -429,7 +448,9 @@ class WorkflowInstance:
             result["error"] = codec.decode(error)
         return result
 
-    def _call(self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()) -> str:
+    def _call(
+        self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()
+    ) -> str:
         try:
             return self.engine._lifecycle(script, self.id, extra, enqueue=enqueue)
         except InvalidStateError as exc:
@@ -465,7 +486,10 @@ class WorkflowInstance:
         try:
             self.engine._lifecycle("restart", self.id, [key], enqueue=True)
         except ValueError:
-            known = [split_key(k.decode())[0] for k in self.engine.redis.hkeys(self.engine.keys.steps(self.id))]
+            known = [
+                split_key(k.decode())[0]
+                for k in self.engine.redis.hkeys(self.engine.keys.steps(self.id))
+            ]
             raise ValueError(
                 f"instance {self.id!r} has no step {from_step!r} to restart from "
                 f"(its steps: {', '.join(sorted(set(known))) or 'none'})"
@@ -483,12 +507,18 @@ class WorkflowInstance:
         except TypeError as exc:
             raise TypeError(f"event payload: {exc}") from None
         if len(text.encode()) > self.engine.max_step_bytes:
-            raise ValueError(f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}")
+            raise ValueError(
+                f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}"
+            )
         now, now_iso = _now()
-        res = self.engine._scripts.send_event(args=[self.engine.prefix, self.id, type, text, now, now_iso])
+        res = self.engine._scripts.send_event(
+            args=[self.engine.prefix, self.id, type, text, now, now_iso]
+        )
         res = res.decode()
         if res == "unknown":
-            raise InstanceNotFoundError(f"no instance {self.id!r} under prefix {self.engine.prefix!r}")
+            raise InstanceNotFoundError(
+                f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+            )
         if res in FINAL_STATUSES:
             raise InvalidStateError(
                 f"cannot send an event to instance {self.id!r}: it is {res}; events go to "
@@ -545,9 +575,15 @@ class WorkflowInstance:
                     "attempts": int(e.get("a", 0)),
                     "started_at": _ts(t0),
                     "finished_at": _ts(t1),
-                    "duration_s": (float(t1) - float(t0)) if t0 is not None and t1 is not None else None,
+                    "duration_s": (float(t1) - float(t0))
+                    if t0 is not None and t1 is not None
+                    else None,
                     "output": e.get("v"),
-                    "error": ({"name": e["e"]["name"], "message": e["e"]["message"]} if e.get("e") else None),
+                    "error": (
+                        {"name": e["e"]["name"], "message": e["e"]["message"]}
+                        if e.get("e")
+                        else None
+                    ),
                 }
             )
         return pd.DataFrame(rows, columns=_STEP_COLUMNS)
@@ -561,15 +597,21 @@ class WorkflowInstance:
         raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
         if raw is None:
             if not self.engine.redis.exists(self.engine.keys.state(self.id)):
-                raise InstanceNotFoundError(f"no instance {self.id!r} under prefix {self.engine.prefix!r}")
+                raise InstanceNotFoundError(
+                    f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+                )
             raise LookupError(f"instance {self.id!r} has no step {name!r}")
         entry = codec.decode(raw)
         assert isinstance(entry, dict)
         if entry["s"] == "errored":
             err = rebuild_error(entry.get("e") or {})
-            raise LookupError(f"step {name!r} of instance {self.id!r} failed: {type(err).__name__}: {err}")
+            raise LookupError(
+                f"step {name!r} of instance {self.id!r} failed: {type(err).__name__}: {err}"
+            )
         if entry["s"] != "complete":
-            raise LookupError(f"step {name!r} of instance {self.id!r} has no result yet ({entry['s']})")
+            raise LookupError(
+                f"step {name!r} of instance {self.id!r} has no result yet ({entry['s']})"
+            )
         return entry.get("v")
 
     def history(self) -> list[dict[str, Any]]:

@@ -174,9 +174,7 @@ class Run:
         args = self._args()
         lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        self._check(
-            self.engine._scripts.step_start(args=[*args, lease, key, entry, name, hist])
-        )
+        self._check(self.engine._scripts.step_start(args=[*args, lease, key, entry, name, hist]))
 
     def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None:
         """Stores a step's outcome (or a retry record); a pause asked for meanwhile
@@ -310,4 +308,3 @@ async def _run_async(coro: Any) -> Any:
         rest = [t for t in asyncio.all_tasks() if t is not me]
         if rest:
             await asyncio.gather(*rest, return_exceptions=True)
-

@@ -298,7 +298,12 @@ class _StepBase:
         delay = retry_delay(cfg.retry_delay, cfg.backoff, attempt)
         log.info(
             "instance %s step %r attempt %d failed (%s: %s); retry in %.3gs",
-            self._run.iid, st.name, attempt, type(exc).__name__, exc, delay,
+            self._run.iid,
+            st.name,
+            attempt,
+            type(exc).__name__,
+            exc,
+            delay,
         )
         err = error_dict(exc)
         if delay <= INLINE_WAIT_MAX:
@@ -314,7 +319,11 @@ class _StepBase:
     def _fail_final(self, st: _Step, exc: BaseException, attempt: int, t0: float) -> None:
         log.warning(
             "instance %s step %r failed after %d attempt(s): %s: %s",
-            self._run.iid, st.name, attempt, type(exc).__name__, exc,
+            self._run.iid,
+            st.name,
+            attempt,
+            type(exc).__name__,
+            exc,
         )
         self._run.record(
             st.key,
@@ -385,8 +394,17 @@ class _StepBase:
             )
             self._run.record(
                 st.key,
-                _entry("errored", "event", st.index, 1, t0, t1=now, u=deadline,
-                       ty=event_type, err=error_dict(exc)),
+                _entry(
+                    "errored",
+                    "event",
+                    st.index,
+                    1,
+                    t0,
+                    t1=now,
+                    u=deadline,
+                    ty=event_type,
+                    err=error_dict(exc),
+                ),
                 final=True,
                 event="event.timeout",
                 attempt=1,

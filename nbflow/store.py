@@ -358,7 +358,8 @@ return out
 # queued instances older than `older_than` have lost their job: hand them out again.
 _ORPHANS = r"""
 if redis.call('LLEN', ARGV[2]) > 0 then return {} end
-local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[5]))
+local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3],
+                      'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(ids) do redis.call('ZADD', P .. ':ready', ARGV[4], id) end
 return ids
 """
@@ -507,7 +508,8 @@ return {'ok', 'queued'}
 
 # ARGV: prefix, now, limit. Deletes finished instances whose retention ran out.
 _PURGE = r"""
-local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[2],
+                      'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
   local st = k_state(id)
   local status = redis.call('HGET', st, 'status')

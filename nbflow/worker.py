@@ -55,9 +55,7 @@ class NbflowWorker(SimpleWorker):
     def __init__(
         self, engine: Engine, *, in_thread: bool = False, stopping: threading.Event | None = None
     ) -> None:
-        super().__init__(
-            [engine._queue], connection=engine.redis, serializer=JSONSerializer
-        )
+        super().__init__([engine._queue], connection=engine.redis, serializer=JSONSerializer)
         self.engine = engine
         self.in_thread = in_thread
         self.stopping = stopping or threading.Event()
@@ -74,7 +72,9 @@ class NbflowWorker(SimpleWorker):
         if not self.in_thread:
             super()._install_signal_handlers()
 
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> Any:
         if timeout is None or max_idle_time is not None:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         while not (self._stop_requested or self.stopping.is_set()):
@@ -229,7 +229,10 @@ def serve(engine: Engine, burst: bool = False) -> None:
 def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
     """``nbflow worker --processes N``: N worker processes, each with its own housekeeper."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(make_engine, burst), daemon=False) for _ in range(processes)]
+    procs = [
+        ctx.Process(target=_child, args=(make_engine, burst), daemon=False)
+        for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     try:
