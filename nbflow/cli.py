@@ -184,10 +184,12 @@ def _demo(args: argparse.Namespace) -> int:
         print("  sent event 'approved'")
         result = inst.wait(timeout=60)
         took = time.monotonic() - started
-        for row in inst.steps().itertuples():
-            tries = f"{row.attempts} attempts" if row.attempts > 1 else "1 attempt"
-            out = "" if row.output is None else f"-> {json.dumps(row.output, default=str)}"
-            print(f"    {row.status:9} {row.kind:6} {row.step:17} {tries:11} {out}")
+        for row in inst.steps().to_dict("records"):
+            attempts = int(row["attempts"])
+            tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+            shown = row["output"]
+            out = "" if shown is None else f"-> {json.dumps(shown, default=str)}"
+            print(f"    {row['status']:9} {row['kind']:6} {row['step']:17} {tries:11} {out}")
         print(f"  instance {inst.id} is {result['status']} after {took:.1f} s:")
         print(f"    {json.dumps(result.get('output') or result.get('error'))}")
         print("Next: `nbflow list --prefix nbflow-demo`, or open notebooks/ in Jupyter.")

@@ -11,10 +11,7 @@ import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-if TYPE_CHECKING:
-    from nbflow.step import WorkflowStep
+from typing import Any, Generic, TypeVar
 
 Env = TypeVar("Env")
 Params = TypeVar("Params")
@@ -22,6 +19,9 @@ Params = TypeVar("Params")
 
 class WorkflowEntrypoint(Generic[Env, Params]):
     """Base class of a workflow: subclass it and define ``run(self, event, step)``.
+
+    Annotate ``step`` as ``nbflow.WorkflowStep`` in an ``async def run`` and as
+    ``nbflow.SyncWorkflowStep`` in a plain ``def run``.
 
     ``run`` may be ``async def`` (steps are awaited; ``asyncio.gather`` runs steps in
     parallel) or a plain ``def`` (step methods return their values directly).
@@ -39,7 +39,7 @@ class WorkflowEntrypoint(Generic[Env, Params]):
         self.ctx = ctx
         self.env = env
 
-    def run(self, event: WorkflowEvent[Params], step: WorkflowStep) -> Any:
+    def run(self, event: WorkflowEvent[Params], step: Any) -> Any:
         """The workflow body; override it."""
         raise NotImplementedError(f"{type(self).__name__} must define run(self, event, step)")
 

@@ -74,8 +74,13 @@ def _now() -> tuple[str, str]:
     return f"{t:.6f}", datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
-def _text(value: bytes | str | None) -> str | None:
+def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _s(value: Any) -> str:
+    """A Redis reply as text (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _ts(value: Any) -> datetime | None:
@@ -186,7 +191,7 @@ class Engine:
         name = self.redis.hget(self.keys.metadata(instance_id), "workflowName")
         if name is None:
             raise InstanceNotFoundError(f"no instance {instance_id!r} under prefix {self.prefix!r}")
-        return WorkflowInstance(self, instance_id, name.decode())
+        return WorkflowInstance(self, instance_id, _s(name))
 
     # -- listing ------------------------------------------------------------------
 
@@ -211,7 +216,7 @@ class Engine:
         rows: list[dict[str, Any]] = []
         start, page = 0, max(limit, 100)
         while len(rows) < limit:
-            ids = [i.decode() for i in self.redis.zrevrange(index, start, start + page - 1)]
+            ids = [_s(i) for i in self.redis.zrevrange(index, start, start + page - 1)]
             if not ids:
                 break
             start += page
@@ -238,8 +243,8 @@ class Engine:
                 "id": iid,
                 "workflow": _text(meta[0]),
                 "status": _text(st[0]),
-                "created_at": pd.Timestamp(_text(st[1])),
-                "updated_at": pd.Timestamp(_text(st[2])),
+                "created_at": pd.Timestamp(_s(st[1])),
+                "updated_at": pd.Timestamp(_s(st[2])),
                 "current_step": _text(meta[1]) or None,
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
@@ -307,7 +312,7 @@ class Engine:
         if enqueue:
             self._enqueue([iid], at_front=True, pipe=pipe)
         res = pipe.execute()[0]
-        tag, value = res[0].decode(), res[1].decode()
+        tag, value = _s(res[0]), _s(res[1])
         if tag == "ok":
             return value
         if value == "unknown":
@@ -398,7 +403,7 @@ class Workflow(Generic[W]):
         """The instance with this id; ``InstanceNotFoundError`` if this workflow has none."""
         check_instance_id(id)
         name = self.engine.redis.hget(self.engine.keys.metadata(id), "workflowName")
-        if name is None or name.decode() != self.name:
+        if name is None or _s(name) != self.name:
             raise InstanceNotFoundError(f"workflow {self.name!r} has no instance {id!r}")
         return WorkflowInstance(self.engine, id, self.name)
 
@@ -441,7 +446,7 @@ class WorkflowInstance:
         )
         if st is None:
             return {"status": "unknown"}
-        result: dict[str, Any] = {"status": st.decode()}
+        result: dict[str, Any] = {"status": _s(st)}
         if result["status"] == "complete":
             result["output"] = codec.decode(output) if output is not None else None
         elif result["status"] == "errored" and error is not None:
@@ -487,7 +492,7 @@ class WorkflowInstance:
             self.engine._lifecycle("restart", self.id, [key], enqueue=True)
         except ValueError:
             known = [
-                split_key(k.decode())[0]
+                split_key(_s(k))[0]
                 for k in self.engine.redis.hkeys(self.engine.keys.steps(self.id))
             ]
             raise ValueError(
@@ -511,10 +516,11 @@ class WorkflowInstance:
                 f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}"
             )
         now, now_iso = _now()
-        res = self.engine._scripts.send_event(
-            args=[self.engine.prefix, self.id, type, text, now, now_iso]
+        res = _s(
+            self.engine._scripts.send_event(
+                args=[self.engine.prefix, self.id, type, text, now, now_iso]
+            )
         )
-        res = res.decode()
         if res == "unknown":
             raise InstanceNotFoundError(
                 f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
@@ -552,7 +558,7 @@ class WorkflowInstance:
         for k, v in raw.items():
             entry = codec.decode(v)
             assert isinstance(entry, dict)
-            entries.append((k.decode(), entry))
+            entries.append((_s(k), entry))
         entries.sort(key=lambda kv: int(kv[1]["i"]))
         return entries
 

@@ -272,7 +272,7 @@ class Run:
     def _finish(self, outcome: str, value: Any, encoded: bool = False) -> str:
         text = value if encoded else codec.encode(value)
         hist = "" if outcome == "complete" else f'"error":{text}'
-        res = self.engine._scripts.finish(args=[*self._args(), outcome, text, hist]).decode()
+        res: str = self.engine._scripts.finish(args=[*self._args(), outcome, text, hist]).decode()
         log.info("instance %s %s", self.iid, res)
         return res
 
@@ -292,8 +292,9 @@ class Run:
         flat: list[str] = []
         for key, entry in self.waits:
             flat += [key, entry]
-        res = self.engine._scripts.suspend(args=[*self._args(), wake, types, hist, *flat])
-        res = res.decode()
+        res: str = self.engine._scripts.suspend(
+            args=[*self._args(), wake, types, hist, *flat]
+        ).decode()
         if res == "queued":  # an event arrived while the run unwound
             self.engine._enqueue([self.iid], at_front=True)
         return res

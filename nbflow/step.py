@@ -100,10 +100,12 @@ def rebuild_error(err: Mapping[str, Any]) -> BaseException:
         cls = getattr(errors, name, None) or getattr(builtins, name, None)
     if isinstance(cls, type) and issubclass(cls, BaseException):
         try:
-            return cls(message)
+            rebuilt: BaseException = cls(message)
+            return rebuilt
         except Exception:
             pass
-    return type(name, (errors.WorkflowError,), {})(message)
+    stand_in: type[BaseException] = type(name, (errors.WorkflowError,), {})
+    return stand_in(message)
 
 
 def wants_context(callback: Callable[..., Any]) -> bool:
@@ -539,9 +541,9 @@ class WorkflowStep(_StepBase):
         if done:
             return value
         attempt, wait = self._first_attempt(st, cfg)
-        if wait > 0:
-            await asyncio.sleep(self._wait_before(st, attempt, wait, float(st.entry["t0"]), None))
         t0 = float(st.entry["t0"]) if st.entry else _now()
+        if wait > 0:
+            await asyncio.sleep(self._wait_before(st, attempt, wait, t0, None))
         loop = asyncio.get_running_loop()
         while True:
             self._start_attempt(st, attempt, t0)
@@ -671,9 +673,9 @@ class SyncWorkflowStep(_StepBase):
         if done:
             return value
         attempt, wait = self._first_attempt(st, cfg)
-        if wait > 0:
-            time.sleep(self._wait_before(st, attempt, wait, float(st.entry["t0"]), None))
         t0 = float(st.entry["t0"]) if st.entry else _now()
+        if wait > 0:
+            time.sleep(self._wait_before(st, attempt, wait, t0, None))
         while True:
             self._start_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)

@@ -64,13 +64,13 @@ class NbflowWorker(SimpleWorker):
         if not self.in_thread:
             super().bootstrap(*args, **kwargs)
             return
-        self.register_birth()
-        self.subscribe()
+        self.register_birth()  # type: ignore[no-untyped-call]
+        self.subscribe()  # type: ignore[no-untyped-call]
         self.set_state(WorkerStatus.STARTED)
 
     def _install_signal_handlers(self) -> None:
         if not self.in_thread:
-            super()._install_signal_handlers()
+            super()._install_signal_handlers()  # type: ignore[no-untyped-call]
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
