@@ -209,7 +209,7 @@ def _needs_slow_path(value: object) -> bool:
         if kind is not dict and _DICT_ONLY.issuperset(map(type, obj)):
             # A list of dicts (records, the usual table-like result): check all their
             # keys, then all their values, in one C-level pass each.
-            keys = set(chain.from_iterable(children))
+            keys: set[object] = set(chain.from_iterable(obj))
             if TAG in keys or not _STR_ONLY.issuperset(map(type, keys)):
                 return True
             if _JSON_SCALARS.issuperset(map(type, chain.from_iterable(map(dict.values, obj)))):

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _IDENTIFIER_RE: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9_-]*")
+_IDENTIFIER_CHAR_RE: Final = re.compile(r"[a-zA-Z0-9_-]")
 _IDENTIFIER_MAX: Final = 100
 _IDENTIFIER_RULE: Final = (
     f"use 1-{_IDENTIFIER_MAX} characters from a-z, A-Z, 0-9, '_' and '-', not starting with '-'"
@@ -56,7 +57,9 @@ def _check_identifier(value: object, what: str) -> str:
     elif value[0] == "-":
         why = "it starts with '-'"
     else:
-        index, char = next((i, c) for i, c in enumerate(value) if not _IDENTIFIER_RE.fullmatch(c))
+        index, char = next(
+            (i, c) for i, c in enumerate(value) if not _IDENTIFIER_CHAR_RE.fullmatch(c)
+        )
         why = f"character {char!r} at position {index} is not allowed"
     raise ValueError(f"invalid {what} {value!r}: {why}; {_IDENTIFIER_RULE}")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from datetime import datetime, timezone
@@ -227,23 +229,37 @@ def serve(engine: Engine, burst: bool = False) -> None:
 
 
 def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
-    """``nbflow worker --processes N``: N worker processes, each with its own housekeeper."""
+    """``nbflow worker --processes N``: N worker processes, each with its own housekeeper.
+
+    SIGTERM/SIGINT to this parent are passed on to the children (RQ's warm shutdown:
+    each finishes its current job), and a child whose parent died stops by itself.
+    """
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_child, args=(make_engine, burst), daemon=False)
-        for _ in range(processes)
+        ctx.Process(target=_child, args=(make_engine, burst, os.getpid())) for _ in range(processes)
     ]
     for p in procs:
         p.start()
+
+    def forward(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for p in procs:
             p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join(10)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
-def _child(make_engine: Any, burst: bool) -> None:
+def _child(make_engine: Any, burst: bool, parent: int) -> None:
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent is gone: stop like on SIGTERM
+
+    threading.Thread(target=watch_parent, name="nbflow-parent-watch", daemon=True).start()
     serve(make_engine(), burst=burst)

@@ -98,28 +98,45 @@ class AllForms(WorkflowEntrypoint):
         async def config_only():
             return 6
 
-        @step.do
-        def bare():
-            return 7
-
         d = await named()
         e = await empty_parens()
         f = await config_only()
-        g = await bare()
-        return [a, b, c, d, e, f, g]
+        return [a, b, c, d, e, f]
 
 
 def test_every_step_do_form_runs_its_callback_and_stores_its_result(worker_engine):
     inst = worker_engine.register(AllForms).create()
-    assert inst.wait(timeout=10) == {"status": "complete", "output": [1, 2, 3, 4, 5, 6, 7]}
+    assert inst.wait(timeout=10) == {"status": "complete", "output": [1, 2, 3, 4, 5, 6]}
     df = inst.steps()
     assert list(df["step"]) == [
         "two args", "config then callback", "callback then config=", "named decorator",
-        "empty_parens", "config_only", "bare",
+        "empty_parens", "config_only",
     ]
-    assert list(df["output"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert list(df["output"]) == [1, 2, 3, 4, 5, 6]
     assert inst.step_output("empty_parens") == 5
     assert inst.step_output("config_only") == 6
+
+
+class BareDecorator(WorkflowEntrypoint):
+    async def run(self, event, step):
+        @step.do
+        def bare():
+            ran(event, "bare")
+            return 7
+
+        return await bare()
+
+
+@pytest.mark.xfail(
+    reason="BUG: bare @step.do (no parentheses) runs the step at decoration time and binds "
+    "the function name to a coroutine, so calling it raises TypeError",
+    strict=True,
+)
+def test_bare_decorator_without_parentheses_names_the_step_after_the_function(worker_engine):
+    inst = worker_engine.register(BareDecorator).create()
+    assert inst.wait(timeout=10) == {"status": "complete", "output": 7}
+    assert list(inst.steps()["step"]) == ["bare"]
+    assert runs(inst, "bare") == 1
 
 
 class DecoratedNotCalled(WorkflowEntrypoint):
@@ -446,13 +463,24 @@ def test_step_output_of_an_unknown_step_raises_lookup_error(worker_engine):
 def make_frame() -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "n": pd.Series([1, 2, 3], dtype="int64"),
+            "n": pd.array([1, 2, 3], dtype="int64"),
             "x": [0.5, float("nan"), 2.5],
             "s": ["a", "b", "c"],
             "when": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"], utc=True),
             "flag": [True, False, True],
         },
         index=pd.Index(["r1", "r2", "r3"], name="row"),
+    )
+
+
+def make_frame2() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "cat": pd.Categorical(["a", "b", "a"]),
+            "maybe": pd.array([1, None, 3], dtype="Int64"),
+            "td": pd.to_timedelta([1, 2, 3], unit="s"),
+        },
+        index=pd.date_range("2024-01-01", periods=3, tz="UTC", name="day"),
     )
 
 
@@ -464,6 +492,7 @@ class Frames(WorkflowEntrypoint):
     async def run(self, event, step):
         frame = await step.do("frame", make_frame)
         series = await step.do("series", make_series)
+        await step.do("frame2", make_frame2)
         await step.wait_for_event("go", "go")
 
         # after the replay, the next step sees the stored frame (a DataFrame again)
@@ -482,6 +511,7 @@ def test_dataframe_and_series_results_come_back_as_pandas_objects(worker_engine)
     assert isinstance(out, pd.DataFrame)
     assert_frame_equal(out, make_frame())
     assert_series_equal(inst.step_output("series"), make_series())
+    assert_frame_equal(inst.step_output("frame2"), make_frame2())
     frame, series = SEEN.pop(inst.id)
     assert isinstance(frame, pd.DataFrame)
     assert_frame_equal(frame, make_frame())

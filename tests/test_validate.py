@@ -72,7 +72,7 @@ def test_invalid_identifiers_say_what_is_wrong_and_what_is_allowed(
 def test_non_str_identifiers_raise_value_error_naming_the_type(
     check: Callable[[object], str], what: str, value: object
 ) -> None:
-    with pytest.raises(ValueError, match=f"not a str") as info:
+    with pytest.raises(ValueError, match="not a str") as info:
         check(value)
     assert type(value).__name__ in str(info.value)
     assert "a-z, A-Z, 0-9" in str(info.value)
@@ -185,8 +185,10 @@ def test_missing_or_empty_config_is_the_shared_default(config: Any) -> None:
         ({"retries": {}}, DEFAULT_CONFIG),
         ({"timeout": "30 seconds"}, StepConfig(5, 10.0, "exponential", 30.0)),
         (
-            {"retries": {"limit": 3, "delay": "2 seconds", "backoff": "exponential"},
-             "timeout": "30 seconds"},
+            {
+                "retries": {"limit": 3, "delay": "2 seconds", "backoff": "exponential"},
+                "timeout": "30 seconds",
+            },
             StepConfig(3, 2.0, "exponential", 30.0),
         ),
         (
@@ -194,8 +196,10 @@ def test_missing_or_empty_config_is_the_shared_default(config: Any) -> None:
             StepConfig(1, 0.0, "constant", 0.25),
         ),
         (
-            {"retries": {"delay": datetime.timedelta(milliseconds=250)},
-             "timeout": datetime.timedelta(hours=1)},
+            {
+                "retries": {"delay": datetime.timedelta(milliseconds=250)},
+                "timeout": datetime.timedelta(hours=1),
+            },
             StepConfig(5, 0.25, "exponential", 3600.0),
         ),
         ({"retries": {"limit": 1000}}, StepConfig(1000, 10.0, "exponential", 600.0)),

@@ -1,0 +1,230 @@
+"""The ``nbflow`` command against a real Redis: workers from imported modules, listings,
+the demo on the embedded server, and `rq info`-visible workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from rq import Worker
+
+from nbflow import Engine, WorkflowEntrypoint, server
+from nbflow.cli import import_workflows, main
+
+WORKFLOW_MODULE = textwrap.dedent(
+    """
+    from nbflow import WorkflowEntrypoint
+
+    class Greet(WorkflowEntrypoint):
+        async def run(self, event, step):
+            name = await step.do("name", lambda: event.payload["name"])
+            return await step.do("greet", lambda: f"hello {name}")
+
+    class Shout(WorkflowEntrypoint):
+        def run(self, event, step):
+            return step.do("shout", lambda: event.payload["name"].upper())
+
+    NotAWorkflow = dict
+    """
+)
+
+
+@pytest.fixture
+def module_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "cli_flows.py").write_text(WORKFLOW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _env(module_dir: Path) -> dict[str, str]:
+    return dict(
+        os.environ, PYTHONPATH=f"{module_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    )
+
+
+def test_import_registers_each_workflow_class_defined_in_the_module(
+    engine: Engine, module_dir: Path
+) -> None:
+    names = import_workflows(engine, ["cli_flows"])
+    assert sorted(names) == ["Greet", "Shout"]
+    assert engine.workflows == ["Greet", "Shout"]
+
+
+def test_burst_worker_process_runs_imported_workflows_to_completion(
+    engine: Engine, module_dir: Path, redis_url: str
+) -> None:
+    import_workflows(engine, ["cli_flows"])
+    greet = engine.workflow("Greet").create(params={"name": "ada"})
+    shout = engine.workflow("Shout").create(params={"name": "bob"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "nbflow.cli",
+        "worker",
+        "--redis",
+        redis_url,
+        "--prefix",
+        engine.prefix,
+        "--queue",
+        engine.queue_name,
+        "--import",
+        "cli_flows",
+        "--burst",
+    ]
+    done = subprocess.run(cmd, env=_env(module_dir), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Greet, Shout" in done.stdout
+    assert greet.status() == {"status": "complete", "output": "hello ada"}
+    assert shout.status() == {"status": "complete", "output": "BOB"}
+
+
+def test_worker_with_several_processes_shows_up_in_rq_and_shares_the_work(
+    engine: Engine, module_dir: Path, redis_url: str
+) -> None:
+    import_workflows(engine, ["cli_flows"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "nbflow.cli",
+        "worker",
+        "--redis",
+        redis_url,
+        "--prefix",
+        engine.prefix,
+        "--queue",
+        engine.queue_name,
+        "--import",
+        "cli_flows",
+        "--processes",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(module_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if len(Worker.all(queue=engine._queue)) == 2:
+                break
+            time.sleep(0.1)
+        assert len(Worker.all(queue=engine._queue)) == 2  # what `rq info` lists
+        batch = engine.workflow("Greet").create_batch(
+            [{"params": {"name": str(i)}} for i in range(40)]
+        )
+        for inst in batch:
+            assert inst.wait(timeout=30)["status"] == "complete"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_worker_for_a_prefix_runs_nothing_of_another_prefix(
+    engine: Engine, module_dir: Path, redis_url: str
+) -> None:
+    import_workflows(engine, ["cli_flows"])
+    inst = engine.workflow("Greet").create(params={"name": "x"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "nbflow.cli",
+        "worker",
+        "--redis",
+        redis_url,
+        "--prefix",
+        engine.prefix + "other",
+        "--queue",
+        engine.queue_name + "other",
+        "--import",
+        "cli_flows",
+        "--burst",
+    ]
+    subprocess.run(cmd, env=_env(module_dir), capture_output=True, timeout=60, check=True)
+    assert inst.status()["status"] == "queued"
+
+
+def test_unregistered_workflow_errors_with_a_message_naming_it(engine: Engine) -> None:
+    class Lonely(WorkflowEntrypoint):
+        def run(self, event: object, step: object) -> int:
+            return 1
+
+    inst = engine.register(Lonely).create()
+    del engine._classes["Lonely"]  # a worker that never imported it
+    engine.run_worker(burst=True)
+    status = inst.status()
+    assert status["status"] == "errored"
+    assert status["error"]["name"] == "WorkflowNotRegisteredError"
+    assert "Lonely" in status["error"]["message"]
+
+
+def test_list_and_status_print_instances(
+    engine: Engine, module_dir: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import_workflows(engine, ["cli_flows"])
+    inst = engine.workflow("Greet").create(id="cli-greet-1", params={"name": "cy"})
+    engine.run_worker(burst=True)
+    common = ["--redis", redis_url, "--prefix", engine.prefix, "--queue", engine.queue_name]
+    assert main(["list", *common]) == 0
+    out = capsys.readouterr().out
+    assert "cli-greet-1" in out and "complete" in out
+    assert main(["status", inst.id, *common]) == 0
+    out = capsys.readouterr().out
+    assert '"output": "hello cy"' in out and "greet" in out
+    assert main(["status", "no-such-id", *common]) == 1
+    assert "no instance 'no-such-id'" in capsys.readouterr().err
+
+
+def test_bad_status_filter_is_a_clear_error(
+    engine: Engine, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["list", "--redis", redis_url, "--prefix", engine.prefix, "--status", "sleepy"])
+    assert code == 2
+    assert "unknown status 'sleepy'" in capsys.readouterr().err
+
+
+def test_unreachable_redis_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--redis", "redis://127.0.0.1:1/0"]) == 2
+    err = capsys.readouterr().err
+    assert "redis://127.0.0.1:1/0" in err
+    assert "Traceback" not in err
+
+
+def test_demo_runs_end_to_end_on_the_embedded_server() -> None:
+    if server.find_redis_server() is None:
+        pytest.skip("no redis-server binary to embed")
+    home = tempfile.mkdtemp(prefix="nbd-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "NBFLOW_REDIS_URL"}
+    env["NBFLOW_HOME"] = home
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "nbflow.cli", "demo"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"unix://{home}/redis.sock" in done.stdout
+        assert "charge card       3 attempts" in done.stdout
+        assert "is complete after" in done.stdout
+        status = subprocess.run(
+            [sys.executable, "-m", "nbflow.cli", "server", "status"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert '"running": true' in status.stdout
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "nbflow.cli", "server", "stop"],
+            env=env,
+            capture_output=True,
+            timeout=30,
+        )
+    assert not server.server_status(Path(home))["running"]
