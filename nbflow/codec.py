@@ -60,10 +60,10 @@ class UnstorableValueError(TypeError):
     """
 
 
-def _unstorable(value: object, where: str = "") -> UnstorableValueError:
+def _unstorable(value: object) -> UnstorableValueError:
     """Build the standard message, naming the offending type and what is storable instead."""
     return UnstorableValueError(
-        f"cannot store a value of type {type(value).__name__!r}{where}: {_STORABLE}"
+        f"cannot store a value of type {type(value).__name__!r}: {_STORABLE}"
     )
 
 
@@ -313,7 +313,10 @@ def _decode_float(envelope: dict[str, Any]) -> object:
 def _decode_datetime(envelope: dict[str, Any]) -> object:
     value = datetime.datetime.fromisoformat(envelope["iso"])
     if "tz" in envelope and value.tzinfo is not None:
-        tz = _tz_from_spec(envelope["tz"])
+        try:
+            tz = _tz_from_spec(envelope["tz"])
+        except (KeyError, ValueError):  # zone unknown on this machine: keep the UTC offset
+            return value
         if isinstance(tz, datetime.tzinfo):
             value = value.astimezone(tz)
     return value
@@ -368,8 +371,7 @@ def _float_list(array: Any) -> list[object]:
     values: list[Any] = array.tolist()
     if not np.isfinite(array).all():
         values = [
-            None if v != v else (v if math.isfinite(v) else _float_envelope(v))
-            for v in array.tolist()
+            None if v != v else (v if math.isfinite(v) else _float_envelope(v)) for v in values
         ]
     return values
 

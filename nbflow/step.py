@@ -297,7 +297,8 @@ class _StepBase:
         if isinstance(exc, errors.NonRetryableError) or attempt >= cfg.retry_limit + 1:
             self._fail_final(st, exc, attempt, t0)
             raise exc
-        delay = retry_delay(cfg.retry_delay, cfg.backoff, attempt)
+        # exponential backoff can overflow to inf; no wait is longer than a year
+        delay = min(retry_delay(cfg.retry_delay, cfg.backoff, attempt), 366 * 86400.0)
         log.info(
             "instance %s step %r attempt %d failed (%s: %s); retry in %.3gs",
             self._run.iid,
