@@ -277,6 +277,12 @@ class Engine:
         if worker is not None:
             worker.stop(timeout)
 
+    @property
+    def worker_running(self) -> bool:
+        """Whether this engine's in-process worker (``start_worker``) is running."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
     def run_worker(self, burst: bool = True) -> int:
         """Work in the foreground; with ``burst`` return when nothing is due any more.
 
@@ -438,6 +444,18 @@ class WorkflowInstance:
 
     def __hash__(self) -> int:
         return hash((self.engine.prefix, self.id))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """Notebook display: a status card (stable text, HTML, live widget in a kernel)."""
+        from nbflow.notebook.display import instance_mimebundle
+
+        return instance_mimebundle(self, include=include, exclude=exclude)
+
+    def _repr_html_(self) -> str:
+        """The static HTML status card (for tools that only ask for HTML)."""
+        from nbflow.notebook.display import instance_html
+
+        return instance_html(self)
 
     def status(self) -> dict[str, Any]:
         """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""

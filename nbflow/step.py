@@ -71,22 +71,21 @@ class FatalRunError(BaseException):
         self.error = {"name": name, "message": message}
 
 
-def error_dict(exc: BaseException) -> dict[str, str]:
-    """The stored form of an error: class name, message, and where the class lives."""
+def error_dict(exc: BaseException) -> dict[str, Any]:
+    """The stored form of an error: class name, message, where the class lives, and its
+    constructor arguments when they are storable (so it can be raised again as it was)."""
     cls = type(exc)
-    return {"name": cls.__name__, "message": str(exc), "module": cls.__module__}
+    err: dict[str, Any] = {"name": cls.__name__, "message": str(exc), "module": cls.__module__}
+    try:
+        codec.encode(list(exc.args))
+        err["args"] = list(exc.args)
+    except TypeError:
+        pass
+    return err
 
 
-def rebuild_error(err: Mapping[str, Any]) -> BaseException:
-    """The exception a stored error replays as: the same type and message.
-
-    The class is found again by module and name; when that fails (a class defined
-    in a notebook that has since restarted) a same-named ``WorkflowError`` subclass
-    stands in, so ``except`` by name in logs still reads right.
-    """
+def _error_class(err: Mapping[str, Any]) -> Any:
     name = str(err.get("name", "WorkflowError"))
-    message = str(err.get("message", ""))
-    cls: Any = None
     module = err.get("module")
     if module:
         mod = sys.modules.get(str(module))
@@ -96,12 +95,35 @@ def rebuild_error(err: Mapping[str, Any]) -> BaseException:
             except Exception:
                 mod = None
         cls = getattr(mod, name, None) if mod is not None else None
-    if cls is None:
-        cls = getattr(errors, name, None) or getattr(builtins, name, None)
+        if cls is not None:
+            return cls
+    return getattr(errors, name, None) or getattr(builtins, name, None)
+
+
+def rebuild_error(err: Mapping[str, Any]) -> BaseException:
+    """The exception a stored error replays as: the same type and message.
+
+    The class is found again by module and name and rebuilt from its stored
+    arguments (``KeyError('k')`` stays ``'k'``, a class taking several arguments
+    keeps them); when the class cannot be found (a notebook class after a kernel
+    restart) a same-named ``WorkflowError`` subclass stands in.
+    """
+    name = str(err.get("name", "WorkflowError"))
+    message = str(err.get("message", ""))
+    args = err.get("args")
+    args = tuple(args) if isinstance(args, list) else (message,)
+    cls = _error_class(err)
     if isinstance(cls, type) and issubclass(cls, BaseException):
+        for build in (lambda: cls(*args), lambda: cls(message)):
+            try:
+                rebuilt: BaseException = build()
+                return rebuilt
+            except Exception:
+                pass
         try:
-            rebuilt: BaseException = cls(message)
-            return rebuilt
+            bare: BaseException = cls.__new__(cls)
+            bare.args = args
+            return bare
         except Exception:
             pass
     stand_in: type[BaseException] = type(name, (errors.WorkflowError,), {})
@@ -179,8 +201,6 @@ class _StepBase:
         callback: Any,
         config: Mapping[str, Any] | None,
     ) -> tuple[str | None, Mapping[str, Any] | None, Callable[..., Any] | None]:
-        if callable(name) and config_or_callback is None and callback is None:
-            return name.__name__, config, name  # bare @step.do
         if callable(config_or_callback):
             if callback is not None:
                 raise TypeError("step.do(name, callback) takes one callback, not two")
@@ -514,6 +534,8 @@ class WorkflowStep(_StepBase):
         or async and may take one argument, a ``StepContext``.  Retries, backoff
         and the per-attempt timeout follow ``config`` merged over the defaults.
         """
+        if callable(name) and config_or_callback is None and callback is None:
+            return self._decorator(None, config)(name)  # bare @step.do
         name, config, callback = self._parse_do(name, config_or_callback, callback, config)
         if callback is None:
             return self._decorator(name, config)
@@ -646,6 +668,8 @@ class SyncWorkflowStep(_StepBase):
         config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step (see ``WorkflowStep.do``); returns its value."""
+        if callable(name) and config_or_callback is None and callback is None:
+            return self._decorator(None, config)(name)  # bare @step.do
         name, config, callback = self._parse_do(name, config_or_callback, callback, config)
         if callback is None:
             return self._decorator(name, config)

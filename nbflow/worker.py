@@ -79,8 +79,11 @@ class NbflowWorker(SimpleWorker):
     ) -> Any:
         if timeout is None or max_idle_time is not None:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        # Block in short slices so a stop request is seen quickly (RQ's own loop only
+        # looks at it between jobs); an in-process worker must stop within a moment.
+        step: Any = 0.2 if self.in_thread else 1
         while not (self._stop_requested or self.stopping.is_set()):
-            result = super().dequeue_job_and_maintain_ttl(timeout, 1)
+            result = super().dequeue_job_and_maintain_ttl(step, step)
             if result is not None:
                 return result
         return None

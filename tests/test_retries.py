@@ -201,11 +201,6 @@ class CaughtBuiltinThenEvent(WorkflowEntrypoint):
         return {"caught": caught, "live": live}
 
 
-@pytest.mark.xfail(
-    reason="BUG: a replayed KeyError comes back as KeyError(str(exc)), so its message "
-    "gains a second layer of quotes (\"'missing'\" instead of \"'missing'\")",
-    strict=True,
-)
 def test_a_replayed_key_error_keeps_its_message(worker_engine):
     inst = worker_engine.register(CaughtBuiltinThenEvent).create()
     wait_status(inst, "waiting")
@@ -213,6 +208,38 @@ def test_a_replayed_key_error_keeps_its_message(worker_engine):
     out = inst.wait(timeout=10)
     assert out["status"] == "complete", out
     assert out["output"]["caught"] == ["KeyError", out["output"]["live"]]
+    assert attempt_log(inst) == [1]
+
+
+class HttpError(Exception):
+    """A user exception whose constructor takes more than a message."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+
+
+class CaughtHttpErrorThenEvent(WorkflowEntrypoint):
+    async def run(self, event, step):
+        def call():
+            ATTEMPTS[event.instance_id].append(1)
+            raise HttpError(503, "unavailable")
+
+        try:
+            await step.do("call", {"retries": {"limit": 0}}, call)
+        except HttpError as exc:
+            caught = [type(exc).__name__, str(exc)]
+        await step.wait_for_event("go", "go")
+        return caught
+
+
+def test_a_replayed_error_keeps_its_type_when_its_class_takes_several_arguments(worker_engine):
+    inst = worker_engine.register(CaughtHttpErrorThenEvent).create()
+    wait_status(inst, "waiting")
+    inst.send_event("go")
+    assert inst.wait(timeout=10) == {
+        "status": "complete", "output": ["HttpError", "HTTP 503: unavailable"],
+    }
     assert attempt_log(inst) == [1]
 
 
@@ -263,7 +290,7 @@ def test_wait_before_each_retry_follows_the_backoff(worker_engine, cls, backoff,
     assert inst.wait(timeout=10) == {"status": "complete", "output": 4}
     times = TIMES[inst.id]
     assert len(times) == 4
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     for n, (gap, wait) in enumerate(zip(gaps, waits, strict=True), start=1):
         assert gap >= wait - 0.001, f"retry {n}: waited {gap:.3f}s, spec says {wait}s"
 
@@ -305,14 +332,12 @@ class SlowSyncInSyncRun(WorkflowEntrypoint):
     "cls", [SlowAsync, SlowSync, SlowSyncInSyncRun], ids=["async-cb", "sync-cb", "sync-run"]
 )
 def test_an_attempt_running_over_its_timeout_fails_with_step_timeout_error(worker_engine, cls):
-    started = time.monotonic()
     inst = worker_engine.register(cls).create()
-    out = inst.wait(timeout=4)
+    out = inst.wait(timeout=4)  # well before the 5 s callback would return
     assert out["status"] == "errored", out
     assert out["error"]["name"] == "StepTimeoutError"
     assert "slow" in out["error"]["message"]
     assert attempt_log(inst) == [1]
-    assert time.monotonic() - started < 4.5  # did not wait for the 5 s callback
     assert inst.steps().iloc[0]["status"] == "errored"
 
 

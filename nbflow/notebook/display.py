@@ -1,0 +1,401 @@
+"""Rich display of workflow instances and status dicts in Jupyter.
+
+A ``WorkflowInstance`` shows as a small status card: id, workflow, a coloured
+status, the current step, how many steps are done, and the error or a summary
+of the output.  One output carries several forms (the dask.distributed /
+tqdm.notebook pattern):
+
+* ``text/plain`` -- stable, so nbval can compare stored outputs: no memory
+  addresses, widget model ids, generated uuids or clock times, e.g.
+  ``WorkflowInstance(id='order-42', workflow='Checkout', status='complete')``;
+* ``text/html`` -- the static card, which GitHub and nbviewer render;
+* in a live kernel, while the instance is not finished, a widget view of the
+  same card that a background thread refreshes from Redis until the instance
+  reaches a final status or the widget is closed.  Front ends that can render
+  widgets show the live card, everything else falls back to the static forms.
+
+Everything is read through the public instance API (``status()``,
+``steps()``).  The refresh thread never prints (output of a background thread
+lands in whatever cell runs at that moment); it logs to ``logging.getLogger("nbflow")``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from nbflow.engine import WorkflowInstance
+
+__all__ = [
+    "FINAL_STATUSES",
+    "STATUS_COLOURS",
+    "InstanceSummary",
+    "StatusDict",
+    "instance_html",
+    "instance_mimebundle",
+    "instance_text",
+    "instance_widget",
+    "live_card_count",
+    "status_badge",
+    "status_html",
+    "stop_live_cards",
+    "summarize",
+    "value_html",
+    "value_summary",
+    "widgets_available",
+]
+
+log = logging.getLogger("nbflow")
+
+#: Statuses after which nothing changes any more (no refresh needed).
+FINAL_STATUSES = ("complete", "errored", "terminated")
+
+#: Badge colours per status (``unknown``: deleted or never existed).
+STATUS_COLOURS: dict[str, str] = {
+    "queued": "#6c757d",
+    "running": "#0d6efd",
+    "waiting": "#6f42c1",
+    "waitingForPause": "#fd7e14",
+    "paused": "#e0a800",
+    "complete": "#198754",
+    "errored": "#dc3545",
+    "terminated": "#343a40",
+    "unknown": "#adb5bd",
+    "unavailable": "#adb5bd",
+}
+
+WIDGET_MIMETYPE = "application/vnd.jupyter.widget-view+json"
+
+# An id nobody chose: engine-generated ids are uuid4 hex.  The stable text form
+# hides them so a notebook re-run compares equal under nbval.
+_GENERATED_ID = re.compile(r"[0-9a-f]{32}")
+
+_MAX_SUMMARY = 120
+
+
+def widgets_available() -> bool:
+    """Whether a live widget view can render: we run inside a Jupyter kernel.
+
+    A terminal IPython or a bare ``InteractiveShell`` has no kernel, so a widget
+    would only add a model nobody sees (and a refresh thread nobody needs).
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# -- values ------------------------------------------------------------------------
+
+
+def value_summary(value: Any, width: int = _MAX_SUMMARY) -> str:
+    """One short line describing a step result or workflow output.
+
+    DataFrames and Series are described by shape (their contents can be huge);
+    other values by a ``repr`` cut to ``width`` characters.
+    """
+    if isinstance(value, pd.DataFrame):
+        rows, cols = value.shape
+        return f"DataFrame: {rows} rows × {cols} columns"
+    if isinstance(value, pd.Series):
+        return f"Series: {len(value)} values"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    text = " ".join(repr(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def value_html(value: Any, max_rows: int = 20, max_cols: int = 20) -> str:
+    """A stored result as HTML: a DataFrame or Series as a table, anything else as text."""
+    if isinstance(value, pd.DataFrame):
+        return value.to_html(max_rows=max_rows, max_cols=max_cols, border=0)
+    if isinstance(value, pd.Series):
+        return value.to_frame().to_html(max_rows=max_rows, border=0)
+    if isinstance(value, (bytes, bytearray)):
+        return f"<code>{len(value)} bytes</code>"
+    text = value.isoformat() if isinstance(value, datetime) else repr(value)
+    if len(text) > 5000:
+        text = text[:4999] + "…"
+    return f'<pre style="margin:0;white-space:pre-wrap">{html.escape(text)}</pre>'
+
+
+def status_badge(status: str) -> str:
+    """The status as a small coloured label (HTML)."""
+    colour = STATUS_COLOURS.get(status, "#adb5bd")
+    return (
+        f'<span style="background:{colour};color:white;border-radius:3px;'
+        f'padding:0 6px;font-family:monospace">{html.escape(status)}</span>'
+    )
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, Mapping):
+        return f"{error.get('name', 'Error')}: {error.get('message', '')}"
+    return str(error)
+
+
+def status_html(status: Mapping[str, Any]) -> str:
+    """A ``status()`` dict as a small HTML table (status badge, output or error)."""
+    rows = [("status", status_badge(str(status.get("status", "unknown"))))]
+    if "output" in status:
+        rows.append(("output", value_html(status["output"])))
+    if status.get("error") is not None:
+        rows.append(("error", html.escape(_error_text(status["error"]))))
+    for key, value in status.items():
+        if key not in ("status", "output", "error"):
+            rows.append((html.escape(str(key)), html.escape(value_summary(value))))
+    body = "".join(
+        f'<tr><th style="text-align:left;padding-right:1em">{k}</th>'
+        f'<td style="text-align:left">{v}</td></tr>'
+        for k, v in rows
+    )
+    return f'<table class="nbflow-status">{body}</table>'
+
+
+class StatusDict(dict[str, Any]):
+    """A ``status()`` result that a notebook shows as a small table.
+
+    It *is* the dict (equal to it, same keys), so code that compares or indexes
+    it does not notice; only its notebook display differs.
+    """
+
+    def _repr_html_(self) -> str:
+        return status_html(self)
+
+
+# -- instances ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    """What a status card shows, read once from Redis through the public API."""
+
+    id: str
+    workflow: str
+    status: str
+    current_step: str | None = None
+    steps_done: int = 0
+    error: str | None = None
+    output: str | None = None
+
+    @property
+    def final(self) -> bool:
+        """Whether nothing can change any more (no reason to refresh)."""
+        return self.status in FINAL_STATUSES or self.status in ("unknown", "unavailable")
+
+
+def _step_key(name: str, count: Any) -> str:
+    """The form ``step_output`` and ``restart(from_step=)`` take: ``name`` or ``name#n``."""
+    try:
+        n = int(count)
+    except (TypeError, ValueError):
+        n = 1
+    return name if n <= 1 else f"{name}#{n}"
+
+
+def summarize(inst: WorkflowInstance) -> InstanceSummary:
+    """Read an instance's card data: ``status()`` plus its ``steps()`` table.
+
+    A failure to read (Redis gone, say) gives status ``unavailable`` and is
+    logged, because a display must never raise into the notebook.
+    """
+    try:
+        status = inst.status()
+        state = str(status.get("status", "unknown"))
+        steps = inst.steps() if state != "unknown" else None
+    except Exception as exc:  # display must not raise; the reason goes to the log
+        log.warning("nbflow: could not read instance %s for display: %s", inst.id, exc)
+        return InstanceSummary(inst.id, inst.workflow, "unavailable", error=str(exc))
+    done, current = 0, None
+    if steps is not None and len(steps):
+        done = int((steps["status"] == "complete").sum())
+        if state not in FINAL_STATUSES:
+            open_steps = steps[~steps["status"].isin(["complete", "errored"])]
+            if len(open_steps):
+                last = open_steps.iloc[-1]
+                current = _step_key(str(last["step"]), last["count"])
+    error = _error_text(status["error"]) if status.get("error") is not None else None
+    output = value_summary(status["output"]) if "output" in status else None
+    return InstanceSummary(inst.id, inst.workflow, state, current, done, error, output)
+
+
+def _stable_id(instance_id: str) -> str:
+    return "<generated>" if _GENERATED_ID.fullmatch(instance_id) else repr(instance_id)
+
+
+def instance_text(inst: WorkflowInstance, summary: InstanceSummary | None = None) -> str:
+    """The stable plain-text form, e.g. ``WorkflowInstance(id='g1', workflow='Greet', status='complete')``.
+
+    Generated (uuid4 hex) ids show as ``<generated>``: they differ on every run.
+    """
+    s = summary or summarize(inst)
+    return f"WorkflowInstance(id={_stable_id(s.id)}, workflow={s.workflow!r}, status={s.status!r})"
+
+
+def instance_html(inst: WorkflowInstance, summary: InstanceSummary | None = None) -> str:
+    """The status card as static HTML (no clock times, so stored outputs stay comparable)."""
+    s = summary or summarize(inst)
+    rows = [
+        ("instance", f"<code>{html.escape(s.id)}</code>"),
+        ("workflow", html.escape(s.workflow)),
+        ("status", status_badge(s.status)),
+        ("current step", html.escape(s.current_step) if s.current_step else "–"),
+        ("steps done", str(s.steps_done)),
+    ]
+    if s.error is not None:
+        rows.append(("error", f'<span style="color:#dc3545">{html.escape(s.error)}</span>'))
+    if s.output is not None:
+        rows.append(("output", f"<code>{html.escape(s.output)}</code>"))
+    body = "".join(
+        f'<tr><th style="text-align:left;padding-right:1em">{k}</th>'
+        f'<td style="text-align:left">{v}</td></tr>'
+        for k, v in rows
+    )
+    return (
+        '<div class="nbflow-instance" style="display:inline-block;border:1px solid #ccc;'
+        f'border-radius:4px;padding:4px 8px"><table>{body}</table></div>'
+    )
+
+
+def instance_mimebundle(
+    inst: WorkflowInstance, include: Any = None, exclude: Any = None
+) -> dict[str, Any]:
+    """``WorkflowInstance._repr_mimebundle_``: stable text, static card, live widget if useful.
+
+    The widget view is only added inside a Jupyter kernel and only while the
+    instance can still change; a finished instance gets the static forms alone.
+    (IPython filters the bundle by ``include``/``exclude`` itself; ``exclude`` is
+    honoured here only to avoid building a widget nobody wants.)
+    """
+    summary = summarize(inst)
+    bundle: dict[str, Any] = {
+        "text/plain": instance_text(inst, summary),
+        "text/html": instance_html(inst, summary),
+    }
+    wants_widget = not exclude or WIDGET_MIMETYPE not in exclude
+    if wants_widget and not summary.final and widgets_available():
+        try:
+            widget = instance_widget(inst, summary=summary)
+            view = widget._repr_mimebundle_() or {}
+            if WIDGET_MIMETYPE in view:
+                bundle[WIDGET_MIMETYPE] = view[WIDGET_MIMETYPE]
+        except Exception as exc:  # no widget then; the static card still shows
+            log.warning("nbflow: no live card for instance %s: %s", inst.id, exc)
+    return bundle
+
+
+# -- live cards --------------------------------------------------------------------
+
+
+class _LiveCards:
+    """One daemon thread refreshing every displayed live card (not one thread per card).
+
+    A card leaves the set when its instance is final or its widget was closed;
+    the thread ends when the set is empty and starts again with the next card.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cards: dict[int, tuple[Any, WorkflowInstance]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # belongs to the current thread; a new one per thread
+        self._interval = 1.0
+
+    def add(self, widget: Any, inst: WorkflowInstance, interval: float) -> None:
+        with self._lock:
+            self._cards[id(widget)] = (widget, inst)
+            if self._thread is None:
+                self._interval = interval
+                self._stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._stop,), name="nbflow-live-cards", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._interval = min(self._interval, interval)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._cards)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._cards.clear()
+            self._stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self._interval):
+            with self._lock:
+                cards = list(self._cards.items())
+                if stop.is_set():
+                    return
+                if not cards:
+                    self._thread = None
+                    return
+            done = [key for key, (widget, inst) in cards if not self._refresh(widget, inst)]
+            with self._lock:
+                for key in done:
+                    self._cards.pop(key, None)
+
+    @staticmethod
+    def _refresh(widget: Any, inst: WorkflowInstance) -> bool:
+        """Update one card; False once it needs no more refreshing."""
+        if getattr(widget, "comm", None) is None:  # closed
+            return False
+        try:
+            summary = summarize(inst)
+            value = instance_html(inst, summary)
+            if widget.value != value:
+                widget.value = value
+            return not summary.final
+        except Exception:  # one broken card must not stop the others, nor print
+            log.exception("nbflow: live card of instance %s stopped", inst.id)
+            return False
+
+
+_LIVE = _LiveCards()
+
+
+def instance_widget(
+    inst: WorkflowInstance,
+    refresh_interval: float = 1.0,
+    summary: InstanceSummary | None = None,
+) -> Any:
+    """An ``ipywidgets.HTML`` status card kept current from Redis until the instance is final.
+
+    Close the widget (``widget.close()``) to stop refreshing it earlier.
+    """
+    import ipywidgets
+
+    s = summary or summarize(inst)
+    widget = ipywidgets.HTML(value=instance_html(inst, s))
+    if not s.final:
+        _LIVE.add(widget, inst, max(0.05, float(refresh_interval)))
+    return widget
+
+
+def live_card_count() -> int:
+    """How many live cards are being refreshed right now."""
+    return _LIVE.count()
+
+
+def stop_live_cards(timeout: float = 5.0) -> None:
+    """Stop refreshing every live card (they keep showing their last state)."""
+    _LIVE.stop(timeout)
+
