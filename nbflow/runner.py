@@ -81,6 +81,15 @@ def _now() -> tuple[float, str]:
     return t, datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
+def _task_key() -> int | None:
+    """Which parallel branch is calling: its asyncio task, or None outside a loop."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None
+    return None if task is None else id(task)
+
+
 def _loop() -> asyncio.AbstractEventLoop:
     """One event loop per worker thread, reused by every async run on it."""
     loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
@@ -141,6 +150,7 @@ class Run:
         self.wake_at: float | None = None
         self.wait_types: set[str] = set()
         self._index_lock = threading.Lock()
+        self._halted: set[int | None] = set()
 
     # -- used by the step protocol ----------------------------------------------
 
@@ -151,11 +161,24 @@ class Run:
             return n
 
     def halt(self, reason: str) -> Suspend:
-        """Stops the run for ``reason``; the strongest reason among parallel steps wins."""
+        """Stops the run for ``reason``; the strongest reason among parallel steps wins.
+
+        Only the task (parallel branch) that is stopped remembers it: other branches
+        of an ``asyncio.gather`` go on until they too finish or must wait, and the
+        run is parked once all have unwound.
+        """
         self.suspending = True
+        self._halted.add(_task_key())
         if _REASON_RANK.get(reason, 9) > _REASON_RANK.get(self.reason, 0):
             self.reason = reason
         return Suspend(reason)
+
+    def _stop_if_halted(self) -> None:
+        """A branch that was told to stop (and swallowed it) starts nothing more."""
+        if self._halted and _task_key() in self._halted:
+            raise self.halt(self.reason or "wait")
+        if self.stopping is not None and self.stopping.is_set():
+            raise self.halt("stopping")
 
     def _check(self, result: bytes) -> None:
         if result != b"ok":
@@ -167,10 +190,7 @@ class Run:
 
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Records a step attempt's start; stops the run first if it must stop."""
-        if self.suspending:
-            raise self.halt("wait")
-        if self.stopping is not None and self.stopping.is_set():
-            raise self.halt("stopping")
+        self._stop_if_halted()
         args = self._args()
         lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
@@ -192,8 +212,7 @@ class Run:
         self, key: str, name: str, event_type: str, index: int, t0: float
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
-        if self.suspending:
-            raise self.halt("wait")
+        self._stop_if_halted()
         res = self.engine._scripts.take_event(
             args=[*self._args(), key, event_type, str(index), f"{t0:.6f}"]
         )

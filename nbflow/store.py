@@ -268,6 +268,9 @@ for t in string.gmatch(types, '[^,]+') do
   end
 end
 set_status(id, 'waiting', now_iso)
+if ARGV[9] then
+  redis.call('HSET', k_meta(id), 'currentStep', string.match(ARGV[9], '^(.*)#%d+$') or ARGV[9])
+end
 if types ~= '' then redis.call('HSET', st, 'waitType', types) end
 if wake_at ~= '' then redis.call('ZADD', P .. ':timers', wake_at, id) end
 hist(id, now, 'waiting', ARGV[8])

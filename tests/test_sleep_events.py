@@ -230,6 +230,21 @@ class LongAndShortWait(WorkflowEntrypoint):
         return {"long": type(long_).__name__, "short": type(short).__name__}
 
 
+class WaitBesideStep(WorkflowEntrypoint):
+    async def run(self, event, step):
+        got, work = await asyncio.gather(
+            step.wait_for_event("wait", "go", timeout="1 hour"),
+            step.do("work", lambda: bump("work")),
+        )
+        return [got["payload"], work]
+
+
+class TwoSleeps(WorkflowEntrypoint):
+    async def run(self, event, step):
+        await asyncio.gather(step.sleep("short", 0.3), step.sleep("long", 0.6))
+        return "rested"
+
+
 class SyncSleepAndEvent(WorkflowEntrypoint):
     def run(self, event, step):
         step.sleep("nap", "0.3 seconds")
@@ -356,7 +371,7 @@ def test_sleep_timer_lives_in_redis_so_a_fresh_engine_finishes_it(
     engine: Engine, redis_url: str
 ) -> None:
     engine.register(Nap)
-    nap = engine.workflow("Nap").create(params={"seconds": 0.5})
+    nap = engine.workflow("Nap").create(params={"seconds": 2})
     engine.run_worker(burst=True)  # runs until the sleep, then nothing is due
     assert nap.status() == {"status": "waiting"}
 
@@ -563,19 +578,17 @@ def test_parallel_waits_for_two_event_types_complete_after_both_arrive(
     assert inst.wait(timeout=5) == {"status": "complete", "output": ["payload a", "payload b"]}
 
 
-@pytest.mark.xfail(
-    reason="BUG: a wait_for_event started beside another wait in asyncio.gather records no "
-    "wait (take_event halts early), so its timeout timer is never set",
-    strict=True,
-)
 def test_parallel_event_wait_with_the_shorter_timeout_times_out_on_time(
     worker_engine: Engine,
 ) -> None:
     inst = worker_engine.register(LongAndShortWait).create()
     wait_for_status(inst, "waiting")
     # "short" times out after 0.5 s; then the run goes on to wait for "long".
-    poll(lambda: step_row_status(inst, "short") == "errored", timeout=4,
-         what="the 0.5 s event wait to time out")
+    poll(
+        lambda: step_row_status(inst, "short") == "errored",
+        timeout=4,
+        what="the 0.5 s event wait to time out",
+    )
     inst.send_event("long", 1)
     assert inst.wait(timeout=5) == {
         "status": "complete",
@@ -601,3 +614,28 @@ def test_event_sent_while_paused_is_kept_and_consumed_after_resume(
     assert inst.status() == {"status": "paused"}
     inst.resume()
     assert inst.wait(timeout=5) == {"status": "complete", "output": "while paused"}
+
+
+def test_step_gathered_beside_an_event_wait_runs_while_the_instance_waits(
+    worker_engine: Engine,
+) -> None:
+    inst = worker_engine.register(WaitBesideStep).create()
+    wait_for_status(inst, "waiting")
+    try:
+        poll(lambda: CALLS["work"] == 1, timeout=2, what="the parallel step to run")
+    finally:
+        inst.send_event("go", "went")
+    assert inst.wait(timeout=5) == {"status": "complete", "output": ["went", 1]}
+    assert CALLS["work"] == 1
+
+
+def test_two_parallel_sleeps_end_after_the_longer_one(worker_engine: Engine) -> None:
+    inst = worker_engine.register(TwoSleeps).create()
+    wait_for_status(inst, "waiting")
+    assert inst.wait(timeout=10) == {"status": "complete", "output": "rested"}
+    short, long_ = step_row(inst, "short"), step_row(inst, "long")
+    assert short["kind"] == long_["kind"] == "sleep"
+    assert (short["finished_at"] - short["started_at"]).total_seconds() >= 0.3 - 0.01
+    assert (long_["finished_at"] - long_["started_at"]).total_seconds() >= 0.6 - 0.01
+    # Both sleeps ran side by side: the long one started before the short one ended.
+    assert long_["started_at"] <= short["finished_at"]
