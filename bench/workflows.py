@@ -4,32 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbflow import WorkflowEntrypoint
+from nbflow import WorkflowEntrypoint, WorkflowEvent, WorkflowStep
+
+P = dict[str, Any]
 
 
-class ThreeSteps(WorkflowEntrypoint):
+class ThreeSteps(WorkflowEntrypoint[Any, P]):
     """Three trivial steps: the unit of the latency and throughput benchmarks."""
 
-    async def run(self, event: Any, step: Any) -> int:
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
         a = await step.do("one", lambda: 1)
         b = await step.do("two", lambda: a + 1)
         return await step.do("three", lambda: b + 1)
 
 
-class ManySteps(WorkflowEntrypoint):
+class ManySteps(WorkflowEntrypoint[Any, P]):
     """``payload["n"]`` trivial steps in a row: per-step overhead."""
 
-    async def run(self, event: Any, step: Any) -> int:
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
         total = 0
         for i in range(event.payload["n"]):
             total += await step.do("s", lambda i=i: i)
         return total
 
 
-class ManyStepsThenWait(WorkflowEntrypoint):
+class ManyStepsThenWait(WorkflowEntrypoint[Any, P]):
     """``payload["n"]`` steps, then an event wait: replay cost once the event arrives."""
 
-    async def run(self, event: Any, step: Any) -> int:
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
         total = 0
         for i in range(event.payload["n"]):
             total += await step.do("s", lambda i=i: i)

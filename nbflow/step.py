@@ -114,9 +114,9 @@ def rebuild_error(err: Mapping[str, Any]) -> BaseException:
     args = tuple(args) if isinstance(args, list) else (message,)
     cls = _error_class(err)
     if isinstance(cls, type) and issubclass(cls, BaseException):
-        for build in (lambda: cls(*args), lambda: cls(message)):
+        for attempt_args in (args, (message,)):
             try:
-                rebuilt: BaseException = build()
+                rebuilt: BaseException = cls(*attempt_args)
                 return rebuilt
             except Exception:
                 pass
