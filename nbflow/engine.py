@@ -312,12 +312,13 @@ class Engine:
         self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
     ) -> str:
         now, now_iso = _now()
-        pipe = self.redis.pipeline()
-        pipe.multi()  # RQ's enqueue expects an explicit MULTI when given a pipeline
-        getattr(self._scripts, script)(args=[self.prefix, iid, now, now_iso, *extra], client=pipe)
-        if enqueue:
+
+        def job(pipe: Any) -> None:
             self._enqueue([iid], at_front=True, pipe=pipe)
-        res = pipe.execute()[0]
+
+        res = self._scripts.execute(
+            [(script, [self.prefix, iid, now, now_iso, *extra])], job if enqueue else None
+        )[0]
         tag, value = _s(res[0]), _s(res[1])
         if tag == "ok":
             return value
@@ -358,11 +359,10 @@ class Workflow(Generic[W]):
         args = [engine.prefix, now, now_iso, self.name, retention]
         for iid, payload in pairs:
             args += [iid, payload]
-        pipe = engine.redis.pipeline()
-        pipe.multi()  # RQ's enqueue expects an explicit MULTI when given a pipeline
-        engine._scripts.create(args=args, client=pipe)
-        engine._enqueue([iid for iid, _ in pairs], pipe=pipe)
-        flags = pipe.execute()[0]
+        ids = [iid for iid, _ in pairs]
+        flags = engine._scripts.execute(
+            [("create", args)], lambda pipe: engine._enqueue(ids, pipe=pipe)
+        )[0]
         return [bool(f) for f in flags]
 
     def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
