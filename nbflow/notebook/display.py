@@ -88,15 +88,17 @@ def widgets_available() -> bool:
     A terminal IPython or a bare ``InteractiveShell`` has no kernel, so a widget
     would only add a model nobody sees (and a refresh thread nobody needs).
     """
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        return False
-    shell = get_ipython()
+    from IPython.core.getipython import get_ipython
+
+    shell: Any = get_ipython()  # type: ignore[no-untyped-call]
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 # -- values ------------------------------------------------------------------------
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def value_summary(value: Any, width: int = _MAX_SUMMARY) -> str:
@@ -107,9 +109,9 @@ def value_summary(value: Any, width: int = _MAX_SUMMARY) -> str:
     """
     if isinstance(value, pd.DataFrame):
         rows, cols = value.shape
-        return f"DataFrame: {rows} rows × {cols} columns"
+        return f"DataFrame: {_plural(rows, 'row')} × {_plural(cols, 'column')}"
     if isinstance(value, pd.Series):
-        return f"Series: {len(value)} values"
+        return f"Series: {_plural(len(value), 'value')}"
     if isinstance(value, (bytes, bytearray)):
         return f"{len(value)} bytes"
     if isinstance(value, datetime):
@@ -237,8 +239,9 @@ def _stable_id(instance_id: str) -> str:
 
 
 def instance_text(inst: WorkflowInstance, summary: InstanceSummary | None = None) -> str:
-    """The stable plain-text form, e.g. ``WorkflowInstance(id='g1', workflow='Greet', status='complete')``.
+    """The stable plain-text form of an instance, safe to store in a notebook.
 
+    E.g. ``WorkflowInstance(id='g1', workflow='Greet', status='complete')``.
     Generated (uuid4 hex) ids show as ``<generated>``: they differ on every run.
     """
     s = summary or summarize(inst)
@@ -381,7 +384,7 @@ def instance_widget(
 
     Close the widget (``widget.close()``) to stop refreshing it earlier.
     """
-    import ipywidgets
+    import ipywidgets  # type: ignore[import-untyped]  # ships no type hints
 
     s = summary or summarize(inst)
     widget = ipywidgets.HTML(value=instance_html(inst, s))
@@ -398,4 +401,3 @@ def live_card_count() -> int:
 def stop_live_cards(timeout: float = 5.0) -> None:
     """Stop refreshing every live card (they keep showing their last state)."""
     _LIVE.stop(timeout)
-

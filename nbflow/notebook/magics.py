@@ -275,7 +275,7 @@ class WorkflowMagics(Magics):
     """The ``%wf`` magic.  Holds the dashboard it opened last (closed when a new one opens)."""
 
     def __init__(self, shell: InteractiveShell | None = None, **kwargs: Any) -> None:
-        super().__init__(shell, **kwargs)
+        super().__init__(shell, **kwargs)  # type: ignore[no-untyped-call]
         self._parsers = _parsers()
         self._dashboard: Dashboard | None = None
         self._commands: dict[str, Callable[[argparse.Namespace], Any]] = {
@@ -295,8 +295,8 @@ class WorkflowMagics(Magics):
             "help": lambda _args: _Help(),
         }
 
-    @no_var_expand
-    @line_magic
+    @no_var_expand  # type: ignore[untyped-decorator]
+    @line_magic  # type: ignore[untyped-decorator]
     def wf(self, line: str = "") -> Any:
         """Durable workflows from a notebook.
 
@@ -315,7 +315,8 @@ class WorkflowMagics(Magics):
         try:
             tokens = split_line(line)
         except ValueError as exc:
-            raise _fail(None, str(exc)) from None
+            words = line.split()
+            raise _fail(words[0] if words else None, str(exc)) from None
         if not tokens:
             raise _fail(None, "%wf needs a subcommand")
         command, rest = tokens[0], tokens[1:]
@@ -442,8 +443,22 @@ class WorkflowMagics(Magics):
 
     def _output(self, args: argparse.Namespace) -> Any:
         inst = self._instance("output", args.id)
-        with _as_usage("output"):
-            return inst.step_output(" ".join(args.step))
+        step = " ".join(args.step)
+        try:
+            return inst.step_output(step)
+        except LookupError as exc:
+            problem = str(exc)
+            if "has no step" in problem:
+                with _as_usage("output"):
+                    steps = inst.steps()
+                names = [
+                    n if c <= 1 else f"{n}#{c}"
+                    for n, c in zip(steps["step"], steps["count"], strict=True)
+                ]
+                problem += f" (its steps: {', '.join(names) or 'none yet'})"
+            raise _fail("output", problem) from None
+        except (WorkflowError, ValueError, TypeError) as exc:
+            raise _fail("output", str(exc)) from None
 
     def _wait(self, args: argparse.Namespace) -> StatusDict:
         inst = self._instance("wait", args.id)
@@ -473,5 +488,4 @@ class WorkflowMagics(Magics):
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """``%load_ext nbflow``: register ``%wf`` on this shell."""
-    ipython.register_magics(WorkflowMagics)
-
+    ipython.register_magics(WorkflowMagics)  # type: ignore[no-untyped-call]

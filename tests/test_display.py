@@ -1,0 +1,233 @@
+"""Rich display (SPEC 3.3, 6): status cards, status tables, and stable plain text.
+
+Outputs are produced the way a notebook produces them, through IPython's
+``DisplayFormatter``.  The plain-text forms must be byte-for-byte stable across
+runs (nbval compares stored outputs), so they are checked for anything that
+changes by itself: memory addresses, widget model ids, uuids and clock times.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+from IPython.core.formatters import DisplayFormatter
+
+from nbflow import Engine, NonRetryableError, WorkflowEntrypoint, WorkflowInstance
+from nbflow.notebook import display
+from nbflow.notebook.display import (
+    StatusDict,
+    instance_widget,
+    live_card_count,
+    status_html,
+    stop_live_cards,
+    value_summary,
+)
+from nbflow.widgets import Dashboard
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+UNSTABLE = [
+    re.compile(r"0x[0-9a-fA-F]{4,}"),  # memory addresses
+    re.compile(r"[0-9a-f]{32}"),  # uuid4 hex: generated ids, widget model ids
+    re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-"),  # dashed uuids
+    re.compile(r"\d{1,2}:\d{2}"),  # clock times
+    re.compile(r"\d{4}-\d{2}-\d{2}"),  # dates
+]
+
+
+class Checkout(WorkflowEntrypoint):
+    def run(self, event: Any, step: Any) -> Any:
+        step.do("fetch user", lambda: {"user": event.payload["user"]})
+        return step.do("bill", lambda: pd.DataFrame({"amount": [1.5, 2.5, 3.0]}))
+
+
+class Declined(WorkflowEntrypoint):
+    def run(self, event: Any, step: Any) -> Any:
+        def charge() -> None:
+            raise NonRetryableError("card declined")
+
+        return step.do("charge", charge)
+
+
+class Approval(WorkflowEntrypoint):
+    def run(self, event: Any, step: Any) -> Any:
+        step.do("prepare", lambda: 1)
+        return step.wait_for_event("approval", "go", timeout="1 hour")["payload"]
+
+
+@pytest.fixture
+def fmt() -> Callable[[Any], dict[str, Any]]:
+    formatter = DisplayFormatter()
+
+    def format(obj: Any) -> dict[str, Any]:
+        data, _ = formatter.format(obj)
+        return dict(data)
+
+    return format
+
+
+@pytest.fixture(autouse=True)
+def _no_live_cards_left() -> Iterator[None]:
+    yield
+    stop_live_cards()
+    assert live_card_count() == 0
+
+
+def assert_stable(text: str) -> None:
+    for pattern in UNSTABLE:
+        assert not pattern.search(text), f"{pattern.pattern!r} found in {text!r}"
+
+
+def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last {value!r})")
+        time.sleep(0.01)
+
+
+def test_instance_card_queued_then_complete(
+    engine: Engine, fmt: Callable[[Any], dict[str, Any]]
+) -> None:
+    inst = engine.register(Checkout).create(id="order-42", params={"user": 7})
+    data = fmt(inst)
+    assert set(data) == {"text/plain", "text/html"}  # no kernel here: no widget view
+    assert data["text/plain"] == (
+        "WorkflowInstance(id='order-42', workflow='Checkout', status='queued')"
+    )
+    assert "order-42" in data["text/html"] and "Checkout" in data["text/html"]
+    assert ">queued</span>" in data["text/html"]
+    assert fmt(inst) == data  # same state, same output
+
+    engine.run_worker()
+    data = fmt(inst)
+    assert data["text/plain"] == (
+        "WorkflowInstance(id='order-42', workflow='Checkout', status='complete')"
+    )
+    card = data["text/html"]
+    assert ">complete</span>" in card
+    assert "<th" in card and "steps done" in card and "<td" in card and ">2<" in card
+    assert "DataFrame: 3 rows × 1 column" in card
+    assert inst._repr_html_() == card
+    assert_stable(data["text/plain"])
+
+
+def test_errored_card_shows_the_error(engine: Engine, fmt: Callable[[Any], dict[str, Any]]) -> None:
+    inst = engine.register(Declined).create(id="d1")
+    engine.run_worker()
+    data = fmt(inst)
+    assert data["text/plain"] == "WorkflowInstance(id='d1', workflow='Declined', status='errored')"
+    assert ">errored</span>" in data["text/html"]
+    assert "NonRetryableError: card declined" in data["text/html"]
+
+
+def test_waiting_card_names_the_current_step(
+    engine: Engine, fmt: Callable[[Any], dict[str, Any]]
+) -> None:
+    inst = engine.register(Approval).create(id="a1")
+    engine.run_worker()
+    summary = display.summarize(inst)
+    assert (summary.status, summary.current_step, summary.steps_done) == ("waiting", "approval", 1)
+    assert ">approval<" in fmt(inst)["text/html"]
+
+
+def test_generated_ids_and_missing_instances_stay_stable(
+    engine: Engine, fmt: Callable[[Any], dict[str, Any]]
+) -> None:
+    inst = engine.register(Checkout).create(params={"user": 1})
+    text = fmt(inst)["text/plain"]
+    assert text == "WorkflowInstance(id=<generated>, workflow='Checkout', status='queued')"
+    assert inst.id in fmt(inst)["text/html"]  # people reading the card still see it
+
+    ghost = WorkflowInstance(engine, "ghost", "Checkout")
+    assert fmt(ghost)["text/plain"] == (
+        "WorkflowInstance(id='ghost', workflow='Checkout', status='unknown')"
+    )
+
+
+def test_status_dict_displays_as_a_table(fmt: Callable[[Any], dict[str, Any]]) -> None:
+    status = StatusDict({"status": "complete", "output": pd.DataFrame({"n": [1, 2]})})
+    assert isinstance(status, dict)
+    data = fmt(status)
+    assert "text/plain" in data
+    assert "nbflow-status" in data["text/html"] and ">complete</span>" in data["text/html"]
+    assert "<table" in data["text/html"].split("nbflow-status", 1)[1]  # the DataFrame, as a table
+    errored = status_html({"status": "errored", "error": {"name": "KeyError", "message": "'x'"}})
+    assert "KeyError: &#x27;x&#x27;" in errored
+
+
+def test_value_summary() -> None:
+    assert value_summary(pd.DataFrame({"a": [1], "b": [2]})) == "DataFrame: 1 row × 2 columns"
+    assert value_summary(pd.Series([1, 2])) == "Series: 2 values"
+    assert value_summary(b"abc") == "3 bytes"
+    assert value_summary({"k": "v"}) == "{'k': 'v'}"
+    assert value_summary("x" * 500, width=10) == "'" + "x" * 8 + "…"
+
+
+def test_dashboard_plain_text_is_stable(
+    engine: Engine,
+    fmt: Callable[[Any], dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine.register(Checkout).create(id="one", params={"user": 1})
+    dash = Dashboard(engine)
+    try:
+        data = fmt(dash)
+        expected = f"Dashboard(engine prefix {engine.prefix!r})"
+        assert data["text/plain"] == expected == repr(dash)
+        assert "one" in data["text/html"] and ">queued</span>" in data["text/html"]
+        assert_stable(data["text/plain"])
+        assert_stable(data["text/html"])  # the static table has no ages or times
+        engine.register(Checkout).create(id="two", params={"user": 2})
+        dash.refresh()
+        assert fmt(dash)["text/plain"] == expected  # counts changed, the text did not
+
+        monkeypatch.setattr("nbflow.notebook.widgets.widgets_available", lambda: True)
+        live = fmt(dash)
+        assert live[WIDGET]["model_id"] == dash.model_id
+        assert live["text/plain"] == expected
+        assert "text/html" in live
+        assert dash.running
+    finally:
+        dash.close()
+    assert not dash.running
+
+
+def test_live_card_in_a_kernel_refreshes_until_final(
+    engine: Engine,
+    fmt: Callable[[Any], dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(display, "widgets_available", lambda: True)
+    approval = engine.register(Approval)
+    inst = approval.create(id="live1")
+    engine.run_worker()
+
+    data = fmt(inst)
+    assert {"text/plain", "text/html", WIDGET} <= set(data)
+    assert (
+        data["text/plain"] == "WorkflowInstance(id='live1', workflow='Approval', status='waiting')"
+    )
+    assert_stable(data["text/plain"])
+
+    card = instance_widget(inst, refresh_interval=0.05)
+    assert ">waiting</span>" in card.value
+    closed = instance_widget(approval.create(id="live2"), refresh_interval=0.05)
+    closed.close()  # a closed card stops being refreshed
+    assert live_card_count() >= 2
+
+    inst.send_event("go", {"ok": True})
+    engine.run_worker()
+    poll(lambda: ">complete</span>" in card.value, what="the live card to show complete")
+    poll(lambda: live_card_count() == 0, what="every live card to stop")
+
+    done = fmt(inst)  # a finished instance needs no live view
+    assert set(done) == {"text/plain", "text/html"}
+    card.close()
