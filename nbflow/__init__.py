@@ -5,6 +5,7 @@ The public surface is what this module exports; everything else is internal.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from nbflow.definition import StepContext, WorkflowEntrypoint, WorkflowEvent
@@ -24,6 +25,11 @@ from nbflow.errors import (
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 
 __version__ = "0.1.0"
+
+# A library adds no handlers of its own; this one keeps logging's last-resort
+# handler from printing nbflow's warnings from background threads into whatever
+# notebook cell runs at that moment. Configure logging to see them.
+logging.getLogger("nbflow").addHandler(logging.NullHandler())
 
 
 def load_ipython_extension(ipython: Any) -> None:

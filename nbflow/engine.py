@@ -471,6 +471,41 @@ class WorkflowInstance:
             result["error"] = codec.decode(error)
         return result
 
+    def info(self) -> dict[str, Any]:
+        """A cheap summary in one round trip (what listings and live cards show).
+
+        Keys: id, workflow, status, current_step, steps_done, created_at,
+        updated_at, and output (when complete) or error (when errored).  Step
+        results are not read, so this stays cheap however large they are.
+        """
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.hmget(
+            self.engine.keys.state(self.id),
+            "status",
+            "createdAt",
+            "updatedAt",
+            "stepsDone",
+            "output",
+            "error",
+        )
+        pipe.hget(self.engine.keys.metadata(self.id), "currentStep")
+        (status, created, updated, done, output, error), current = pipe.execute()
+        info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
+        if status is None:
+            return {**info, "status": "unknown"}
+        info.update(
+            status=_s(status),
+            current_step=_text(current) or None,
+            steps_done=int(done or 0),
+            created_at=pd.Timestamp(_s(created)),
+            updated_at=pd.Timestamp(_s(updated)),
+        )
+        if info["status"] == "complete":
+            info["output"] = codec.decode(output) if output is not None else None
+        elif info["status"] == "errored" and error is not None:
+            info["error"] = codec.decode(error)
+        return info
+
     def _call(
         self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()
     ) -> str:
@@ -509,13 +544,10 @@ class WorkflowInstance:
         try:
             self.engine._lifecycle("restart", self.id, [key], enqueue=True)
         except ValueError:
-            known = [
-                split_key(_s(k))[0]
-                for k in self.engine.redis.hkeys(self.engine.keys.steps(self.id))
-            ]
+            known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(
                 f"instance {self.id!r} has no step {from_step!r} to restart from "
-                f"(its steps: {', '.join(sorted(set(known))) or 'none'})"
+                f"(its steps, in run order: {', '.join(known) or 'none'})"
             ) from None
 
     def send_event(self, type: str, payload: Any = None) -> None:

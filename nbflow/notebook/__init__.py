@@ -12,7 +12,6 @@ is enough on a machine with ``$NBFLOW_REDIS_URL`` or a ``redis-server``).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -24,12 +23,6 @@ __all__ = ["find_workflow_class", "get_engine", "use_engine"]
 
 _lock = threading.Lock()
 _engine: Engine | None = None
-
-# Background refresh threads log instead of printing.  Without any handler on the
-# way, logging's "last resort" handler would write their warnings to stderr, which
-# in a kernel lands in whatever cell runs at that moment; a NullHandler (the
-# library convention) prevents that and leaves real configuration to the user.
-logging.getLogger("nbflow").addHandler(logging.NullHandler())
 
 
 def use_engine(engine: Engine | None) -> None:

@@ -14,9 +14,9 @@ tqdm.notebook pattern):
   reaches a final status or the widget is closed.  Front ends that can render
   widgets show the live card, everything else falls back to the static forms.
 
-Everything is read through the public instance API (``status()``,
-``steps()``).  The refresh thread never prints (output of a background thread
-lands in whatever cell runs at that moment); it logs to ``logging.getLogger("nbflow")``.
+Everything is read through the public instance API (``info()``).  The refresh
+thread never prints (output of a background thread lands in whatever cell runs
+at that moment); it logs to ``logging.getLogger("nbflow")``.
 """
 
 from __future__ import annotations
@@ -199,39 +199,24 @@ class InstanceSummary:
         return self.status in FINAL_STATUSES or self.status in ("unknown", "unavailable")
 
 
-def _step_key(name: str, count: Any) -> str:
-    """The form ``step_output`` and ``restart(from_step=)`` take: ``name`` or ``name#n``."""
-    try:
-        n = int(count)
-    except (TypeError, ValueError):
-        n = 1
-    return name if n <= 1 else f"{name}#{n}"
-
-
 def summarize(inst: WorkflowInstance) -> InstanceSummary:
-    """Read an instance's card data: ``status()`` plus its ``steps()`` table.
+    """Read an instance's card data with ``inst.info()`` (one round trip, no step results).
 
     A failure to read (Redis gone, say) gives status ``unavailable`` and is
     logged, because a display must never raise into the notebook.
     """
     try:
-        status = inst.status()
-        state = str(status.get("status", "unknown"))
-        steps = inst.steps() if state != "unknown" else None
+        info = inst.info()
     except Exception as exc:  # display must not raise; the reason goes to the log
         log.warning("nbflow: could not read instance %s for display: %s", inst.id, exc)
         return InstanceSummary(inst.id, inst.workflow, "unavailable", error=str(exc))
-    done, current = 0, None
-    if steps is not None and len(steps):
-        done = int((steps["status"] == "complete").sum())
-        if state not in FINAL_STATUSES:
-            open_steps = steps[~steps["status"].isin(["complete", "errored"])]
-            if len(open_steps):
-                last = open_steps.iloc[-1]
-                current = _step_key(str(last["step"]), last["count"])
-    error = _error_text(status["error"]) if status.get("error") is not None else None
-    output = value_summary(status["output"]) if "output" in status else None
-    return InstanceSummary(inst.id, inst.workflow, state, current, done, error, output)
+    state = str(info["status"])
+    current = info.get("current_step") if state not in FINAL_STATUSES else None
+    error = _error_text(info["error"]) if info.get("error") is not None else None
+    output = value_summary(info["output"]) if "output" in info else None
+    return InstanceSummary(
+        inst.id, inst.workflow, state, current, int(info.get("steps_done", 0)), error, output
+    )
 
 
 def _stable_id(instance_id: str) -> str:
