@@ -414,6 +414,16 @@ class Workflow(Generic[W]):
         return WorkflowInstance(self.engine, id, self.name)
 
 
+class InstanceStatus(dict[str, Any]):
+    """What ``status()`` and ``wait()`` return: a plain dict (equal to one) that a
+    notebook shows as a small table."""
+
+    def _repr_html_(self) -> str:
+        from nbflow.notebook.display import status_html
+
+        return status_html(self)
+
+
 def _step_key(from_step: str) -> str:
     """``"name"`` -> ``"name#1"``; ``"name#3"`` stays (the 3rd occurrence)."""
     if not isinstance(from_step, str):
@@ -463,8 +473,8 @@ class WorkflowInstance:
             self.engine.keys.state(self.id), "status", "output", "error"
         )
         if st is None:
-            return {"status": "unknown"}
-        result: dict[str, Any] = {"status": _s(st)}
+            return InstanceStatus(status="unknown")
+        result = InstanceStatus(status=_s(st))
         if result["status"] == "complete":
             result["output"] = codec.decode(output) if output is not None else None
         elif result["status"] == "errored" and error is not None:
