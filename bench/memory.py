@@ -25,7 +25,9 @@ def main() -> None:
     flow = engine.register(ThreeSteps)
     try:
         for start in range(0, args.workflows, 100):
-            flow.create_batch([{"params": {"i": start + i}} for i in range(100)][: args.workflows - start])
+            flow.create_batch(
+                [{"params": {"i": start + i}} for i in range(100)][: args.workflows - start]
+            )
         engine.run_worker(burst=True)
         total, keys = 0, 0
         pipe = engine.redis.pipeline(transaction=False)
@@ -36,12 +38,14 @@ def main() -> None:
             total += size or 0
             keys += 1
         done = engine.redis.zcard(engine.keys.by_status("complete"))
-        emit({
-            "benchmark": "memory_per_instance",
-            "instances": done,
-            "keys": keys,
-            "bytes_per_instance": round(total / max(done, 1), 1),
-        })
+        emit(
+            {
+                "benchmark": "memory_per_instance",
+                "instances": done,
+                "keys": keys,
+                "bytes_per_instance": round(total / max(done, 1), 1),
+            }
+        )
     finally:
         cleanup(prefix, queue)
 

@@ -42,15 +42,17 @@ def main() -> None:
                 raise SystemExit("timed out")
             time.sleep(0.01)
         took = time.perf_counter() - t0
-        emit({
-            "benchmark": "throughput_3_steps",
-            "workflows": args.workflows,
-            "workers": args.workers,
-            "batch": args.batch,
-            "seconds": round(took, 3),
-            "workflows_per_s": round(args.workflows / took, 1),
-            "create_s": round(created, 3),
-        })
+        emit(
+            {
+                "benchmark": "throughput_3_steps",
+                "workflows": args.workflows,
+                "workers": args.workers,
+                "batch": args.batch,
+                "seconds": round(took, 3),
+                "workflows_per_s": round(args.workflows / took, 1),
+                "create_s": round(created, 3),
+            }
+        )
     finally:
         stop(proc)
         cleanup(prefix, queue)

@@ -1,16 +1,26 @@
-"""One run of an instance: claim it, replay ``run(event, step)`` from stored
-results, and park or finish it.  ``run_job`` is the function RQ jobs call.
+"""Runs of instances: claim them, replay ``run(event, step)`` from stored results,
+and park or finish them.  ``run_job`` is the function RQ jobs call.
 
 A run owns its instance through a token written by the claim script; every
 later write checks that token, so a run that lost its instance (a restart, a
 lease taken over after a stall) can no longer change anything.  The claim
 returns the instance's metadata and every stored step in one round trip, which
 is all a replay needs.
+
+One RQ job may carry many instances (those created together).  Their claims go
+out in one pipeline, and their ``async`` runs advance side by side on the worker
+thread's event loop; every Redis script call they make in one turn of the loop
+is sent in one pipeline (``Batch``: a group commit), so a hundred instances
+taking a step cost one round trip, not a hundred.  A step's result is written
+behind: it goes out with the next call of its run (at the latest the next
+step's start), which is also where its reply is checked.  Plain ``def run``
+workflows run one after another with direct calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import os
@@ -18,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +58,11 @@ _REASON_RANK = {"wait": 1, "stopping": 2, "paused": 3}
 _bound = threading.local()
 _loops = threading.local()
 _HOST = f"{socket.gethostname()}:{os.getpid()}"
+# The run a piece of async code belongs to (tasks inherit it from their creator),
+# so a run waits for its own leftover parallel steps, not its neighbours'.
+_current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "nbflow_run", default=None
+)
 
 
 def bind_engine(engine: Engine, stopping: threading.Event | None = None) -> None:
@@ -68,14 +84,6 @@ def current_engine(prefix: str) -> Engine:
     return engine
 
 
-def run_job(prefix: str, ids: list[str]) -> None:
-    """The RQ job: advance each instance in ``ids`` as far as it goes now."""
-    engine = current_engine(prefix)
-    stopping = getattr(_bound, "stopping", None)
-    for iid in ids:
-        advance(engine, iid, stopping)
-
-
 def _now() -> tuple[float, str]:
     t = time.time()
     return t, datetime.fromtimestamp(t, timezone.utc).isoformat()
@@ -90,30 +98,129 @@ def _task_key() -> int | None:
     return None if task is None else id(task)
 
 
+def _task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    run = _current_run.get()
+    if run is not None:
+        run.tasks.add(task)
+    return task
+
+
 def _loop() -> asyncio.AbstractEventLoop:
     """One event loop per worker thread, reused by every async run on it."""
     loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
     if loop is None or loop.is_closed():
         loop = asyncio.new_event_loop()
+        loop.set_task_factory(_task_factory)
         _loops.loop = loop
     return loop
 
 
+class Batch:
+    """Group commit: script calls made during one turn of the loop go out in one
+    pipeline, and each caller's future gets its own reply."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.calls: list[tuple[str, list[str], asyncio.Future[Any]]] = []
+
+    def call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        if not self.calls:
+            self.loop.call_soon(self.flush)
+        self.calls.append((name, args, fut))
+        return fut
+
+    def flush(self) -> None:
+        calls, self.calls = self.calls, []
+        if not calls:
+            return
+        scripts = self.engine._scripts
+        try:
+            replies = scripts.pipeline([(name, args) for name, args, _ in calls])
+        except Exception as exc:  # Redis unreachable: every caller learns it
+            for _, _, fut in calls:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, _, fut), reply in zip(calls, replies, strict=True):
+            if fut.done():
+                continue
+            if isinstance(reply, Exception):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+
+def run_job(prefix: str, ids: list[str]) -> None:
+    """The RQ job: advance each instance in ``ids`` as far as it goes now."""
+    engine = current_engine(prefix)
+    run_many(engine, ids, getattr(_bound, "stopping", None))
+
+
 def advance(engine: Engine, iid: str, stopping: threading.Event | None = None) -> str:
     """Claim ``iid`` and run it until it finishes or must wait; returns what happened."""
-    token = f"{_HOST}:{uuid.uuid4().hex[:12]}"
+    return run_many(engine, [iid], stopping)[0]
+
+
+def run_many(
+    engine: Engine, ids: Sequence[str], stopping: threading.Event | None = None
+) -> list[str]:
+    """Claim ``ids`` in one round trip and run them: async runs side by side with
+    their writes grouped, sync runs one after another.  Returns each outcome."""
     now, now_iso = _now()
-    res = engine._scripts.claim(
-        args=[engine.prefix, iid, token, f"{now:.6f}", now_iso, f"{now + LEASE_SECONDS:.6f}"]
+    lease = f"{now + LEASE_SECONDS:.6f}"
+    token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
+    tokens = [f"{token_base}:{n}" for n in range(len(ids))]
+    claims = engine._scripts.pipeline(
+        [
+            ("claim", [engine.prefix, iid, token, f"{now:.6f}", now_iso, lease])
+            for iid, token in zip(ids, tokens, strict=True)
+        ]
     )
-    if res[0] != b"ok":
-        return f"skipped ({res[0].decode()})"
-    run = Run(engine, iid, token, res, stopping)
-    engine._runs[iid] = token
-    try:
-        return run.execute()
-    finally:
-        engine._runs.pop(iid, None)
+    outcomes: dict[int, str] = {}
+    async_runs: list[tuple[int, Run]] = []
+    for n, (iid, token, claim) in enumerate(zip(ids, tokens, claims, strict=True)):
+        if isinstance(claim, Exception):
+            raise claim
+        if claim[0] != b"ok":
+            outcomes[n] = f"skipped ({claim[0].decode()})"
+            continue
+        run = Run(engine, iid, token, claim, stopping)
+        engine._runs[iid] = token
+        if run.is_async:
+            async_runs.append((n, run))
+        else:
+            try:
+                outcomes[n] = run.execute_sync()
+            finally:
+                engine._runs.pop(iid, None)
+    if async_runs:
+        loop = _loop()
+        batch = Batch(engine, loop)
+        for _, run in async_runs:
+            run.batch = batch
+
+        async def all_runs() -> list[Any]:
+            return await asyncio.gather(
+                *(run.execute_async() for _, run in async_runs), return_exceptions=True
+            )
+
+        try:
+            results = loop.run_until_complete(all_runs())
+        finally:
+            for _, run in async_runs:
+                engine._runs.pop(run.iid, None)
+        for (n, run), result in zip(async_runs, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, (KeyboardInterrupt, SystemExit)):
+                    raise result
+                log.error("nbflow: run of %s failed inside the engine: %r", run.iid, result)
+                outcomes[n] = f"failed ({result!r})"
+            else:
+                outcomes[n] = result
+    return [outcomes[n] for n in range(len(ids))]
 
 
 class Run:
@@ -151,6 +258,19 @@ class Run:
         self.wait_types: set[str] = set()
         self._index_lock = threading.Lock()
         self._halted: set[int | None] = set()
+        self.cls = engine._classes.get(self.workflow_name)
+        self.instance: Any = None
+        self.is_async = False
+        if self.cls is not None:
+            try:
+                self.instance = self.cls(ctx=engine.ctx, env=engine.env)
+                self.is_async = inspect.iscoroutinefunction(self.instance.run)
+            except Exception as exc:  # a constructor that fails fails the instance
+                self.instance = exc
+        self.batch: Batch | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        # writes sent behind (async runs): replies checked by _settle
+        self._behind: list[asyncio.Future[Any]] = []
 
     # -- used by the step protocol ----------------------------------------------
 
@@ -180,7 +300,9 @@ class Run:
         if self.stopping is not None and self.stopping.is_set():
             raise self.halt("stopping")
 
-    def _check(self, result: bytes) -> None:
+    def _check(self, result: Any) -> None:
+        if isinstance(result, Exception):
+            raise result
         if result != b"ok":
             raise self.halt(result.decode())
 
@@ -188,25 +310,52 @@ class Run:
         now, now_iso = _now()
         return [self.engine.prefix, self.iid, self.token, f"{now:.6f}", now_iso]
 
+    def _start_args(self, key: str, name: str, entry: str, attempt: int) -> list[str]:
+        args = self._args()
+        lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
+        hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
+        return [*args, lease, key, entry, name, hist]
+
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Records a step attempt's start; stops the run first if it must stop."""
         self._stop_if_halted()
-        args = self._args()
-        lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
-        hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        self._check(self.engine._scripts.step_start(args=[*args, lease, key, entry, name, hist]))
+        self._check(
+            self.engine._scripts.step_start(args=self._start_args(key, name, entry, attempt))
+        )
+
+    async def astart_step(self, key: str, name: str, entry: str, attempt: int) -> None:
+        """``start_step`` for async runs: grouped with other runs' calls; the writes
+        this run sent behind are checked first."""
+        self._stop_if_halted()
+        fut = self._call("step_start", self._start_args(key, name, entry, attempt))
+        await self._settle()
+        self._check(await fut)
 
     def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None:
         """Stores a step's outcome (or a retry record); a pause asked for meanwhile
-        takes effect right after it is stored."""
+        takes effect right after it is stored.  Async runs send it behind: it goes
+        out with the run's next call, whose turn also checks its reply."""
         args = self._args()
         lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        self._check(
-            self.engine._scripts.step_finish(
-                args=[*args, lease, key, entry, "1" if final else "0", event, hist]
-            )
-        )
+        call_args = [*args, lease, key, entry, "1" if final else "0", event, hist]
+        if self.batch is not None:
+            self._behind.append(self._call("step_finish", call_args))
+            return
+        self._check(self.engine._scripts.step_finish(args=call_args))
+
+    def _call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
+        assert self.batch is not None
+        return self.batch.call(name, args)
+
+    async def _settle(self) -> None:
+        """Awaits the writes sent behind; one that was refused stops the run."""
+        behind, self._behind = self._behind, []
+        for fut in behind:
+            self._check(await fut)
+
+    def _take_event_args(self, key: str, event_type: str, index: int, t0: float) -> list[str]:
+        return [*self._args(), key, event_type, str(index), f"{t0:.6f}"]
 
     def take_event(
         self, key: str, name: str, event_type: str, index: int, t0: float
@@ -214,8 +363,23 @@ class Run:
         """The stored entry of an event step if an event of its type is buffered."""
         self._stop_if_halted()
         res = self.engine._scripts.take_event(
-            args=[*self._args(), key, event_type, str(index), f"{t0:.6f}"]
+            args=self._take_event_args(key, event_type, index, t0)
         )
+        return self._taken(res)
+
+    async def atake_event(
+        self, key: str, name: str, event_type: str, index: int, t0: float
+    ) -> dict[str, Any] | None:
+        """``take_event`` for async runs (grouped)."""
+        self._stop_if_halted()
+        fut = self._call("take_event", self._take_event_args(key, event_type, index, t0))
+        await self._settle()
+        res = await fut
+        if isinstance(res, Exception):
+            raise res
+        return self._taken(res)
+
+    def _taken(self, res: list[Any]) -> dict[str, Any] | None:
         tag = res[0]
         if tag in (b"event", b"final"):
             entry = codec.decode(res[1])
@@ -239,92 +403,172 @@ class Run:
 
     # -- the run -----------------------------------------------------------------
 
-    def execute(self) -> str:
-        cls = self.engine._classes.get(self.workflow_name)
-        if cls is None:
+    def _event(self) -> WorkflowEvent[Any]:
+        return WorkflowEvent(self.payload, self.created_at, self.iid, self.workflow_name)
+
+    def _unrunnable(self) -> tuple[str, Any] | None:
+        """The error ending an instance whose class is missing or cannot be built."""
+        if self.cls is None:
             known = ", ".join(sorted(self.engine._classes)) or "none"
-            return self._finish(
-                "errored",
-                {
-                    "name": "WorkflowNotRegisteredError",
-                    "message": f"workflow {self.workflow_name!r} is not registered on this "
-                    f"worker (registered: {known}); register it or start the worker with "
-                    "--import <module>",
-                },
-            )
-        event: WorkflowEvent[Any] = WorkflowEvent(
-            self.payload, self.created_at, self.iid, self.workflow_name
-        )
+            return "errored", {
+                "name": "WorkflowNotRegisteredError",
+                "message": f"workflow {self.workflow_name!r} is not registered on this "
+                f"worker (registered: {known}); register it or start the worker with "
+                "--import <module>",
+            }
+        if isinstance(self.instance, Exception):
+            err = error_dict(self.instance)
+            return "errored", {"name": err["name"], "message": err["message"]}
+        return None
+
+    def _outcome(self, run: Callable[[], Any]) -> tuple[str, Any]:
+        """Runs ``run`` and says how the instance ends: a final status and value, or
+        ('park', None) when it must wait / stop now."""
         try:
-            instance = cls(ctx=self.engine.ctx, env=self.engine.env)
-            if inspect.iscoroutinefunction(instance.run):
-                output = _loop().run_until_complete(
-                    _run_async(instance.run(event, WorkflowStep(self)))
-                )
-            else:
-                output = instance.run(event, SyncWorkflowStep(self))
+            output = run()
         except Suspend:
-            return self._park()
+            return "park", None
         except FatalRunError as fatal:
-            if self.suspending:
-                return self._park()
-            return self._finish("errored", fatal.error)
+            return ("park", None) if self.suspending else ("errored", fatal.error)
         except (KeyboardInterrupt, SystemExit):
-            self._release()
             raise
         except BaseException as exc:  # the workflow failed: a step's last error, or its own
             if self.suspending:
-                return self._park()
+                return "park", None
             log.info("instance %s errored: %s: %s", self.iid, type(exc).__name__, exc)
             err = error_dict(exc)
-            return self._finish("errored", {"name": err["name"], "message": err["message"]})
+            return "errored", {"name": err["name"], "message": err["message"]}
         if self.suspending:  # the workflow swallowed a Suspend; the run still stops
-            return self._park()
+            return "park", None
         try:
-            text = codec.encode(output)
+            return "complete", codec.encode(output)
         except TypeError as exc:
-            return self._finish(
-                "errored", {"name": "TypeError", "message": f"run() returned {exc}"}
-            )
-        return self._finish("complete", text, encoded=True)
+            return "errored", {"name": "TypeError", "message": f"run() returned {exc}"}
 
-    def _finish(self, outcome: str, value: Any, encoded: bool = False) -> str:
-        text = value if encoded else codec.encode(value)
+    def execute_sync(self) -> str:
+        """Runs a plain ``def run`` (or an instance that cannot run) with direct calls."""
+        ending = self._unrunnable()
+        if ending is None:
+            try:
+                ending = self._outcome(
+                    lambda: self.instance.run(self._event(), SyncWorkflowStep(self))
+                )
+            except (KeyboardInterrupt, SystemExit):
+                self.engine._scripts.release(args=self._args())
+                raise
+        return self._end_sync(*ending)
+
+    async def execute_async(self) -> str:
+        """Runs an ``async def run`` on the shared loop; its writes go through the batch."""
+        _current_run.set(self)
+        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        holder: dict[str, Any] = {}
+
+        async def body() -> None:
+            try:
+                holder["output"] = await self.instance.run(self._event(), WorkflowStep(self))
+            except BaseException as exc:  # judged by _outcome below
+                holder["error"] = exc
+            finally:
+                await self._wait_own_tasks()
+
+        await body()
+
+        def replay() -> Any:
+            if "error" in holder:
+                raise holder["error"]
+            return holder.get("output")
+
+        return await self._end_async(*self._outcome(replay))
+
+    async def _wait_own_tasks(self) -> None:
+        """Lets this run's parallel steps still in flight finish and store."""
+        me = asyncio.current_task()
+        while True:
+            rest = [t for t in self.tasks if t is not me and not t.done()]
+            if not rest:
+                return
+            await asyncio.gather(*rest, return_exceptions=True)
+
+    # -- endings -----------------------------------------------------------------
+
+    def _finish_args(self, outcome: str, value: Any) -> list[str]:
+        text = value if isinstance(value, str) else codec.encode(value)
         hist = "" if outcome == "complete" else f'"error":{text}'
-        res: str = self.engine._scripts.finish(args=[*self._args(), outcome, text, hist]).decode()
-        log.info("instance %s %s", self.iid, res)
-        return res
+        return [*self._args(), outcome, text, hist]
 
-    def _release(self) -> None:
-        self.engine._scripts.release(args=self._args())
-
-    def _park(self) -> str:
+    def _park_args(self) -> list[str] | None:
+        """The suspend call, or None when the stop was already applied by a script."""
         reason = self.reason or "wait"
-        if reason == "stopping":
-            self._release()
-            return "released"
         if reason != "wait":
-            return reason  # the script that said so already applied it
+            return None
         wake = "" if self.wake_at is None else f"{self.wake_at:.6f}"
         types = "," + ",".join(sorted(self.wait_types)) + "," if self.wait_types else ""
         hist = f'"until":{wake or "null"}'
         flat: list[str] = []
         for key, entry in self.waits:
             flat += [key, entry]
-        res: str = self.engine._scripts.suspend(
-            args=[*self._args(), wake, types, hist, *flat]
-        ).decode()
-        if res == "queued":  # an event arrived while the run unwound
+        return [*self._args(), wake, types, hist, *flat]
+
+    def _after_park(self, res: Any) -> str:
+        if isinstance(res, Exception):
+            raise res
+        text: str = res.decode()
+        if text == "queued":  # an event arrived while the run unwound
             self.engine._enqueue([self.iid], at_front=True)
+        return text
+
+    def _end_sync(self, status: str, value: Any) -> str:
+        scripts = self.engine._scripts
+        if status == "park":
+            if (self.reason or "wait") == "stopping":
+                scripts.release(args=self._args())
+                return "released"
+            args = self._park_args()
+            if args is None:
+                return self.reason
+            return self._after_park(scripts.suspend(args=args))
+        res: str = scripts.finish(args=self._finish_args(status, value)).decode()
+        log.info("instance %s %s", self.iid, res)
         return res
 
+    async def _end_async(self, status: str, value: Any) -> str:
+        """Sends the ending call right behind the run's last writes (one round trip);
+        if one of those writes was refused (a pause, a lost lease), that wins and the
+        ending call finds the instance no longer owned and changes nothing."""
+        if status == "park":
+            if (self.reason or "wait") == "stopping":
+                name, args = "release", self._args()
+            else:
+                park = self._park_args()
+                if park is None:
+                    await self._settle_quietly()
+                    return self.reason
+                name, args = "suspend", park
+        else:
+            name, args = "finish", self._finish_args(status, value)
+        fut = self._call(name, args)
+        if not await self._settle_quietly():
+            await fut
+            return self.reason
+        res = await fut
+        if isinstance(res, Exception):
+            raise res
+        if name == "release":
+            return "released"
+        if name == "suspend":
+            return self._after_park(res)
+        text: str = res.decode()
+        log.info("instance %s %s", self.iid, text)
+        return text
 
-async def _run_async(coro: Any) -> Any:
-    """Awaits ``run``; then lets parallel steps still in flight finish and store."""
-    try:
-        return await coro
-    finally:
-        me = asyncio.current_task()
-        rest = [t for t in asyncio.all_tasks() if t is not me]
-        if rest:
-            await asyncio.gather(*rest, return_exceptions=True)
+    async def _settle_quietly(self) -> bool:
+        """``_settle`` at the end of a run: False if a write behind stopped it."""
+        try:
+            await self._settle()
+        except Suspend:
+            return False
+        return True
+
+
+__all__ = ["run_job", "run_many", "advance", "bind_engine", "current_engine", "LEASE_SECONDS"]

@@ -274,6 +274,11 @@ class _StepBase:
             st.key, st.name, _entry("running", "do", st.index, attempt, t0), attempt
         )
 
+    async def _astart_attempt(self, st: _Step, attempt: int, t0: float) -> None:
+        await self._run.astart_step(
+            st.key, st.name, _entry("running", "do", st.index, attempt, t0), attempt
+        )
+
     def _succeed(self, st: _Step, value: Any, attempt: int, t0: float) -> Any:
         try:
             text = codec.encode(value)
@@ -394,26 +399,40 @@ class _StepBase:
 
     # -- events ------------------------------------------------------------------
 
-    def _wait_event(self, name: str, event_type: str, timeout: Any) -> Any:
+    def _event_wait_begin(
+        self, name: str, event_type: str, timeout: Any
+    ) -> tuple[_Step, float, float, float] | tuple[Any]:
+        """Validates a wait and fixes its deadline: ``(value,)`` if it replays, else
+        ``(step, deadline, t0, seconds)`` for the buffer check."""
         check_event_type(event_type)
         seconds = parse_duration(timeout)
         st = _Step(self._run, name)
         e = st.entry
         if e is not None and e["s"] == "complete":
-            return e.get("v")
+            return (e.get("v"),)
         if e is not None and e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
-        now = _now()
         if e is not None and "u" in e:
-            deadline, t0 = float(e["u"]), float(e["t0"])
-        else:
-            deadline, t0 = now + seconds, now
-        got = self._run.take_event(st.key, st.name, event_type, st.index, t0)
+            return st, float(e["u"]), float(e["t0"]), seconds
+        now = _now()
+        return st, now + seconds, now, seconds
+
+    def _event_wait_end(
+        self,
+        st: _Step,
+        event_type: str,
+        deadline: float,
+        t0: float,
+        seconds: float,
+        got: dict[str, Any] | None,
+    ) -> Any:
+        """After the buffer check: the event, a timeout, or park the run."""
         if got is not None:
             return got.get("v")
+        now = _now()
         if now >= deadline:
             exc = errors.EventTimeoutError(
-                f"no {event_type!r} event arrived for step {name!r} within {seconds:g} seconds"
+                f"no {event_type!r} event arrived for step {st.name!r} within {seconds:g} seconds"
             )
             self._run.record(
                 st.key,
@@ -569,7 +588,7 @@ class WorkflowStep(_StepBase):
             await asyncio.sleep(self._wait_before(st, attempt, wait, t0, None))
         loop = asyncio.get_running_loop()
         while True:
-            self._start_attempt(st, attempt, t0)
+            await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
             try:
                 if inspect.iscoroutinefunction(callback):
@@ -617,7 +636,13 @@ class WorkflowStep(_StepBase):
         (which ``run`` may catch) if none arrives within ``timeout``.  Events sent
         earlier are buffered and taken first in, first out.
         """
-        result: dict[str, Any] = self._wait_event(name, type, timeout)
+        begun = self._event_wait_begin(name, type, timeout)
+        if len(begun) == 1:
+            replayed: dict[str, Any] = begun[0]
+            return replayed
+        st, deadline, t0, seconds = begun
+        got = await self._run.atake_event(st.key, st.name, type, st.index, t0)
+        result: dict[str, Any] = self._event_wait_end(st, type, deadline, t0, seconds, got)
         return result
 
 
@@ -732,7 +757,13 @@ class SyncWorkflowStep(_StepBase):
         self, name: str, type: str, timeout: str | float | timedelta = "24 hours"
     ) -> dict[str, Any]:
         """Wait for an event (see ``WorkflowStep.wait_for_event``)."""
-        result: dict[str, Any] = self._wait_event(name, type, timeout)
+        begun = self._event_wait_begin(name, type, timeout)
+        if len(begun) == 1:
+            replayed: dict[str, Any] = begun[0]
+            return replayed
+        st, deadline, t0, seconds = begun
+        got = self._run.take_event(st.key, st.name, type, st.index, t0)
+        result: dict[str, Any] = self._event_wait_end(st, type, deadline, t0, seconds, got)
         return result
 
 

@@ -574,6 +574,31 @@ class Scripts:
         except KeyError:
             raise AttributeError(name) from None
 
+    def pipeline(self, calls: list[tuple[str, list[str]]]) -> list[Any]:
+        """Run scripts in one non-transactional pipeline (each script is atomic by
+        itself); replies come back in order, an error as an exception value.  Calls
+        that met an empty script cache are sent again once the scripts are loaded."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for n in todo:
+                name, args = calls[n]
+                pipe.evalsha(self._scripts[name].sha, 0, *args)
+            results = pipe.execute(raise_on_error=False)
+            missing = []
+            for n, res in zip(todo, results, strict=True):
+                if isinstance(res, redis.exceptions.NoScriptError) and attempt == 1:
+                    missing.append(n)
+                else:
+                    replies[n] = res
+            if not missing:
+                break
+            for script in self._scripts.values():
+                self._client.script_load(script.script)
+            todo = missing
+        return replies
+
     def execute(self, calls: list[tuple[str, list[str]]], extra: Any = None) -> list[Any]:
         """Run scripts (and whatever ``extra(pipe)`` adds) in one MULTI/EXEC.
 

@@ -309,7 +309,11 @@ USAGE_CASES: list[tuple[str, str, list[str]]] = [
     ("terminate done1", USAGE["terminate"], ["cannot terminate instance 'done1'"]),
     ("terminate", USAGE["terminate"], ["required: ID"]),
     ("restart nope", USAGE["restart"], ["unknown instance 'nope'"]),
-    ("restart done1 --from nope", USAGE["restart"], ["no step 'nope'", "its steps, in run order: load, greet"]),
+    (
+        "restart done1 --from nope",
+        USAGE["restart"],
+        ["no step 'nope'", "its steps, in run order: load, greet"],
+    ),
     ("restart done1 --from", USAGE["restart"], ["expected at least one argument"]),
     ("event done1", USAGE["event"], ["required: TYPE"]),
     ("event done1 go", USAGE["event"], ["cannot send an event to instance 'done1'"]),
