@@ -631,19 +631,18 @@ class WorkflowInstance:
         rows = []
         for key, e in self._entries():
             name, count = split_key(key)
-            t0, t1 = e.get("t0"), e.get("t1")
+            t0, d = e.get("t0"), e.get("d")
+            t1 = None if t0 is None or d is None else float(t0) + float(d)
             rows.append(
                 {
                     "step": name,
-                    "kind": e["k"],
+                    "kind": e.get("k", "do"),
                     "count": count,
                     "status": e["s"],
-                    "attempts": int(e.get("a", 0)),
+                    "attempts": int(e.get("a", 1)),
                     "started_at": _ts(t0),
                     "finished_at": _ts(t1),
-                    "duration_s": (float(t1) - float(t0))
-                    if t0 is not None and t1 is not None
-                    else None,
+                    "duration_s": None if d is None else float(d),
                     "output": e.get("v"),
                     "error": (
                         {"name": e["e"]["name"], "message": e["e"]["message"]}
@@ -681,10 +680,41 @@ class WorkflowInstance:
         return entry.get("v")
 
     def history(self) -> list[dict[str, Any]]:
-        """The instance's recorded events (created, steps, sleeps, events, lifecycle calls)."""
-        out = []
-        for raw in self.engine.redis.lrange(self.engine.keys.history(self.id), 0, -1):
+        """The instance's events in time order: created, step started / finished /
+        retried / failed, waits and wake-ups, events sent and received, lifecycle
+        calls, and how it ended.
+
+        Events another key already records (creation, each step's start and finish,
+        completion) are not stored twice: they are rebuilt here from the state and
+        the step entries.
+        """
+        keys = self.engine.keys
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.hmget(keys.state(self.id), "createdAt", "status", "updatedAt")
+        pipe.lrange(keys.history(self.id), 0, -1)
+        (created, status, updated), stored = pipe.execute()
+        out: list[dict[str, Any]] = []
+        if created is not None:
+            out.append({"t": datetime.fromisoformat(_s(created)).timestamp(), "ev": "created"})
+        for key, e in self._entries():
+            t0 = e.get("t0")
+            if t0 is None:
+                continue
+            kind = e.get("k", "do")
+            start = "step.started" if kind == "do" else f"{kind}.started"
+            out.append({"t": float(t0), "ev": start, "step": key})
+            if e["s"] == "complete" and e.get("d") is not None:
+                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}[kind]
+                entry: dict[str, Any] = {"t": float(t0) + float(e["d"]), "ev": done, "step": key}
+                if int(e.get("a", 1)) != 1:
+                    entry["attempt"] = int(e["a"])
+                out.append(entry)
+        for raw in stored:
             item = codec.decode(raw)
             assert isinstance(item, dict)
-            out.append(item)
+            if item.get("ev") != "event.received":  # rebuilt above from the entry
+                out.append(item)
+        if status is not None and _s(status) == "complete":
+            out.append({"t": datetime.fromisoformat(_s(updated)).timestamp(), "ev": "complete"})
+        out.sort(key=lambda item: float(item["t"]))
         return out

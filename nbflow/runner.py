@@ -355,7 +355,7 @@ class Run:
             self._check(await fut)
 
     def _take_event_args(self, key: str, event_type: str, index: int, t0: float) -> list[str]:
-        return [*self._args(), key, event_type, str(index), f"{t0:.6f}"]
+        return [*self._args(), key, event_type, str(index), f"{t0:.3f}"]
 
     def take_event(
         self, key: str, name: str, event_type: str, index: int, t0: float

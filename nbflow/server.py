@@ -348,9 +348,9 @@ def _wait_until_up(
             what = "exited during startup" if died else "did not answer PING in time"
             launcher_out = ""
             if launcher is not None and launcher.stdout:
-                launcher_out = "\nredis-server output:\n" + launcher.stdout.decode(
-                    errors="replace"
-                ).strip()
+                launcher_out = (
+                    "\nredis-server output:\n" + launcher.stdout.decode(errors="replace").strip()
+                )
             raise RedisUnavailableError(
                 f"the embedded Redis under {home} {what} (socket {sock}).{launcher_out}\n"
                 f"Last lines of {_log_path(home)}:\n{_log_tail(home)}"
@@ -612,8 +612,8 @@ def _client_from_url(url: str, *, reconnecting: bool) -> redis_lib.Redis:
     up again transparently.  The probe client does not retry, so an unreachable server is
     reported at once.  Options in the URL's query string take precedence (redis-py's rule).
     """
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 6) if reconnecting else Retry(
-        NoBackoff(), 0
+    retry = (
+        Retry(ExponentialBackoff(cap=1.0, base=0.05), 6) if reconnecting else Retry(NoBackoff(), 0)
     )
     return redis_lib.Redis.from_url(
         url,
@@ -670,9 +670,7 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
             hint = "Check that the server is running and the URL (host, port, password, TLS)."
         elif os.environ.get(REDIS_URL_ENV, "").strip():
             url, origin = os.environ[REDIS_URL_ENV].strip(), f" (from ${REDIS_URL_ENV})"
-            hint = (
-                f"Fix ${REDIS_URL_ENV}, or unset it to let nbflow run its own embedded server."
-            )
+            hint = f"Fix ${REDIS_URL_ENV}, or unset it to let nbflow run its own embedded server."
         elif redis is None:
             home = nbflow_home()
             try:
@@ -681,8 +679,7 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
                 raise  # already the one clear error (it is an OSError too, via ConnectionError)
             except OSError as exc:
                 raise RedisUnavailableError(
-                    f"nbflow could not start its embedded Redis under {home}: "
-                    f"{_reason(exc, None)}"
+                    f"nbflow could not start its embedded Redis under {home}: {_reason(exc, None)}"
                 ) from None
             origin = f" (the embedded server under {home})"
             hint = f"See {_log_path(home)}; `nbflow server stop` and retrying may help."

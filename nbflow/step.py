@@ -243,17 +243,17 @@ class _StepBase:
         if e is None:
             return 1, 0.0
         if e["s"] == "retrying":
-            return int(e["a"]) + 1, max(0.0, float(e.get("u", 0)) - _now())
+            return int(e.get("a", 1)) + 1, max(0.0, float(e.get("u", 0)) - _now())
         if e["s"] == "running":
             # An attempt cut short (its worker died): it counts, so a step that
             # kills its worker every time cannot loop for ever.
-            attempt = int(e["a"]) + 1
+            attempt = int(e.get("a", 1)) + 1
             if attempt > cfg.retry_limit + 1:
                 exc = errors.WorkflowError(
-                    f"step {st.name!r} was interrupted {e['a']} time(s) (its worker died) "
+                    f"step {st.name!r} was interrupted {attempt - 1} time(s) (its worker died) "
                     "and has no attempts left"
                 )
-                self._fail_final(st, exc, int(e["a"]), float(e.get("t0", _now())))
+                self._fail_final(st, exc, attempt - 1, float(e.get("t0", _now())))
                 raise exc
             return attempt, 0.0
         return 1, 0.0
@@ -483,12 +483,18 @@ def _entry(
     err: Mapping[str, Any] | None = None,
     value_json: str | None = None,
 ) -> str:
-    """A step entry as JSON; the first three fields stay first (Lua reads them)."""
-    parts = [f'{{"s":"{status}","k":"{kind}","i":{index},"a":{attempts},"t0":{t0:.6f}']
+    """A step entry as compact JSON (see ``nbflow.store``); ``s`` stays first."""
+    parts = [f'{{"s":"{status}"']
+    if kind != "do":
+        parts.append(f',"k":"{kind}"')
+    parts.append(f',"i":{index}')
+    if attempts != 1:
+        parts.append(f',"a":{attempts}')
+    parts.append(f',"t0":{t0:.3f}')
     if t1 is not None:
-        parts.append(f',"t1":{t1:.6f}')
+        parts.append(f',"d":{max(0.0, t1 - t0):.3f}')
     if u is not None:
-        parts.append(f',"u":{u:.6f}')
+        parts.append(f',"u":{u:.3f}')
     if ty is not None:
         parts.append(f',"ty":"{ty}"')
     if err is not None:

@@ -3,26 +3,31 @@
 Layout under ``prefix`` (spec section 4; the first three are the seed's)::
 
     {p}:{id}:state        hash  status, createdAt, updatedAt, error, output, plus the
-                                run bookkeeping: owner (token of the run advancing it),
-                                gen, createdTs, finishedAt, waitType, stepsDone, retention
+                                run bookkeeping (each only while it has a value): owner
+                                (token of the run advancing it), gen, waitType, stepsDone,
+                                retention and finishedAt
     {p}:{id}:steps        hash  step key ("name#count") -> step entry (JSON, see below)
     {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep
-    {p}:{id}:history      list  JSON events: created, step started/finished/failed/retried,
-                                slept, woke, event received, lifecycle calls
+    {p}:{id}:history      list  JSON events that no other key records: retries, failures,
+                                waits, wake-ups, events sent/received, lifecycle calls
+                                (``history()`` adds created/started/finished/complete from
+                                the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
     {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
     {p}:expiry            zset  finished instances -> epoch when retention deletes them
-    {p}:index             zset  every instance -> createdTs (newest-first listings)
+    {p}:index             zset  every instance -> creation epoch (newest-first listings)
     {p}:index:wf:{name}   zset  the same, per workflow
     {p}:index:status:{s}  zset  the same, per status
 
-A step entry is JSON whose first fields are fixed so Lua can read them without
-decoding the (possibly large) result: ``{"s":status,"k":kind,"i":order,...}`` with
-``a`` attempts, ``t0``/``t1`` start/finish epoch, ``u`` deadline of a wait, ``ty`` the
-event type, ``e`` the error ``{name, message}`` and ``v`` the result (codec JSON).
+A step entry is compact JSON (small entries keep the hash in Redis's listpack
+encoding) whose first field is fixed so Lua can read it without decoding the
+(possibly large) result: ``{"s":status,"k":kind,"i":order,...}`` where ``k`` is
+left out for ``do`` steps, ``a`` (attempts) when 1; ``t0`` is the start epoch
+(ms), ``d`` the duration, ``u`` the deadline of a wait, ``ty`` the event type,
+``e`` the error ``{name, message, ...}`` and ``v`` the result (codec JSON).
 
 Every status change happens inside one of the scripts below, so a pause, a
 terminate, a step completion and a lease expiry that meet at the same moment
@@ -98,13 +103,13 @@ end
 local function set_status(id, new, now_iso)
   local st = k_state(id)
   local old = redis.call('HGET', st, 'status')
-  local created = redis.call('HGET', st, 'createdTs') or '0'
+  local created = redis.call('ZSCORE', P .. ':index', id) or '0'
   if old then redis.call('ZREM', P .. ':index:status:' .. old, id) end
   redis.call('ZADD', P .. ':index:status:' .. new, created, id)
   redis.call('HSET', st, 'status', new, 'updatedAt', now_iso)
 end
 local function release(id)
-  redis.call('HSET', k_state(id), 'owner', '')
+  redis.call('HDEL', k_state(id), 'owner')
   redis.call('ZREM', P .. ':leases', id)
 end
 local function make_queued(id, now, now_iso)
@@ -113,12 +118,12 @@ local function make_queued(id, now, now_iso)
 end
 local function finish_bookkeeping(id, now)
   local st = k_state(id)
-  redis.call('HSET', st, 'finishedAt', now)
   redis.call('HDEL', st, 'waitType')
   redis.call('ZREM', P .. ':ready', id)
   redis.call('ZREM', P .. ':timers', id)
   local ret = redis.call('HGET', st, 'retention')
-  if ret and ret ~= '' then
+  if ret then
+    redis.call('HSET', st, 'finishedAt', now)
     redis.call('ZADD', P .. ':expiry', now + tonumber(ret), id)
   end
 end
@@ -163,13 +168,12 @@ for i = 6, #ARGV, 2 do
   if redis.call('EXISTS', st) == 1 then
     out[#out + 1] = 0
   else
-    redis.call('HSET', st, 'createdAt', now_iso, 'createdTs', now, 'owner', '', 'gen', 0,
-               'stepsDone', 0, 'retention', retention)
+    redis.call('HSET', st, 'createdAt', now_iso)
+    if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
     redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '')
-    make_queued(id, now, now_iso)
     redis.call('ZADD', P .. ':index', now, id)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
-    hist(id, now, 'created', '')
+    make_queued(id, now, now_iso)
     out[#out + 1] = 1
   end
 end
@@ -210,7 +214,6 @@ redis.call('HSET', sk, key, entry)
 redis.call('HSET', k_meta(id), 'currentStep', name)
 redis.call('HSET', k_state(id), 'updatedAt', now_iso)
 redis.call('ZADD', P .. ':leases', 'XX', lease, id)
-hist(id, now, 'step.started', ARGV[10])
 return 'ok'
 """
 
@@ -231,7 +234,7 @@ if final == '1' and entry_status(entry) == 'complete' then
   redis.call('HINCRBY', st, 'stepsDone', 1)
 end
 redis.call('HSET', st, 'updatedAt', now_iso)
-hist(id, now, ev, ARGV[11])
+if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[11]) end
 if status == 'waitingForPause' then
   pause_now(id, now, now_iso)
   return 'paused'
@@ -291,12 +294,12 @@ if s == 'complete' or s == 'errored' then return {'final', cur} end
 local ev = redis.call('LPOP', P .. ':' .. id .. ':events:' .. etype)
 if not ev then return {'none'} end
 local st = k_state(id)
-local e = '{"s":"complete","k":"event","i":' .. idx .. ',"a":1,"t0":' .. t0 .. ',"t1":' .. now ..
-          ',"ty":"' .. etype .. '","v":' .. ev .. '}'
+local e = '{"s":"complete","k":"event","i":' .. idx .. ',"t0":' .. t0 .. ',"d":' ..
+          string.format('%.3f', tonumber(now) - tonumber(t0)) .. ',"ty":"' .. etype .. '","v":' ..
+          ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
 redis.call('HSET', st, 'updatedAt', now_iso)
-hist(id, now, 'event.received', '"step":' .. cjson.encode(key) .. ',"type":"' .. etype .. '"')
 return {'event', e}
 """
 
@@ -396,7 +399,7 @@ else
 end
 redis.call('HSET', k_meta(id), 'currentStep', '')
 finish_bookkeeping(id, now)
-hist(id, now, outcome, ARGV[8])
+if outcome ~= 'complete' then hist(id, now, outcome, ARGV[8]) end
 return outcome
 """
 
@@ -486,10 +489,11 @@ if from_key == '' then
 else
   local target = redis.call('HGET', sk, from_key)
   if not target then return {'nostep', from_key} end
-  local cut = tonumber(string.match(target, '^{"s":"%a+","k":"%a+","i":(%d+)'))
+  local cut = tonumber(string.match(target, '"i":(%d+)'))
   local all = redis.call('HGETALL', sk)
   for i = 1, #all, 2 do
-    local s, idx = string.match(all[i + 1], '^{"s":"(%a+)","k":"%a+","i":(%d+)')
+    local s = entry_status(all[i + 1])
+    local idx = string.match(all[i + 1], '"i":(%d+)')
     if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
       redis.call('HDEL', sk, all[i])
     elseif s == 'complete' then
@@ -499,7 +503,11 @@ else
 end
 release(id)
 redis.call('HINCRBY', st, 'gen', 1)
-redis.call('HSET', st, 'stepsDone', done)
+if done > 0 then
+  redis.call('HSET', st, 'stepsDone', done)
+else
+  redis.call('HDEL', st, 'stepsDone')
+end
 redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType')
 redis.call('HSET', k_meta(id), 'currentStep', '')
 redis.call('ZREM', P .. ':timers', id)

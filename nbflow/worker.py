@@ -66,8 +66,9 @@ class NbflowWorker(SimpleWorker):
         if not self.in_thread:
             super().bootstrap(*args, **kwargs)
             return
+        # No pubsub command channel: its thread takes a second to stop, and an
+        # in-process worker is stopped with engine.stop_worker(), not `rq` commands.
         self.register_birth()  # type: ignore[no-untyped-call]
-        self.subscribe()  # type: ignore[no-untyped-call]
         self.set_state(WorkerStatus.STARTED)
 
     def _install_signal_handlers(self) -> None:
