@@ -31,7 +31,7 @@ from nbflow.errors import (
     WorkflowNotRegisteredError,
 )
 from nbflow.step import event_json, rebuild_error, split_key
-from nbflow.store import FINAL_STATUSES, STATUSES, Keys, Scripts
+from nbflow.store import FINAL_STATUSES, STATUSES, Keys, Scripts, clock
 from nbflow.validate import check_event_type, check_instance_id, check_step_name
 
 if TYPE_CHECKING:
@@ -70,8 +70,8 @@ _STEP_COLUMNS = [
 
 
 def _now() -> tuple[str, str]:
-    t = time.time()
-    return f"{t:.6f}", datetime.fromtimestamp(t, timezone.utc).isoformat()
+    t, iso = clock()
+    return f"{t:.6f}", iso
 
 
 def _text(value: Any) -> str | None:
@@ -207,12 +207,12 @@ class Engine:
             raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
+        if status is None and workflow is None:
+            return pd.DataFrame(list(self._rows(self._newest(limit))), columns=_INSTANCE_COLUMNS)
         if status is not None:
             index = self.keys.by_status(status)
-        elif workflow is not None:
-            index = self.keys.by_workflow(workflow)
         else:
-            index = self.keys.index
+            index = self.keys.by_workflow(str(workflow))
         rows: list[dict[str, Any]] = []
         start, page = 0, max(limit, 100)
         while len(rows) < limit:
@@ -226,6 +226,18 @@ class Engine:
                     if len(rows) >= limit:
                         break
         return pd.DataFrame(rows, columns=_INSTANCE_COLUMNS)
+
+    def _newest(self, limit: int) -> list[str]:
+        """The ``limit`` newest instances of any status: every instance sits in exactly
+        one status index, so the newest of each, merged, are the newest of all."""
+        if limit == 0:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for st in STATUSES:
+            pipe.zrevrange(self.keys.by_status(st), 0, limit - 1, withscores=True)
+        merged = [(score, _s(iid)) for part in pipe.execute() for iid, score in part]
+        merged.sort(reverse=True)
+        return [iid for _, iid in merged[:limit]]
 
     def _rows(self, ids: Sequence[str]) -> Iterable[dict[str, Any]]:
         pipe = self.redis.pipeline(transaction=False)
@@ -613,11 +625,18 @@ class WorkflowInstance:
             delay = min(delay * 1.5, 0.1)
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
-        raw = self.engine.redis.hgetall(self.engine.keys.steps(self.id))
+        """Step entries in run order, their start times as epochs again."""
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.hgetall(self.engine.keys.steps(self.id))
+        pipe.hget(self.engine.keys.state(self.id), "createdAt")
+        raw, created = pipe.execute()
+        base = datetime.fromisoformat(_s(created)).timestamp() if created else 0.0
         entries = []
         for k, v in raw.items():
             entry = codec.decode(v)
             assert isinstance(entry, dict)
+            if "t0" in entry:
+                entry["t0"] = base + float(entry["t0"])
             entries.append((_s(k), entry))
         entries.sort(key=lambda kv: int(kv[1]["i"]))
         return entries

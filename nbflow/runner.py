@@ -26,10 +26,9 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from nbflow import codec
@@ -42,6 +41,7 @@ from nbflow.step import (
     error_dict,
     rebuild_error,
 )
+from nbflow.store import clock
 
 if TYPE_CHECKING:
     from nbflow.engine import Engine
@@ -82,11 +82,6 @@ def current_engine(prefix: str) -> Engine:
             "start workers with the same --prefix and --queue as the Engine"
         )
     return engine
-
-
-def _now() -> tuple[float, str]:
-    t = time.time()
-    return t, datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
 def _task_key() -> int | None:
@@ -169,7 +164,7 @@ def run_many(
 ) -> list[str]:
     """Claim ``ids`` in one round trip and run them: async runs side by side with
     their writes grouped, sync runs one after another.  Returns each outcome."""
-    now, now_iso = _now()
+    now, now_iso = clock()
     lease = f"{now + LEASE_SECONDS:.6f}"
     token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
     tokens = [f"{token_base}:{n}" for n in range(len(ids))]
@@ -241,11 +236,14 @@ class Run:
         self.workflow_name = claim[1].decode()
         self.payload = codec.decode(claim[2])
         self.created_at = datetime.fromisoformat(claim[3].decode())
+        self.created_ts = self.created_at.timestamp()
         self.cache: dict[str, dict[str, Any]] = {}
         top = -1
         for i in range(4, len(claim), 2):
             entry = codec.decode(claim[i + 1])
             assert isinstance(entry, dict)
+            if "t0" in entry:  # stored relative to creation; the protocol uses epochs
+                entry["t0"] = self.created_ts + float(entry["t0"])
             self.cache[claim[i].decode()] = entry
             top = max(top, int(entry["i"]))
         self._next = top + 1
@@ -307,7 +305,7 @@ class Run:
             raise self.halt(result.decode())
 
     def _args(self) -> list[str]:
-        now, now_iso = _now()
+        now, now_iso = clock()
         return [self.engine.prefix, self.iid, self.token, f"{now:.6f}", now_iso]
 
     def _start_args(self, key: str, name: str, entry: str, attempt: int) -> list[str]:
@@ -355,7 +353,8 @@ class Run:
             self._check(await fut)
 
     def _take_event_args(self, key: str, event_type: str, index: int, t0: float) -> list[str]:
-        return [*self._args(), key, event_type, str(index), f"{t0:.3f}"]
+        rel = f"{t0 - self.created_ts:.3f}"
+        return [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}"]
 
     def take_event(
         self, key: str, name: str, event_type: str, index: int, t0: float

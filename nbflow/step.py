@@ -192,6 +192,10 @@ class _StepBase:
     def __init__(self, run: Run) -> None:
         self._run = run
 
+    def _e(self, status: str, kind: str, index: int, attempts: int, t0: float, **kw: Any) -> str:
+        """A step entry of this run (times stored relative to the instance's creation)."""
+        return _entry(status, kind, index, attempts, t0, base=self._run.created_ts, **kw)
+
     # -- step.do: argument forms ------------------------------------------------
 
     def _parse_do(
@@ -264,19 +268,19 @@ class _StepBase:
             retry_at = _now() + wait
             self._run.request_wait(
                 st.key,
-                _entry("retrying", "do", st.index, attempt - 1, t0, u=retry_at, err=err),
+                self._e("retrying", "do", st.index, attempt - 1, t0, u=retry_at, err=err),
                 retry_at,
             )
         return wait
 
     def _start_attempt(self, st: _Step, attempt: int, t0: float) -> None:
         self._run.start_step(
-            st.key, st.name, _entry("running", "do", st.index, attempt, t0), attempt
+            st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
         )
 
     async def _astart_attempt(self, st: _Step, attempt: int, t0: float) -> None:
         await self._run.astart_step(
-            st.key, st.name, _entry("running", "do", st.index, attempt, t0), attempt
+            st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
         )
 
     def _succeed(self, st: _Step, value: Any, attempt: int, t0: float) -> Any:
@@ -297,7 +301,7 @@ class _StepBase:
             )
         self._run.record(
             st.key,
-            _entry("complete", "do", st.index, attempt, t0, t1=_now(), value_json=text),
+            self._e("complete", "do", st.index, attempt, t0, t1=_now(), value_json=text),
             final=True,
             event="step.finished",
             attempt=attempt,
@@ -308,7 +312,7 @@ class _StepBase:
         err = {"name": name, "message": message}
         self._run.record(
             st.key,
-            _entry("errored", "do", st.index, attempt, t0, t1=_now(), err=err),
+            self._e("errored", "do", st.index, attempt, t0, t1=_now(), err=err),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -337,7 +341,7 @@ class _StepBase:
         if delay <= INLINE_WAIT_MAX:
             self._run.record(
                 st.key,
-                _entry("retrying", "do", st.index, attempt, t0, u=_now() + delay, err=err),
+                self._e("retrying", "do", st.index, attempt, t0, u=_now() + delay, err=err),
                 final=False,
                 event="step.retrying",
                 attempt=attempt,
@@ -355,7 +359,7 @@ class _StepBase:
         )
         self._run.record(
             st.key,
-            _entry("errored", "do", st.index, attempt, t0, t1=_now(), err=error_dict(exc)),
+            self._e("errored", "do", st.index, attempt, t0, t1=_now(), err=error_dict(exc)),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -389,13 +393,13 @@ class _StepBase:
         if now >= until:
             self._run.record(
                 st.key,
-                _entry("complete", "sleep", st.index, 1, t0, t1=now, u=until, value_json="null"),
+                self._e("complete", "sleep", st.index, 1, t0, t1=now, u=until, value_json="null"),
                 final=True,
                 event="slept",
                 attempt=1,
             )
             return
-        self._run.request_wait(st.key, _entry("waiting", "sleep", st.index, 1, t0, u=until), until)
+        self._run.request_wait(st.key, self._e("waiting", "sleep", st.index, 1, t0, u=until), until)
 
     # -- events ------------------------------------------------------------------
 
@@ -436,7 +440,7 @@ class _StepBase:
             )
             self._run.record(
                 st.key,
-                _entry(
+                self._e(
                     "errored",
                     "event",
                     st.index,
@@ -454,7 +458,7 @@ class _StepBase:
             raise exc
         self._run.request_wait(
             st.key,
-            _entry("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
+            self._e("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
             deadline,
             event_type=event_type,
         )
@@ -477,20 +481,25 @@ def _entry(
     attempts: int,
     t0: float,
     *,
+    base: float = 0.0,
     t1: float | None = None,
     u: float | None = None,
     ty: str | None = None,
     err: Mapping[str, Any] | None = None,
     value_json: str | None = None,
 ) -> str:
-    """A step entry as compact JSON (see ``nbflow.store``); ``s`` stays first."""
+    """A step entry as compact JSON (see ``nbflow.store``); ``s`` stays first.
+
+    ``t0`` is stored as seconds since ``base`` (the instance's creation): a short
+    number keeps small entries small enough for Redis's compact hash encoding.
+    """
     parts = [f'{{"s":"{status}"']
     if kind != "do":
         parts.append(f',"k":"{kind}"')
     parts.append(f',"i":{index}')
     if attempts != 1:
         parts.append(f',"a":{attempts}')
-    parts.append(f',"t0":{t0:.3f}')
+    parts.append(f',"t0":{t0 - base:.3f}')
     if t1 is not None:
         parts.append(f',"d":{max(0.0, t1 - t0):.3f}')
     if u is not None:

@@ -18,9 +18,9 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
     {p}:expiry            zset  finished instances -> epoch when retention deletes them
-    {p}:index             zset  every instance -> creation epoch (newest-first listings)
-    {p}:index:wf:{name}   zset  the same, per workflow
-    {p}:index:status:{s}  zset  the same, per status
+    {p}:index:wf:{name}   zset  instances of a workflow -> creation epoch (newest first)
+    {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
+                                in exactly one, so merging them lists all instances
 
 A step entry is compact JSON (small entries keep the hash in Redis's listpack
 encoding) whose first field is fixed so Lua can read it without decoding the
@@ -37,6 +37,7 @@ from the prefix they are given: nbflow targets a single Redis (not Cluster).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
@@ -54,6 +55,14 @@ STATUSES = (
 )
 
 
+def clock() -> tuple[float, str]:
+    """Now, as epoch seconds and as the ISO 8601 UTC text stored in state
+    (millisecond precision, ``Z``: short, and what any tool parses)."""
+    t = time.time()
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+    return t, f"{whole}.{int(t % 1 * 1000):03d}Z"
+
+
 class Keys:
     """Key names for one prefix; the only place that spells them."""
 
@@ -63,7 +72,6 @@ class Keys:
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
-        self.index = f"{prefix}:index"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -100,12 +108,14 @@ local function hist(id, now, ev, extra)
   if extra and extra ~= '' then e = e .. ',' .. extra end
   redis.call('RPUSH', k_hist(id), e .. '}')
 end
-local function set_status(id, new, now_iso)
+local function set_status(id, new, now_iso, created)
   local st = k_state(id)
   local old = redis.call('HGET', st, 'status')
-  local created = redis.call('ZSCORE', P .. ':index', id) or '0'
-  if old then redis.call('ZREM', P .. ':index:status:' .. old, id) end
-  redis.call('ZADD', P .. ':index:status:' .. new, created, id)
+  if old then
+    created = redis.call('ZSCORE', P .. ':index:status:' .. old, id) or created
+    redis.call('ZREM', P .. ':index:status:' .. old, id)
+  end
+  redis.call('ZADD', P .. ':index:status:' .. new, created or '0', id)
   redis.call('HSET', st, 'status', new, 'updatedAt', now_iso)
 end
 local function release(id)
@@ -113,7 +123,7 @@ local function release(id)
   redis.call('ZREM', P .. ':leases', id)
 end
 local function make_queued(id, now, now_iso)
-  set_status(id, 'queued', now_iso)
+  set_status(id, 'queued', now_iso, now)
   redis.call('ZADD', P .. ':ready', now, id)
 end
 local function finish_bookkeeping(id, now)
@@ -171,7 +181,6 @@ for i = 6, #ARGV, 2 do
     redis.call('HSET', st, 'createdAt', now_iso)
     if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
     redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '')
-    redis.call('ZADD', P .. ':index', now, id)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     make_queued(id, now, now_iso)
     out[#out + 1] = 1
@@ -280,11 +289,11 @@ hist(id, now, 'waiting', ARGV[8])
 return 'waiting'
 """
 
-# ARGV: prefix, id, token, now, now_iso, key, type, index, t0.
+# ARGV: prefix, id, token, now, now_iso, key, type, index, t0 (since creation), t0 epoch.
 # Takes the oldest buffered event of the type into the step's entry, if any.
 _TAKE_EVENT = r"""
 local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local key, etype, idx, t0 = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local key, etype, idx, t0, t0_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local why = owned(id, token, now, now_iso)
 if why ~= 'running' then return {why} end
 local sk = k_steps(id)
@@ -294,9 +303,9 @@ if s == 'complete' or s == 'errored' then return {'final', cur} end
 local ev = redis.call('LPOP', P .. ':' .. id .. ':events:' .. etype)
 if not ev then return {'none'} end
 local st = k_state(id)
-local e = '{"s":"complete","k":"event","i":' .. idx .. ',"t0":' .. t0 .. ',"d":' ..
-          string.format('%.3f', tonumber(now) - tonumber(t0)) .. ',"ty":"' .. etype .. '","v":' ..
-          ev .. '}'
+local d = string.format('%.3f', tonumber(now) - tonumber(t0_epoch))
+local e = '{"s":"complete","k":"event","i":' .. idx .. ',"t0":' .. t0 .. ',"d":' .. d ..
+          ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
 redis.call('HSET', st, 'updatedAt', now_iso)
@@ -532,7 +541,6 @@ for _, id in ipairs(ids) do
     redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
   end
   redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types)
-  redis.call('ZREM', P .. ':index', id)
   redis.call('ZREM', P .. ':expiry', id)
   redis.call('ZREM', P .. ':ready', id)
 end

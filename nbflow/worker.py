@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from rq.serializers import JSONSerializer
@@ -27,6 +26,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from nbflow import runner
+from nbflow.store import clock
 
 if TYPE_CHECKING:
     from nbflow.engine import Engine
@@ -37,11 +37,6 @@ WAKE_INTERVAL = 0.05  # how often due timers are looked for
 HEARTBEAT_INTERVAL = runner.LEASE_SECONDS / 3
 SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
 ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
-
-
-def _now() -> tuple[float, str]:
-    t = time.time()
-    return t, datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
 class NbflowWorker(SimpleWorker):
@@ -121,7 +116,7 @@ class Housekeeper(threading.Thread):
 
     def wake_due(self) -> int:
         """Queue instances whose sleep, event timeout or retry wait is due."""
-        now, now_iso = _now()
+        now, now_iso = clock()
         ids = self.engine._scripts.wake_due(args=[self.engine.prefix, f"{now:.6f}", now_iso, 500])
         if ids:
             self.engine._enqueue([i.decode() for i in ids], at_front=True)
@@ -140,7 +135,7 @@ class Housekeeper(threading.Thread):
     def sweep(self, orphan_age: float) -> int:
         """Recover dead workers' instances, re-dispatch lost jobs, apply retention."""
         engine = self.engine
-        now, now_iso = _now()
+        now, now_iso = clock()
         found = 0
         dead = engine._scripts.reap(args=[engine.prefix, f"{now:.6f}", now_iso, 500])
         if dead:
