@@ -13,14 +13,17 @@ the housekeeping every worker does beside it.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
+from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
@@ -37,14 +40,23 @@ WAKE_INTERVAL = 0.05  # how often due timers are looked for
 HEARTBEAT_INTERVAL = runner.LEASE_SECONDS / 3
 SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
 ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
+WORKER_HEARTBEAT = 10.0  # seconds between RQ worker-key heartbeats
 
 
 class NbflowWorker(SimpleWorker):
     """An RQ worker that runs nbflow jobs inline against one ``Engine``.
 
+    It registers, heartbeats and dies like any RQ worker (``rq info`` lists it,
+    with its state), and takes jobs from the RQ queue; but it runs nbflow's jobs
+    without RQ's per-job bookkeeping (started/finished registries, results,
+    execution records: about twenty round trips a job).  nbflow does not need
+    it: leases in ``nbflow.store`` are its recovery, and its jobs store no result.
+    A job costs the BLPOP that takes it, one round trip to read it and mark the
+    worker busy, and one to delete it and mark the worker idle.
+
     ``in_thread`` workers (notebooks) install no signal handlers and add no log
     handlers (a background thread must never print into a cell); every worker
-    polls in short slices so a stop request is honoured within about a second.
+    polls in short slices so a stop request is honoured within a moment.
     """
 
     death_penalty_class = TimerDeathPenalty  # nbflow jobs have no RQ timeout; never SIGALRM
@@ -56,6 +68,7 @@ class NbflowWorker(SimpleWorker):
         self.engine = engine
         self.in_thread = in_thread
         self.stopping = stopping or threading.Event()
+        self.jobs_run = 0
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         if not self.in_thread:
@@ -70,23 +83,66 @@ class NbflowWorker(SimpleWorker):
         if not self.in_thread:
             super()._install_signal_handlers()  # type: ignore[no-untyped-call]
 
-    def dequeue_job_and_maintain_ttl(
-        self, timeout: int | None, max_idle_time: int | None = None
-    ) -> Any:
-        if timeout is None or max_idle_time is not None:
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        # Block in short slices so a stop request is seen quickly (RQ's own loop only
-        # looks at it between jobs); an in-process worker must stop within a moment.
-        step: Any = 0.2 if self.in_thread else 1
-        while not (self._stop_requested or self.stopping.is_set()):
-            result = super().dequeue_job_and_maintain_ttl(step, step)
-            if result is not None:
-                return result
-        return None
-
-    def execute_job(self, job: Any, queue: Any) -> None:
+    def work(
+        self, burst: bool = False, logging_level: str | None = "INFO", *_: Any, **__: Any
+    ) -> bool:
+        """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
+        self.bootstrap(logging_level)
+        self._install_signal_handlers()
         runner.bind_engine(self.engine, self.stopping)
-        super().execute_job(job, queue)
+        queue_key = self.engine._queue.key
+        slice_s = 0.2 if self.in_thread else 1.0
+        next_beat = 0.0
+        try:
+            while not (self._stop_requested or self.stopping.is_set()):
+                if time.monotonic() >= next_beat:
+                    self.heartbeat()
+                    next_beat = time.monotonic() + WORKER_HEARTBEAT
+                if burst:
+                    job_id = self.connection.lpop(queue_key)
+                    if job_id is None:
+                        break
+                else:
+                    popped = self.connection.blpop([queue_key], timeout=slice_s)
+                    if popped is None:
+                        continue
+                    job_id = popped[1]
+                self._run_job(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+        except StopRequested:
+            pass
+        finally:
+            self.teardown()  # type: ignore[no-untyped-call]
+        return self.jobs_run > 0
+
+    def _run_job(self, job_id: str) -> None:
+        job_key = self.engine._queue.job_class.key_for(job_id)
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hget(job_key, "data")
+        pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
+        data, _ = pipe.execute()
+        try:
+            if data is None:
+                log.warning("nbflow worker: job %s vanished before it ran", job_id)
+                return
+            func, _instance, args, _kwargs = json.loads(zlib.decompress(data))
+            if func != "nbflow.runner.run_job":
+                log.error(
+                    "nbflow worker: job %s calls %s, not an nbflow job; dropped", job_id, func
+                )
+                return
+            runner.run_job(*args)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            # The instances stay leased; when the leases expire they are taken back.
+            log.exception("nbflow worker: job %s failed", job_id)
+        finally:
+            self.jobs_run += 1
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.delete(job_key)
+            pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
+            pipe.hdel(self.key, "current_job")
+            pipe.execute()
 
 
 class Housekeeper(threading.Thread):
@@ -204,11 +260,9 @@ def run_foreground(engine: Engine, burst: bool = True) -> int:
         keeper.sweep(orphan_age=0.0)
         if engine._queue.count == 0:
             return jobs
-        runner.bind_engine(engine, stopping)
         worker = NbflowWorker(engine, in_thread=True, stopping=stopping)
-        before = worker.successful_job_count + worker.failed_job_count
         worker.work(burst=True, logging_level="WARNING")
-        jobs += worker.successful_job_count + worker.failed_job_count - before
+        jobs += worker.jobs_run
 
 
 def serve(engine: Engine, burst: bool = False) -> None:
