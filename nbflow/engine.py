@@ -611,7 +611,8 @@ class WorkflowInstance:
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.002
+        # Poll fast at first (short workflows end within milliseconds), then back off.
+        delay = 0.0005
         while True:
             status = self.status()
             if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
@@ -622,7 +623,7 @@ class WorkflowInstance:
                 )
             pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
-            delay = min(delay * 1.5, 0.1)
+            delay = min(delay * 1.3, 0.05)
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""

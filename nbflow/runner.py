@@ -267,7 +267,9 @@ class Run:
                 self.instance = exc
         self.batch: Batch | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        # writes sent behind (async runs): replies checked by _settle
+        # writes behind (async runs): a step result not sent yet, and sent ones
+        # whose replies _settle checks
+        self._pending: list[str] | None = None
         self._behind: list[asyncio.Future[Any]] = []
 
     # -- used by the step protocol ----------------------------------------------
@@ -305,42 +307,62 @@ class Run:
             raise self.halt(result.decode())
 
     def _args(self) -> list[str]:
+        return [self.engine.prefix, *self._own()]
+
+    def _own(self) -> list[str]:
+        """id, token, now, now_iso: what every write of this run starts with."""
         now, now_iso = clock()
-        return [self.engine.prefix, self.iid, self.token, f"{now:.6f}", now_iso]
+        return [self.iid, self.token, f"{now:.6f}", now_iso]
 
     def _start_args(self, key: str, name: str, entry: str, attempt: int) -> list[str]:
-        args = self._args()
-        lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        return [*args, lease, key, entry, name, hist]
+        return [*self._own(), key, entry, name, hist]
 
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Records a step attempt's start; stops the run first if it must stop."""
         self._stop_if_halted()
-        self._check(
-            self.engine._scripts.step_start(args=self._start_args(key, name, entry, attempt))
-        )
+        args = [self.engine.prefix, *self._start_args(key, name, entry, attempt)]
+        self._check(self.engine._scripts.step_start(args=args))
 
     async def astart_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """``start_step`` for async runs: grouped with other runs' calls; the writes
         this run sent behind are checked first."""
         self._stop_if_halted()
-        fut = self._call("step_start", self._start_args(key, name, entry, attempt))
+        start = self._start_args(key, name, entry, attempt)
+        if self._pending is None:
+            fut = self._call("step_start", [self.engine.prefix, *start])
+            await self._settle()
+            self._check(await fut)
+            return
+        # the last step's result and this step's start, in one script call
+        both = self._call("step_next", [self.engine.prefix, *self._pending, *start])
+        self._pending = None
         await self._settle()
-        self._check(await fut)
+        replies = await both
+        if isinstance(replies, Exception):
+            raise replies
+        self._check(replies[0])
+        self._check(replies[1])
 
     def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None:
         """Stores a step's outcome (or a retry record); a pause asked for meanwhile
-        takes effect right after it is stored.  Async runs send it behind: it goes
-        out with the run's next call, whose turn also checks its reply."""
-        args = self._args()
-        lease = f"{float(args[3]) + LEASE_SECONDS:.6f}"
+        takes effect right after it is stored.  Async runs write it behind: it goes
+        out with the run's next call (merged with the next step's start when that
+        comes next), whose turn also checks its reply."""
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        call_args = [*args, lease, key, entry, "1" if final else "0", event, hist]
+        finish = [*self._own(), key, entry, "1" if final else "0", event, hist]
         if self.batch is not None:
-            self._behind.append(self._call("step_finish", call_args))
+            self._flush_pending()
+            self._pending = finish
             return
-        self._check(self.engine._scripts.step_finish(args=call_args))
+        self._check(self.engine._scripts.step_finish(args=[self.engine.prefix, *finish]))
+
+    def _flush_pending(self) -> None:
+        """Sends a result written behind on its own (the next call is no step start)."""
+        if self._pending is not None:
+            args = [self.engine.prefix, *self._pending]
+            self._pending = None
+            self._behind.append(self._call("step_finish", args))
 
     def _call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
         assert self.batch is not None
@@ -348,6 +370,7 @@ class Run:
 
     async def _settle(self) -> None:
         """Awaits the writes sent behind; one that was refused stops the run."""
+        self._flush_pending()
         behind, self._behind = self._behind, []
         for fut in behind:
             self._check(await fut)
@@ -371,6 +394,7 @@ class Run:
     ) -> dict[str, Any] | None:
         """``take_event`` for async runs (grouped)."""
         self._stop_if_halted()
+        self._flush_pending()
         fut = self._call("take_event", self._take_event_args(key, event_type, index, t0))
         await self._settle()
         res = await fut
@@ -546,6 +570,7 @@ class Run:
                 name, args = "suspend", park
         else:
             name, args = "finish", self._finish_args(status, value)
+        self._flush_pending()
         fut = self._call(name, args)
         if not await self._settle_quietly():
             await fut

@@ -140,11 +140,10 @@ end
 -- Checks that the caller's run still owns the instance: returns 'running' or
 -- 'waitingForPause' when it does, else why not ('lost', 'unknown', a status).
 local function check_owner(id, token)
-  local st = k_state(id)
-  local status = redis.call('HGET', st, 'status')
-  if not status then return 'unknown' end
-  if redis.call('HGET', st, 'owner') ~= token then return 'lost' end
-  return status
+  local got = redis.call('HMGET', k_state(id), 'status', 'owner')
+  if not got[1] then return 'unknown' end
+  if got[2] ~= token then return 'lost' end
+  return got[1]
 end
 local function pause_now(id, now, now_iso)
   set_status(id, 'paused', now_iso)
@@ -209,48 +208,53 @@ for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
 """
 
-# ARGV: prefix, id, token, now, now_iso, lease_until, key, entry, step name, history.
-# Records that a step (attempt) starts, unless its entry is already final.
-_STEP_START = r"""
-local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local key, entry, name = ARGV[7], ARGV[8], ARGV[9]
-local why = owned(id, token, now, now_iso)
-if why ~= 'running' then return why end
-local sk = k_steps(id)
-local s = entry_status(redis.call('HGET', sk, key))
-if s == 'complete' or s == 'errored' then return 'final' end
-redis.call('HSET', sk, key, entry)
-redis.call('HSET', k_meta(id), 'currentStep', name)
-redis.call('HSET', k_state(id), 'updatedAt', now_iso)
-redis.call('ZADD', P .. ':leases', 'XX', lease, id)
-return 'ok'
-"""
-
-# ARGV: prefix, id, token, now, now_iso, lease_until, key, entry, final(1/0), event, history.
-# Stores a step's outcome (final, or a retry/wait record). A final entry is
-# never overwritten, so a late duplicate from a lost run changes nothing.
-_STEP_FINISH = r"""
-local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local key, entry, final, ev = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local st = k_state(id)
-local status = check_owner(id, token)
-if status ~= 'running' and status ~= 'waitingForPause' then return status end
-local sk = k_steps(id)
-local s = entry_status(redis.call('HGET', sk, key))
-if s == 'complete' or s == 'errored' then return 'final' end
-redis.call('HSET', sk, key, entry)
-if final == '1' and entry_status(entry) == 'complete' then
-  redis.call('HINCRBY', st, 'stepsDone', 1)
+# The step protocol's two writes, as functions so one script can do both (a
+# step's result and the next step's start go out as one call).
+#   step_start  ARGV[o..o+7]: id, token, now, now_iso, key, entry, step name, history
+#     records that a step attempt starts, unless its entry is already final
+#   step_finish ARGV[o..o+8]: id, token, now, now_iso, key, entry, final (1/0), event, history
+#     stores a step's outcome (final, or a retry/wait record); a final entry is
+#     never overwritten, so a late duplicate from a lost run changes nothing
+# Leases are renewed by the worker's heartbeat, not by every step.
+_STEP_FUNCTIONS = r"""
+local function step_start(o)
+  local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
+  local key, entry, name = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
+  local why = owned(id, token, now, now_iso)
+  if why ~= 'running' then return why end
+  local sk = k_steps(id)
+  local s = entry_status(redis.call('HGET', sk, key))
+  if s == 'complete' or s == 'errored' then return 'final' end
+  redis.call('HSET', sk, key, entry)
+  redis.call('HSET', k_meta(id), 'currentStep', name)
+  return 'ok'
 end
-redis.call('HSET', st, 'updatedAt', now_iso)
-if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[11]) end
-if status == 'waitingForPause' then
-  pause_now(id, now, now_iso)
-  return 'paused'
+local function step_finish(o)
+  local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
+  local key, entry, final, ev = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6], ARGV[o + 7]
+  local st = k_state(id)
+  local status = check_owner(id, token)
+  if status ~= 'running' and status ~= 'waitingForPause' then return status end
+  local sk = k_steps(id)
+  local s = entry_status(redis.call('HGET', sk, key))
+  if s == 'complete' or s == 'errored' then return 'final' end
+  redis.call('HSET', sk, key, entry)
+  if final == '1' and entry_status(entry) == 'complete' then
+    redis.call('HINCRBY', st, 'stepsDone', 1)
+  end
+  redis.call('HSET', st, 'updatedAt', now_iso)
+  if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[o + 8]) end
+  if status == 'waitingForPause' then
+    pause_now(id, now, now_iso)
+    return 'paused'
+  end
+  return 'ok'
 end
-redis.call('ZADD', P .. ':leases', 'XX', lease, id)
-return 'ok'
 """
+_STEP_START = "return step_start(2)"
+_STEP_FINISH = "return step_finish(2)"
+# ARGV: prefix, the 9 step_finish values, the 8 step_start values.
+_STEP_NEXT = "return {step_finish(2), step_start(11)}"
 
 # ARGV: prefix, id, token, now, now_iso, wake_at ('' = none), wait types (",a,b," or ''),
 # history, then key, entry pairs (pending entries recording each wait's deadline,
@@ -552,6 +556,7 @@ _SOURCES = {
     "claim": _CLAIM,
     "step_start": _STEP_START,
     "step_finish": _STEP_FINISH,
+    "step_next": _STEP_NEXT,
     "suspend": _SUSPEND,
     "take_event": _TAKE_EVENT,
     "send_event": _SEND_EVENT,
@@ -581,7 +586,8 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Any] = {
-            name: client.register_script(_PRELUDE + body) for name, body in _SOURCES.items()
+            name: client.register_script(_PRELUDE + _STEP_FUNCTIONS + body)
+            for name, body in _SOURCES.items()
         }
 
     def __getattr__(self, name: str) -> Any:

@@ -148,15 +148,22 @@ class NbflowWorker(SimpleWorker):
 class Housekeeper(threading.Thread):
     """Timers, lease heartbeats and recovery for one engine (see module docstring)."""
 
-    def __init__(self, engine: Engine, stopping: threading.Event) -> None:
+    def __init__(
+        self, engine: Engine, stopping: threading.Event, *, beats_only: bool = False
+    ) -> None:
         super().__init__(name="nbflow-housekeeper", daemon=True)
         self.engine = engine
         self.stopping = stopping
+        self.beats_only = beats_only  # a burst worker wakes and sweeps by itself
 
     def run(self) -> None:
         next_beat = next_sweep = 0.0
         while not self.stopping.is_set():
             try:
+                if self.beats_only:
+                    self.heartbeat()
+                    self.stopping.wait(HEARTBEAT_INTERVAL)
+                    continue
                 self.wake_due()
                 now = time.monotonic()
                 if now >= next_beat:
@@ -254,6 +261,15 @@ def run_foreground(engine: Engine, burst: bool = True) -> int:
         finally:
             stopping.set()
         return 0
+    beats = Housekeeper(engine, stopping, beats_only=True)  # leases of long steps
+    beats.start()
+    try:
+        return _burst(engine, keeper, stopping)
+    finally:
+        stopping.set()
+
+
+def _burst(engine: Engine, keeper: Housekeeper, stopping: threading.Event) -> int:
     jobs = 0
     while True:
         keeper.wake_due()
