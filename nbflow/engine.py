@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import pandas as pd
@@ -86,7 +86,7 @@ def _s(value: Any) -> str:
 def _ts(value: Any) -> datetime | None:
     if value is None:
         return None
-    return datetime.fromtimestamp(float(value), timezone.utc)
+    return datetime.fromtimestamp(float(value), UTC)
 
 
 class Engine:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from nbflow import codec, errors
@@ -605,24 +605,24 @@ class WorkflowStep(_StepBase):
         while True:
             await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
+            # asyncio.timeout, not wait_for: no extra task per step (Python 3.11+)
+            limit = asyncio.timeout(cfg.timeout)
             try:
-                if inspect.iscoroutinefunction(callback):
-                    coro = callback(ctx) if ctx is not None else callback()
-                    result = await asyncio.wait_for(coro, cfg.timeout)
-                else:
-                    started = time.monotonic()
-                    result = await asyncio.wait_for(
-                        loop.run_in_executor(_POOL, _call_plain, callback, ctx), cfg.timeout
-                    )
-                    if inspect.isawaitable(result):
-                        left = max(0.001, cfg.timeout - (time.monotonic() - started))
-                        result = await asyncio.wait_for(_await(result), left)
+                async with limit:
+                    if inspect.iscoroutinefunction(callback):
+                        result = await (callback(ctx) if ctx is not None else callback())
+                    else:
+                        # sync callbacks run on the pool so their timeout holds even
+                        # when they block; an awaitable they return is awaited here
+                        result = await loop.run_in_executor(_POOL, _call_plain, callback, ctx)
+                        if inspect.isawaitable(result):
+                            result = await result
             except (Suspend, FatalRunError):
                 raise
-            except asyncio.TimeoutError:
-                exc: BaseException = self._timeout_error(st, attempt, cfg)
             except Exception as caught:
-                exc = caught
+                # a TimeoutError the callback raised itself is its own failure
+                timed_out = isinstance(caught, TimeoutError) and limit.expired()
+                exc: BaseException = self._timeout_error(st, attempt, cfg) if timed_out else caught
             else:
                 return self._succeed(st, result, attempt, t0)
             delay = self._failed(st, cfg, exc, attempt, t0)
@@ -749,10 +749,10 @@ class SyncWorkflowStep(_StepBase):
                 result = future.result(timeout=cfg.timeout)
             except (Suspend, FatalRunError):
                 raise
-            except FutureTimeout:
-                exc: BaseException = self._timeout_error(st, attempt, cfg)
             except Exception as caught:
-                exc = caught
+                # a TimeoutError the callback raised itself is its own failure
+                timed_out = isinstance(caught, FutureTimeout) and not future.done()
+                exc: BaseException = self._timeout_error(st, attempt, cfg) if timed_out else caught
             else:
                 return self._succeed(st, result, attempt, t0)
             delay = self._failed(st, cfg, exc, attempt, t0)
@@ -784,9 +784,7 @@ class SyncWorkflowStep(_StepBase):
 
 def event_json(event_type: str, payload: Any) -> str:
     """The stored form of a sent event, as ``wait_for_event`` returns it."""
-    return codec.encode(
-        {"type": event_type, "payload": payload, "timestamp": datetime.now(timezone.utc)}
-    )
+    return codec.encode({"type": event_type, "payload": payload, "timestamp": datetime.now(UTC)})
 
 
 __all__ = [

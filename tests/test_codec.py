@@ -18,7 +18,7 @@ from pandas.testing import assert_frame_equal, assert_index_equal, assert_series
 
 from nbflow.codec import TAG, UnstorableValueError, decode, encode
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def roundtrip(value: object) -> Any:

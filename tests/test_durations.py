@@ -10,7 +10,7 @@ import pytest
 
 from nbflow.durations import BACKOFFS, parse_duration, retry_delay, to_epoch
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 DAY = 86400.0
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -290,7 +290,7 @@ def test_sleep_is_recorded_as_a_step_of_kind_sleep(worker_engine: Engine) -> Non
 @pytest.mark.parametrize(
     "when",
     [
-        pytest.param(datetime.now(timezone.utc) - timedelta(hours=1), id="aware-datetime"),
+        pytest.param(datetime.now(UTC) - timedelta(hours=1), id="aware-datetime"),
         pytest.param(0, id="epoch-zero"),
         pytest.param(time.time() - 60.0, id="epoch-float"),
     ],
@@ -403,9 +403,9 @@ def test_wait_for_event_returns_type_payload_and_an_aware_timestamp(
 ) -> None:
     inst = worker_engine.register(Approval).create()
     wait_for_status(inst, "waiting")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     inst.send_event("approved", {"by": "ann", "ok": True})
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert inst.wait(timeout=5) == {"status": "complete", "output": {"by": "ann", "ok": True}}
     got = RECEIVED[-1]
     assert set(got) == {"type", "payload", "timestamp"}

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -514,7 +514,7 @@ def test_dataframe_and_series_results_come_back_as_pandas_objects(worker_engine)
     assert_series_equal(series, make_series())
 
 
-AWARE = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=timezone.utc)
+AWARE = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
 NAIVE = datetime(2024, 5, 1, 12, 30, 15)
 BLOB = bytes(range(256))
 
@@ -699,9 +699,9 @@ class EventView(WorkflowEntrypoint):
 
 def test_event_has_mapping_and_attribute_access_with_aware_utc_timestamp(worker_engine):
     wf = worker_engine.register(EventView, name="event-view")
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     inst = wf.create(id="ev-1", params={"user": 7, "tags": ["a"]})
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     out = inst.wait(timeout=10)
     assert out["status"] == "complete", out
     o = out["output"]
