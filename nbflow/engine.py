@@ -611,19 +611,27 @@ class WorkflowInstance:
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        # Poll fast at first (short workflows end within milliseconds), then back off.
-        delay = 0.0005
-        while True:
-            status = self.status()
-            if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"instance {self.id!r} is still {status['status']} after {timeout} seconds"
-                )
-            pause = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            time.sleep(pause)
-            delay = min(delay * 1.3, 0.05)
+        status = self.status()
+        if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
+            return status
+        # The scripts that end an instance publish on its `done` channel, so a waiter
+        # wakes the moment it ends instead of polling; it still re-reads the status
+        # every second in case a message was missed (a reconnect).
+        pubsub = self.engine.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.engine.keys.done(self.id))
+            while True:
+                status = self.status()  # after subscribing: an end now cannot be missed
+                if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
+                    return status
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"instance {self.id!r} is still {status['status']} after {timeout} seconds"
+                    )
+                pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
+        finally:
+            pubsub.close()
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""

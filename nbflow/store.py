@@ -14,6 +14,7 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
+    {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``)
     {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
@@ -94,6 +95,9 @@ class Keys:
     def by_status(self, status: str) -> str:
         return f"{self.prefix}:index:status:{status}"
 
+    def done(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:done"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -128,6 +132,7 @@ local function make_queued(id, now, now_iso)
 end
 local function finish_bookkeeping(id, now)
   local st = k_state(id)
+  redis.call('PUBLISH', P .. ':' .. id .. ':done', 'done')
   redis.call('HDEL', st, 'waitType')
   redis.call('ZREM', P .. ':ready', id)
   redis.call('ZREM', P .. ':timers', id)
