@@ -119,6 +119,7 @@ class Batch:
         self.engine = engine
         self.loop = loop
         self.calls: list[tuple[str, list[str], asyncio.Future[Any]]] = []
+        self.steps_in_flight = 0  # step attempts started and not yet done, all runs
 
     def call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self.loop.create_future()
@@ -323,6 +324,20 @@ class Run:
         self._stop_if_halted()
         args = [self.engine.prefix, *self._start_args(key, name, entry, attempt)]
         self._check(self.engine._scripts.step_start(args=args))
+
+    def steps_in_flight(self) -> int:
+        """Step attempts under way on this worker's loop (this run's and its batch's)."""
+        return 0 if self.batch is None else self.batch.steps_in_flight
+
+    def step_begins(self) -> None:
+        """A step attempt of an async run is about to start (see ``steps_in_flight``)."""
+        if self.batch is not None:
+            self.batch.steps_in_flight += 1
+
+    def step_done(self) -> None:
+        """An attempt counted by ``step_begins`` is over."""
+        if self.batch is not None:
+            self.batch.steps_in_flight -= 1
 
     async def astart_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """``start_step`` for async runs: grouped with other runs' calls; the writes

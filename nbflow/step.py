@@ -25,7 +25,9 @@ import builtins
 import importlib
 import inspect
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,9 +51,52 @@ T = TypeVar("T")
 #: in Redis (status ``waiting``) so the worker is free meanwhile.
 INLINE_WAIT_MAX = 1.0
 
-# Sync callbacks run here so their ``timeout`` can be enforced; a thread that
-# overruns cannot be killed (Python has no such thing) and finishes unobserved.
+# Sync callbacks run here so their ``timeout`` can be enforced, unless they can run
+# inline (see ``can_inline``); a thread that overruns cannot be killed (Python has
+# no such thing) and finishes unobserved.
 _POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="nbflow-step")
+
+
+class _Alarm(BaseException):
+    """SIGALRM fired inside a callback run inline that overran its timeout (a
+    BaseException so the callback's own ``except Exception`` lets it through)."""
+
+
+_alarm = {"armed": False}
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _alarm["armed"]:
+        _alarm["armed"] = False
+        raise _Alarm()
+
+
+def can_inline() -> bool:
+    """Whether a sync callback may run inline, without a thread hand-off (which
+    costs more than a trivial step): only where an interval timer can bound it,
+    i.e. in the main thread (``nbflow worker``, ``engine.run_worker()``), and not
+    inside another inline callback (one timer per process)."""
+    return (
+        threading.current_thread() is threading.main_thread()
+        and not _alarm["armed"]
+        and hasattr(signal, "setitimer")
+    )
+
+
+def call_inline(callback: Callable[..., Any], ctx: StepContext | None, timeout: float) -> Any:
+    """Runs a sync callback here, interrupted by SIGALRM (``_Alarm``) after ``timeout``.
+
+    A signal interrupts blocking calls too (``time.sleep``, socket reads), so the
+    timeout holds as it does on the pool."""
+    if signal.getsignal(signal.SIGALRM) is not _on_alarm:
+        signal.signal(signal.SIGALRM, _on_alarm)
+    _alarm["armed"] = True
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return callback(ctx) if ctx is not None else callback()
+    finally:
+        _alarm["armed"] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class Suspend(BaseException):
@@ -602,33 +647,62 @@ class WorkflowStep(_StepBase):
         if wait > 0:
             await asyncio.sleep(self._wait_before(st, attempt, wait, t0, None))
         loop = asyncio.get_running_loop()
+        is_async = inspect.iscoroutinefunction(callback)
         while True:
+            exc, result = await self._attempt_async(st, cfg, callback, attempt, t0, is_async, loop)
+            if exc is None:
+                return result
+            delay = self._failed(st, cfg, exc, attempt, t0)
+            attempt += 1
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _attempt_async(
+        self,
+        st: _Step,
+        cfg: StepConfig,
+        callback: Callable[..., Any],
+        attempt: int,
+        t0: float,
+        is_async: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> tuple[BaseException | None, Any]:
+        """One attempt: (its error, None), or (None, the stored result).
+
+        The attempt counts as in flight from before its start is sent (so parallel
+        branches started in the same turn see each other) until it is over.
+        """
+        self._run.step_begins()
+        try:
             await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
             # asyncio.timeout, not wait_for: no extra task per step (Python 3.11+)
             limit = asyncio.timeout(cfg.timeout)
             try:
                 async with limit:
-                    if inspect.iscoroutinefunction(callback):
+                    if is_async:
                         result = await (callback(ctx) if ctx is not None else callback())
                     else:
-                        # sync callbacks run on the pool so their timeout holds even
-                        # when they block; an awaitable they return is awaited here
-                        result = await loop.run_in_executor(_POOL, _call_plain, callback, ctx)
+                        # a sync callback runs inline when it is the only step in flight
+                        # and a timer can bound it; else on the pool, so parallel steps
+                        # stay parallel and its timeout holds even when it blocks
+                        if self._run.steps_in_flight() <= 1 and can_inline():
+                            result = call_inline(callback, ctx, cfg.timeout)
+                        else:
+                            result = await loop.run_in_executor(_POOL, _call_plain, callback, ctx)
                         if inspect.isawaitable(result):
                             result = await result
             except (Suspend, FatalRunError):
                 raise
+            except _Alarm:
+                return self._timeout_error(st, attempt, cfg), None
             except Exception as caught:
                 # a TimeoutError the callback raised itself is its own failure
                 timed_out = isinstance(caught, TimeoutError) and limit.expired()
-                exc: BaseException = self._timeout_error(st, attempt, cfg) if timed_out else caught
-            else:
-                return self._succeed(st, result, attempt, t0)
-            delay = self._failed(st, cfg, exc, attempt, t0)
-            attempt += 1
-            if delay > 0:
-                await asyncio.sleep(delay)
+                return (self._timeout_error(st, attempt, cfg) if timed_out else caught), None
+            return None, self._succeed(st, result, attempt, t0)
+        finally:
+            self._run.step_done()
 
     async def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.
@@ -744,15 +818,25 @@ class SyncWorkflowStep(_StepBase):
         while True:
             self._start_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
-            future = _POOL.submit(_invoke_blocking, callback, ctx)
+            future = None
             try:
-                result = future.result(timeout=cfg.timeout)
+                if can_inline():
+                    result = call_inline(callback, ctx, cfg.timeout)
+                    if inspect.isawaitable(result):
+                        result = asyncio.run(_await(result))
+                else:
+                    future = _POOL.submit(_invoke_blocking, callback, ctx)
+                    result = future.result(timeout=cfg.timeout)
             except (Suspend, FatalRunError):
                 raise
+            except _Alarm:
+                exc: BaseException = self._timeout_error(st, attempt, cfg)
             except Exception as caught:
                 # a TimeoutError the callback raised itself is its own failure
-                timed_out = isinstance(caught, FutureTimeout) and not future.done()
-                exc: BaseException = self._timeout_error(st, attempt, cfg) if timed_out else caught
+                timed_out = (
+                    isinstance(caught, FutureTimeout) and future is not None and not future.done()
+                )
+                exc = self._timeout_error(st, attempt, cfg) if timed_out else caught
             else:
                 return self._succeed(st, result, attempt, t0)
             delay = self._failed(st, cfg, exc, attempt, t0)

@@ -1,0 +1,79 @@
+"""Sync callbacks run inline (no thread hand-off) where a SIGALRM timer can bound them:
+in the main thread of `engine.run_worker()` / `nbflow worker`. These tests prove the
+timeout still interrupts a blocking callback there, and that parallel branches still
+run side by side (they go to the thread pool when more than one step is in flight)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from nbflow import Engine, WorkflowEntrypoint
+
+INTERRUPTED: list[str] = []
+
+
+def _nap(instance_id: str) -> str:
+    try:
+        time.sleep(30)
+    except BaseException:  # the step's timeout cut the sleep short
+        INTERRUPTED.append(instance_id)
+        raise
+    return "woke"
+
+
+class Sleepy(WorkflowEntrypoint):
+    async def run(self, event: Any, step: Any) -> str:
+        def nap() -> str:
+            return _nap(event.instance_id)
+
+        try:
+            return await step.do("nap", {"timeout": "0.3 seconds", "retries": {"limit": 0}}, nap)
+        except Exception as exc:
+            return type(exc).__name__
+
+
+class SyncSleepy(WorkflowEntrypoint):
+    def run(self, event: Any, step: Any) -> str:
+        def nap() -> str:
+            return _nap(event.instance_id)
+
+        try:
+            return step.do("nap", {"timeout": "0.3 seconds", "retries": {"limit": 0}}, nap)
+        except Exception as exc:
+            return type(exc).__name__
+
+
+def test_main_thread_worker_interrupts_a_blocking_callback_at_its_timeout(engine: Engine) -> None:
+    inst = engine.register(Sleepy).create(id="sleepy-async")
+    sync_inst = engine.register(SyncSleepy).create(id="sleepy-sync")
+    assert threading.current_thread() is threading.main_thread()
+    engine.run_worker(burst=True)  # in this (main) thread: callbacks run inline
+    assert inst.status() == {"status": "complete", "output": "StepTimeoutError"}
+    assert sync_inst.status() == {"status": "complete", "output": "StepTimeoutError"}
+    # the 30 s sleeps were interrupted, not left running on a thread and discarded
+    assert "sleepy-async" in INTERRUPTED and "sleepy-sync" in INTERRUPTED
+
+
+class Handshake(WorkflowEntrypoint):
+    async def run(self, event: Any, step: Any) -> list[str]:
+        a_started, b_started = threading.Event(), threading.Event()
+
+        def a() -> str:
+            a_started.set()
+            return "a" if b_started.wait(10) else "a alone"
+
+        def b() -> str:
+            b_started.set()
+            return "b" if a_started.wait(10) else "b alone"
+
+        return list(await asyncio.gather(step.do("a", a), step.do("b", b)))
+
+
+def test_parallel_sync_steps_run_side_by_side_in_a_main_thread_worker(engine: Engine) -> None:
+    inst = engine.register(Handshake).create(id="handshake")
+    engine.run_worker(burst=True)
+    # each callback waited for the other to start: only possible if both ran at once
+    assert inst.status() == {"status": "complete", "output": ["a", "b"]}
