@@ -112,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from nbflow.worker import serve, serve_many
 
+    level = "INFO" if args.verbose else "WARNING"
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=level,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     if args.processes < 1:
@@ -126,10 +127,10 @@ def _worker(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.processes == 1:
-        serve(engine, burst=args.burst)
+        serve(engine, burst=args.burst, logging_level=level)
     else:
         factory = functools.partial(make_engine, args.redis, args.prefix, args.queue, args.imports)
-        serve_many(factory, args.processes, burst=args.burst)
+        serve_many(factory, args.processes, burst=args.burst, logging_level=level)
     return 0
 
 

@@ -42,8 +42,11 @@ log = logging.getLogger("nbflow")
 W = TypeVar("W", bound=WorkflowEntrypoint[Any, Any])
 
 DEFAULT_MAX_STEP_BYTES = 16 * 1024 * 1024
-#: create_batch writes this many instances per MULTI/EXEC (and per RQ job).
+#: create_batch writes this many instances per MULTI/EXEC.
 BATCH_CHUNK = 500
+#: Instances per RQ job: a job's runs advance together with their Redis calls
+#: grouped (fewer round trips); several jobs let several workers share a batch.
+JOB_SIZE = 25
 
 _INSTANCE_COLUMNS = [
     "id",
@@ -372,9 +375,12 @@ class Workflow(Generic[W]):
         for iid, payload in pairs:
             args += [iid, payload]
         ids = [iid for iid, _ in pairs]
-        flags = engine._scripts.execute(
-            [("create", args)], lambda pipe: engine._enqueue(ids, pipe=pipe)
-        )[0]
+
+        def jobs(pipe: Any) -> None:
+            for start in range(0, len(ids), JOB_SIZE):
+                engine._enqueue(ids[start : start + JOB_SIZE], pipe=pipe)
+
+        flags = engine._scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]
 
     def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
@@ -721,28 +727,35 @@ class WorkflowInstance:
         pipe.hmget(keys.state(self.id), "createdAt", "status", "updatedAt")
         pipe.lrange(keys.history(self.id), 0, -1)
         (created, status, updated), stored = pipe.execute()
-        out: list[dict[str, Any]] = []
+        first: list[dict[str, Any]] = []
         if created is not None:
-            out.append({"t": datetime.fromisoformat(_s(created)).timestamp(), "ev": "created"})
+            first.append({"t": datetime.fromisoformat(_s(created)).timestamp(), "ev": "created"})
+        middle: list[dict[str, Any]] = []
         for key, e in self._entries():
             t0 = e.get("t0")
             if t0 is None:
                 continue
             kind = e.get("k", "do")
             start = "step.started" if kind == "do" else f"{kind}.started"
-            out.append({"t": float(t0), "ev": start, "step": key})
+            middle.append({"t": float(t0), "ev": start, "step": key})
             if e["s"] == "complete" and e.get("d") is not None:
                 done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}[kind]
                 entry: dict[str, Any] = {"t": float(t0) + float(e["d"]), "ev": done, "step": key}
                 if int(e.get("a", 1)) != 1:
                     entry["attempt"] = int(e["a"])
-                out.append(entry)
+                middle.append(entry)
         for raw in stored:
             item = codec.decode(raw)
             assert isinstance(item, dict)
             if item.get("ev") != "event.received":  # rebuilt above from the entry
-                out.append(item)
+                middle.append(item)
+        # Times are kept to the millisecond, so events of one millisecond keep the
+        # order they were gathered in (a step starts before it finishes).
+        order = {id(item): n for n, item in enumerate(middle)}
+        middle.sort(key=lambda item: (float(item["t"]), order[id(item)]))
+        last: list[dict[str, Any]] = []
         if status is not None and _s(status) == "complete":
-            out.append({"t": datetime.fromisoformat(_s(updated)).timestamp(), "ev": "complete"})
-        out.sort(key=lambda item: float(item["t"]))
-        return out
+            ended = datetime.fromisoformat(_s(updated)).timestamp()
+            latest = max((float(item["t"]) for item in middle), default=ended)
+            last.append({"t": max(ended, latest), "ev": "complete"})
+        return first + middle + last

@@ -211,6 +211,10 @@ def _now() -> float:
     return time.time()
 
 
+def _seconds(value: float) -> str:
+    return f"{value:g} second" + ("" if value == 1 else "s")
+
+
 def split_key(key: str) -> tuple[str, int]:
     """``"name#count"`` -> (name, count); names may contain ``#`` themselves."""
     name, _, count = key.rpartition("#")
@@ -419,7 +423,7 @@ class _StepBase:
 
     def _timeout_error(self, st: _Step, attempt: int, cfg: StepConfig) -> errors.StepTimeoutError:
         return errors.StepTimeoutError(
-            f"step {st.name!r} attempt {attempt} ran over its timeout of {cfg.timeout:g} seconds"
+            f"step {st.name!r} attempt {attempt} ran over its timeout of {_seconds(cfg.timeout)}"
         )
 
     # -- sleeps -------------------------------------------------------------------
@@ -481,7 +485,7 @@ class _StepBase:
         now = _now()
         if now >= deadline:
             exc = errors.EventTimeoutError(
-                f"no {event_type!r} event arrived for step {st.name!r} within {seconds:g} seconds"
+                f"no {event_type!r} event arrived for step {st.name!r} within {_seconds(seconds)}"
             )
             self._run.record(
                 st.key,

@@ -281,7 +281,7 @@ def _burst(engine: Engine, keeper: Housekeeper, stopping: threading.Event) -> in
         jobs += worker.jobs_run
 
 
-def serve(engine: Engine, burst: bool = False) -> None:
+def serve(engine: Engine, burst: bool = False, logging_level: str = "WARNING") -> None:
     """``nbflow worker`` in this process: an RQ worker in the main thread plus a housekeeper."""
     stopping = threading.Event()
     keeper = Housekeeper(engine, stopping)
@@ -291,13 +291,15 @@ def serve(engine: Engine, burst: bool = False) -> None:
         if burst:
             keeper.wake_due()
             keeper.sweep(orphan_age=0.0)
-        worker.work(burst=burst)
+        worker.work(burst=burst, logging_level=logging_level)
     finally:
         stopping.set()
         keeper.join(5)
 
 
-def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
+def serve_many(
+    make_engine: Any, processes: int, burst: bool = False, logging_level: str = "WARNING"
+) -> None:
     """``nbflow worker --processes N``: N worker processes, each with its own housekeeper.
 
     SIGTERM/SIGINT to this parent are passed on to the children (RQ's warm shutdown:
@@ -305,7 +307,8 @@ def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
     """
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_child, args=(make_engine, burst, os.getpid())) for _ in range(processes)
+        ctx.Process(target=_child, args=(make_engine, burst, os.getpid(), logging_level))
+        for _ in range(processes)
     ]
     for p in procs:
         p.start()
@@ -324,11 +327,14 @@ def serve_many(make_engine: Any, processes: int, burst: bool = False) -> None:
             signal.signal(sig, handler)
 
 
-def _child(make_engine: Any, burst: bool, parent: int) -> None:
+def _child(make_engine: Any, burst: bool, parent: int, logging_level: str) -> None:
     def watch_parent() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)  # the parent is gone: stop like on SIGTERM
 
     threading.Thread(target=watch_parent, name="nbflow-parent-watch", daemon=True).start()
-    serve(make_engine(), burst=burst)
+    logging.basicConfig(
+        level=logging_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    serve(make_engine(), burst=burst, logging_level=logging_level)

@@ -379,10 +379,8 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
                 if self.selected is None:
                     raise ValueError("select an instance first: dash.select(instance_id)")
                 key = name[:-2] if name.endswith("#1") else name
+                self._load_steps()  # fresh: the step may have finished since the last refresh
                 options = list(self.step_select.options)
-                if key not in options:
-                    self._load_steps()
-                    options = list(self.step_select.options)
                 if key not in options:
                     raise LookupError(
                         f"instance {self.selected!r} has no step {name!r} "
