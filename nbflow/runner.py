@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from nbflow import codec
 from nbflow.definition import WorkflowEvent
 from nbflow.step import (
@@ -111,6 +113,18 @@ def _loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+class StoreUnavailable(Exception):
+    """Redis did not take one of the engine's own writes (it is down or unreachable).
+
+    The run stops without finishing anything: the instance keeps its lease, and
+    when the lease runs out a worker takes it back and only the interrupted step
+    runs again.  It must never be mistaken for the workflow's own failure.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"Redis unavailable: {cause}")
+
+
 class Batch:
     """Group commit: script calls made during one turn of the loop go out in one
     pipeline, and each caller's future gets its own reply."""
@@ -135,10 +149,10 @@ class Batch:
         scripts = self.engine._scripts
         try:
             replies = scripts.pipeline([(name, args) for name, args, _ in calls])
-        except Exception as exc:  # Redis unreachable: every caller learns it
+        except redis.RedisError as exc:  # Redis unreachable: every caller learns it
             for _, _, fut in calls:
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(StoreUnavailable(exc))
             return
         for (_, _, fut), reply in zip(calls, replies, strict=True):
             if fut.done():
@@ -178,12 +192,22 @@ def run_many(
     outcomes: dict[int, str] = {}
     async_runs: list[tuple[int, Run]] = []
     for n, (iid, token, claim) in enumerate(zip(ids, tokens, claims, strict=True)):
+        if isinstance(claim, redis.RedisError) and not isinstance(
+            claim, redis.exceptions.ResponseError
+        ):
+            raise claim  # Redis is away: the job fails, the instances stay queued
         if isinstance(claim, Exception):
-            raise claim
+            # e.g. WRONGTYPE: the claim script aborted before writing anything
+            outcomes[n] = _fail_corrupt(engine, iid, claim)
+            continue
         if claim[0] != b"ok":
             outcomes[n] = f"skipped ({claim[0].decode()})"
             continue
-        run = Run(engine, iid, token, claim, stopping)
+        try:
+            run = Run(engine, iid, token, claim, stopping)
+        except Exception as exc:  # stored state that cannot be read: end it, clearly
+            outcomes[n] = _fail_corrupt(engine, iid, exc)
+            continue
         engine._runs[iid] = token
         if run.is_async:
             async_runs.append((n, run))
@@ -209,14 +233,31 @@ def run_many(
             for _, run in async_runs:
                 engine._runs.pop(run.iid, None)
         for (n, run), result in zip(async_runs, results, strict=True):
+            if isinstance(result, KeyboardInterrupt):
+                raise result
             if isinstance(result, BaseException):
-                if isinstance(result, (KeyboardInterrupt, SystemExit)):
-                    raise result
+                # the instance keeps its lease; when it runs out it is taken back
                 log.error("nbflow: run of %s failed inside the engine: %r", run.iid, result)
                 outcomes[n] = f"failed ({result!r})"
             else:
                 outcomes[n] = result
     return [outcomes[n] for n in range(len(ids))]
+
+
+def _fail_corrupt(engine: Engine, iid: str, exc: BaseException) -> str:
+    """Ends an instance whose stored state cannot be read (hand-edited or damaged keys):
+    ``errored`` with a message saying so, instead of failing every run for ever."""
+    log.error("nbflow: instance %s has unreadable state: %r", iid, exc)
+    now, now_iso = clock()
+    err = codec.encode(
+        {
+            "name": "WorkflowError",
+            "message": f"the stored state of instance {iid!r} cannot be "
+            f"read ({type(exc).__name__}: {exc}); restart it or delete its keys",
+        }
+    )
+    res = engine._scripts.fail(args=[engine.prefix, iid, f"{now:.6f}", now_iso, err])
+    return str(res.decode() if isinstance(res, bytes) else res)
 
 
 class Run:
@@ -242,7 +283,8 @@ class Run:
         top = -1
         for i in range(4, len(claim), 2):
             entry = codec.decode(claim[i + 1])
-            assert isinstance(entry, dict)
+            if not isinstance(entry, dict) or "s" not in entry or "i" not in entry:
+                raise ValueError(f"step entry {claim[i]!r} is not a step entry: {entry!r}")
             if "t0" in entry:  # stored relative to creation; the protocol uses epochs
                 entry["t0"] = self.created_ts + float(entry["t0"])
             self.cache[claim[i].decode()] = entry
@@ -257,6 +299,7 @@ class Run:
         self.wait_types: set[str] = set()
         self._index_lock = threading.Lock()
         self._halted: set[int | None] = set()
+        self._callback_errors: set[int] = set()
         self.cls = engine._classes.get(self.workflow_name)
         self.instance: Any = None
         self.is_async = False
@@ -323,7 +366,13 @@ class Run:
         """Records a step attempt's start; stops the run first if it must stop."""
         self._stop_if_halted()
         args = [self.engine.prefix, *self._start_args(key, name, entry, attempt)]
-        self._check(self.engine._scripts.step_start(args=args))
+        self._check(self._direct("step_start", args))
+
+    def note_callback_error(self, exc: BaseException) -> None:
+        """A step callback raised ``exc``: if it reaches ``run``'s caller it is the
+        workflow's failure, even a KeyboardInterrupt (which otherwise stops the worker)."""
+        if not isinstance(exc, Exception):
+            self._callback_errors.add(id(exc))
 
     def steps_in_flight(self) -> int:
         """Step attempts under way on this worker's loop (this run's and its batch's)."""
@@ -347,13 +396,13 @@ class Run:
         if self._pending is None:
             fut = self._call("step_start", [self.engine.prefix, *start])
             await self._settle()
-            self._check(await fut)
+            self._check(await self._reply(fut))
             return
         # the last step's result and this step's start, in one script call
         both = self._call("step_next", [self.engine.prefix, *self._pending, *start])
         self._pending = None
         await self._settle()
-        replies = await both
+        replies = await self._reply(both)
         if isinstance(replies, Exception):
             raise replies
         self._check(replies[0])
@@ -370,7 +419,7 @@ class Run:
             self._flush_pending()
             self._pending = finish
             return
-        self._check(self.engine._scripts.step_finish(args=[self.engine.prefix, *finish]))
+        self._check(self._direct("step_finish", [self.engine.prefix, *finish]))
 
     def _flush_pending(self) -> None:
         """Sends a result written behind on its own (the next call is no step start)."""
@@ -378,6 +427,22 @@ class Run:
             args = [self.engine.prefix, *self._pending]
             self._pending = None
             self._behind.append(self._call("step_finish", args))
+
+    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+        """A grouped call's reply; Redis being away stops the run (see StoreUnavailable)."""
+        try:
+            return await fut
+        except StoreUnavailable as exc:
+            raise self.halt("lost") from exc
+
+    def _direct(self, name: str, args: list[str]) -> Any:
+        """A direct script call (sync runs); Redis being away stops the run."""
+        try:
+            return getattr(self.engine._scripts, name)(args=args)
+        except redis.exceptions.ResponseError:
+            raise
+        except redis.RedisError as exc:
+            raise self.halt("lost") from StoreUnavailable(exc)
 
     def _call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
         assert self.batch is not None
@@ -388,7 +453,7 @@ class Run:
         self._flush_pending()
         behind, self._behind = self._behind, []
         for fut in behind:
-            self._check(await fut)
+            self._check(await self._reply(fut))
 
     def _take_event_args(self, key: str, event_type: str, index: int, t0: float) -> list[str]:
         rel = f"{t0 - self.created_ts:.3f}"
@@ -399,9 +464,7 @@ class Run:
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
         self._stop_if_halted()
-        res = self.engine._scripts.take_event(
-            args=self._take_event_args(key, event_type, index, t0)
-        )
+        res = self._direct("take_event", self._take_event_args(key, event_type, index, t0))
         return self._taken(res)
 
     async def atake_event(
@@ -412,7 +475,7 @@ class Run:
         self._flush_pending()
         fut = self._call("take_event", self._take_event_args(key, event_type, index, t0))
         await self._settle()
-        res = await fut
+        res = await self._reply(fut)
         if isinstance(res, Exception):
             raise res
         return self._taken(res)
@@ -468,8 +531,10 @@ class Run:
             return "park", None
         except FatalRunError as fatal:
             return ("park", None) if self.suspending else ("errored", fatal.error)
-        except (KeyboardInterrupt, SystemExit):
-            raise
+        except KeyboardInterrupt as exc:
+            if id(exc) not in self._callback_errors:
+                raise  # the worker is being interrupted, not the workflow
+            return "errored", {"name": "KeyboardInterrupt", "message": str(exc)}
         except BaseException as exc:  # the workflow failed: a step's last error, or its own
             if self.suspending:
                 return "park", None
@@ -491,7 +556,7 @@ class Run:
                 ending = self._outcome(
                     lambda: self.instance.run(self._event(), SyncWorkflowStep(self))
                 )
-            except (KeyboardInterrupt, SystemExit):
+            except KeyboardInterrupt:
                 self.engine._scripts.release(args=self._args())
                 raise
         return self._end_sync(*ending)

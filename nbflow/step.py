@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -54,7 +54,30 @@ INLINE_WAIT_MAX = 1.0
 # Sync callbacks run here so their ``timeout`` can be enforced, unless they can run
 # inline (see ``can_inline``); a thread that overruns cannot be killed (Python has
 # no such thing) and finishes unobserved.
-_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="nbflow-step")
+_POOL_SIZE = 64
+_POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
+_abandoned: set[Future[Any]] = set()
+_pool_lock = threading.Lock()
+
+
+def _abandon(future: Future[Any]) -> None:
+    """A pooled callback overran its timeout and keeps its thread: once half the
+    pool is held so, later steps get a fresh pool (the stuck threads end, or not,
+    on their own) instead of waiting behind them."""
+    global _POOL
+    if future.done():
+        return
+    with _pool_lock:
+        _abandoned.add(future)
+        future.add_done_callback(_abandoned.discard)
+        if len(_abandoned) >= _POOL_SIZE // 2:
+            log.warning(
+                "nbflow: %d step callbacks overran their timeouts and still hold threads; "
+                "starting a fresh step thread pool",
+                len(_abandoned),
+            )
+            _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
+            _abandoned.clear()
 
 
 class _Alarm(BaseException):
@@ -650,10 +673,9 @@ class WorkflowStep(_StepBase):
         t0 = float(st.entry["t0"]) if st.entry else _now()
         if wait > 0:
             await asyncio.sleep(self._wait_before(st, attempt, wait, t0, None))
-        loop = asyncio.get_running_loop()
         is_async = inspect.iscoroutinefunction(callback)
         while True:
-            exc, result = await self._attempt_async(st, cfg, callback, attempt, t0, is_async, loop)
+            exc, result = await self._attempt_async(st, cfg, callback, attempt, t0, is_async)
             if exc is None:
                 return result
             delay = self._failed(st, cfg, exc, attempt, t0)
@@ -669,7 +691,6 @@ class WorkflowStep(_StepBase):
         attempt: int,
         t0: float,
         is_async: bool,
-        loop: asyncio.AbstractEventLoop,
     ) -> tuple[BaseException | None, Any]:
         """One attempt: (its error, None), or (None, the stored result).
 
@@ -680,6 +701,7 @@ class WorkflowStep(_StepBase):
         try:
             await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
+            pooled: Future[Any] | None = None
             # asyncio.timeout, not wait_for: no extra task per step (Python 3.11+)
             limit = asyncio.timeout(cfg.timeout)
             try:
@@ -693,17 +715,23 @@ class WorkflowStep(_StepBase):
                         if self._run.steps_in_flight() <= 1 and can_inline():
                             result = call_inline(callback, ctx, cfg.timeout)
                         else:
-                            result = await loop.run_in_executor(_POOL, _call_plain, callback, ctx)
+                            pooled = _POOL.submit(_call_plain, callback, ctx)
+                            result = await asyncio.wrap_future(pooled)
                         if inspect.isawaitable(result):
                             result = await result
-            except (Suspend, FatalRunError):
+            except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except _Alarm:
                 return self._timeout_error(st, attempt, cfg), None
-            except Exception as caught:
-                # a TimeoutError the callback raised itself is its own failure
-                timed_out = isinstance(caught, TimeoutError) and limit.expired()
-                return (self._timeout_error(st, attempt, cfg) if timed_out else caught), None
+            except BaseException as caught:
+                # a TimeoutError the callback raised itself is its own failure; so is a
+                # SystemExit or KeyboardInterrupt it raised (the worker goes on)
+                if isinstance(caught, TimeoutError) and limit.expired():
+                    if pooled is not None:
+                        _abandon(pooled)
+                    return self._timeout_error(st, attempt, cfg), None
+                self._run.note_callback_error(caught)
+                return caught, None
             return None, self._succeed(st, result, attempt, t0)
         finally:
             self._run.step_done()
@@ -835,11 +863,15 @@ class SyncWorkflowStep(_StepBase):
                 raise
             except _Alarm:
                 exc: BaseException = self._timeout_error(st, attempt, cfg)
-            except Exception as caught:
-                # a TimeoutError the callback raised itself is its own failure
+            except BaseException as caught:
+                # a TimeoutError the callback raised itself is its own failure; so is a
+                # SystemExit or KeyboardInterrupt it raised (the worker goes on)
                 timed_out = (
                     isinstance(caught, FutureTimeout) and future is not None and not future.done()
                 )
+                if timed_out and future is not None:
+                    _abandon(future)
+                self._run.note_callback_error(caught)
                 exc = self._timeout_error(st, attempt, cfg) if timed_out else caught
             else:
                 return self._succeed(st, result, attempt, t0)

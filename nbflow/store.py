@@ -200,15 +200,17 @@ local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
 if status ~= 'queued' then return {status or 'unknown'} end
+-- every read first: a failing read (a key of the wrong type) must abort the
+-- script before anything is written, since Redis does not undo a failed script
+local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
+local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
+local steps = redis.call('HGETALL', k_steps(id))
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
 redis.call('HDEL', st, 'waitType')
 redis.call('ZREM', P .. ':ready', id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
-local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
-local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
-local steps = redis.call('HGETALL', k_steps(id))
 for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
 """
@@ -421,6 +423,23 @@ if outcome ~= 'complete' then hist(id, now, outcome, ARGV[8]) end
 return outcome
 """
 
+# ARGV: prefix, id, now, now_iso, error JSON. Ends an instance whose stored state
+# cannot be read (damaged or hand-edited keys), whoever holds it: errored, with a
+# message that says so, instead of failing every run for ever.
+_FAIL = r"""
+local id, now, now_iso, err = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local st = k_state(id)
+local status = redis.call('HGET', st, 'status')
+if not status then return 'unknown' end
+if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
+set_status(id, 'errored', now_iso)
+release(id)
+redis.call('HSET', st, 'error', err)
+finish_bookkeeping(id, now)
+hist(id, now, 'errored', '"error":' .. err)
+return 'errored'
+"""
+
 # ARGV: prefix, id, token, now, now_iso. Gives an instance back to the queue
 # (its worker is stopping); it goes on where it stopped on another run.
 _RELEASE = r"""
@@ -571,6 +590,7 @@ _SOURCES = {
     "heartbeat": _HEARTBEAT,
     "finish": _FINISH,
     "release": _RELEASE,
+    "fail": _FAIL,
     "pause": _PAUSE,
     "resume": _RESUME,
     "terminate": _TERMINATE,

@@ -23,6 +23,7 @@ import time
 import zlib
 from typing import TYPE_CHECKING, Any
 
+import redis
 from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
@@ -93,25 +94,40 @@ class NbflowWorker(SimpleWorker):
         queue_key = self.engine._queue.key
         slice_s = 0.2 if self.in_thread else 1.0
         next_beat = 0.0
+        backoff = 0.5
         try:
             while not (self._stop_requested or self.stopping.is_set()):
-                if time.monotonic() >= next_beat:
-                    self.heartbeat()
-                    next_beat = time.monotonic() + WORKER_HEARTBEAT
-                if burst:
-                    job_id = self.connection.lpop(queue_key)
-                    if job_id is None:
-                        break
-                else:
-                    popped = self.connection.blpop([queue_key], timeout=slice_s)
-                    if popped is None:
-                        continue
-                    job_id = popped[1]
-                self._run_job(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+                try:
+                    if time.monotonic() >= next_beat:
+                        self.heartbeat()
+                        next_beat = time.monotonic() + WORKER_HEARTBEAT
+                    if burst:
+                        job_id = self.connection.lpop(queue_key)
+                        if job_id is None:
+                            break
+                    else:
+                        popped = self.connection.blpop([queue_key], timeout=slice_s)
+                        if popped is None:
+                            continue
+                        job_id = popped[1]
+                    backoff = 0.5
+                    self._run_job(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Redis is away (restarting, network cut): wait and try again; the
+                    # instances this worker held are taken back by their leases if needed
+                    log.warning(
+                        "nbflow worker: Redis unavailable (%s); retrying in %.1fs", exc, backoff
+                    )
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    next_beat = 0.0
         except StopRequested:
             pass
         finally:
-            self.teardown()  # type: ignore[no-untyped-call]
+            try:
+                self.teardown()  # type: ignore[no-untyped-call]
+            except redis.RedisError:
+                log.warning("nbflow worker: could not register its death (Redis unavailable)")
         return self.jobs_run > 0
 
     def _run_job(self, job_id: str) -> None:
