@@ -10,13 +10,13 @@ state is only observable while a run is under way.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
 import pytest
+from support import poll
 
 from nbflow import Engine, InstanceNotFoundError, WorkflowEntrypoint
 from nbflow.notebook import widgets as widgets_module
@@ -81,17 +81,6 @@ def make_dashboard(engine: Engine) -> Iterator[Callable[..., Dashboard]]:
     for dash in made:
         dash.close()
         assert not dash.running
-
-
-def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last {value!r})")
-        time.sleep(0.01)
 
 
 def status_of(engine: Engine, iid: str) -> str:

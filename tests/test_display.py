@@ -9,13 +9,13 @@ changes by itself: memory addresses, widget model ids, uuids and clock times.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
 import pytest
 from IPython.core.formatters import DisplayFormatter
+from support import poll
 
 from nbflow import Engine, NonRetryableError, WorkflowEntrypoint, WorkflowInstance
 from nbflow.notebook import display
@@ -80,17 +80,6 @@ def _no_live_cards_left() -> Iterator[None]:
 def assert_stable(text: str) -> None:
     for pattern in UNSTABLE:
         assert not pattern.search(text), f"{pattern.pattern!r} found in {text!r}"
-
-
-def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last {value!r})")
-        time.sleep(0.01)
 
 
 def test_instance_card_queued_then_complete(

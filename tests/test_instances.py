@@ -7,12 +7,12 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 import pytest
+from support import poll
 
 from nbflow import Engine, InstanceNotFoundError, WorkflowEntrypoint
 from nbflow.store import STATUSES
@@ -28,17 +28,6 @@ COLUMNS = [
     "steps_done",
     "error",
 ]
-
-
-def poll(fn: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(0.02)
 
 
 def prefix_keys(engine: Engine) -> list[str]:

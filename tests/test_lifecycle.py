@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import poll
 
 from nbflow import (
     Engine,
@@ -65,17 +66,6 @@ def _reset_module_state(engine: Engine) -> Iterator[None]:
     yield
     GATE.set()  # never leave a step blocked behind
     CALLS.clear()
-
-
-def poll(fn: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(0.005)
 
 
 def wait_for_status(inst: Any, *statuses: str, timeout: float = 5.0) -> str:

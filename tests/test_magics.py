@@ -10,10 +10,9 @@ deterministic.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
@@ -21,6 +20,7 @@ import pytest
 from conftest import cleanup_prefix
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from support import poll
 from traitlets.config import Config
 
 from nbflow import Engine, WorkflowInstance
@@ -59,18 +59,6 @@ class Plain:
 
 number = 5
 """
-
-
-def poll(fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Call ``fn`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last {value!r})")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from support import poll
 
 from nbflow import (
     Engine,
@@ -45,18 +46,6 @@ def _reset_module_state() -> Iterator[None]:
     yield
     CALLS.clear()
     RECEIVED.clear()
-
-
-def poll(fn: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Calls ``fn`` until it returns something truthy; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(0.01)
 
 
 def wait_for_status(inst: Any, status: str, timeout: float = 5.0) -> dict[str, Any]:
