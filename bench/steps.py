@@ -1,9 +1,11 @@
-"""Per-step overhead: one workflow of N trivial steps, run by an in-process worker.
+"""Per-step overhead: one workflow of N trivial steps.
 
-    python bench/steps.py [--steps 1000]
+    python bench/steps.py [--steps 1000] [--thread]
 
-Reports microseconds per step from the instance's own step timestamps
-(first step started -> last step finished) and wall time create -> complete.
+Runs it with ``engine.run_worker()`` in this main thread, as an ``nbflow worker``
+process does (sync callbacks inline, bounded by SIGALRM); ``--thread`` uses the
+in-process worker thread of ``engine.start_worker()`` instead (notebooks: sync
+callbacks on the thread pool). Reports microseconds per step, create -> complete.
 """
 
 from __future__ import annotations
@@ -20,15 +22,22 @@ from nbflow import Engine
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--thread", action="store_true", help="use the in-process worker thread")
     args = ap.parse_args()
     prefix, queue = names()
     engine = Engine(redis_url(), prefix=prefix, queue=queue)
     flow = engine.register(ManySteps)
-    engine.start_worker()
+    if args.thread:
+        engine.start_worker()
     try:
-        flow.create(params={"n": 10}).wait(timeout=30)  # warm-up
+        warm = flow.create(params={"n": 10})
+        if not args.thread:
+            engine.run_worker(burst=True)
+        warm.wait(timeout=30)
         t0 = time.perf_counter()
         inst = flow.create(params={"n": args.steps})
+        if not args.thread:
+            engine.run_worker(burst=True)
         status = inst.wait(timeout=600)
         wall = time.perf_counter() - t0
         assert status["status"] == "complete", status

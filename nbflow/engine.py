@@ -44,9 +44,11 @@ W = TypeVar("W", bound=WorkflowEntrypoint[Any, Any])
 DEFAULT_MAX_STEP_BYTES = 16 * 1024 * 1024
 #: create_batch writes this many instances per MULTI/EXEC.
 BATCH_CHUNK = 500
-#: Instances per RQ job: a job's runs advance together with their Redis calls
-#: grouped (fewer round trips); several jobs let several workers share a batch.
-JOB_SIZE = 25
+#: Instances per RQ job, at most: a job's runs advance together with their Redis
+#: calls grouped (fewer round trips, so bigger is cheaper); a batch of 50 or more is
+#: still cut into at least two jobs (of 25 or more) so two workers can share it.
+JOB_SIZE = 100
+MIN_JOB_SIZE = 25
 
 _INSTANCE_COLUMNS = [
     "id",
@@ -376,9 +378,11 @@ class Workflow(Generic[W]):
             args += [iid, payload]
         ids = [iid for iid, _ in pairs]
 
+        size = min(JOB_SIZE, max(MIN_JOB_SIZE, -(-len(ids) // 2)))
+
         def jobs(pipe: Any) -> None:
-            for start in range(0, len(ids), JOB_SIZE):
-                engine._enqueue(ids[start : start + JOB_SIZE], pipe=pipe)
+            for start in range(0, len(ids), size):
+                engine._enqueue(ids[start : start + size], pipe=pipe)
 
         flags = engine._scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]

@@ -28,6 +28,7 @@ from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker_registration import clean_worker_registry
 
 from nbflow import runner
 from nbflow.store import clock
@@ -228,6 +229,8 @@ class Housekeeper(threading.Thread):
             engine._enqueue([i.decode() for i in lost])
             found += len(lost)
         engine._scripts.purge(args=[engine.prefix, f"{now:.6f}", 500])
+        # RQ's own tidy-up of workers that died without saying so (what `rq info` lists)
+        clean_worker_registry(engine._queue)
         return found
 
 

@@ -50,6 +50,7 @@ def cleanup_prefix(client: redis.Redis, prefix: str, queue: str) -> None:
         batch = list(client.scan_iter(match=pattern, count=1000))
         for i in range(0, len(batch), 500):
             client.delete(*batch[i : i + 500])
+    client.srem("rq:queues", f"rq:queue:{queue}")
 
 
 @pytest.fixture
