@@ -14,12 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from support import poll  # noqa: F401  (re-exported for the fault tests)
 
 from nbflow import server
 
@@ -43,20 +44,6 @@ def slow_only(reason: str) -> Any:
         return fn
 
     return mark
-
-
-def poll(
-    fn: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01
-) -> Any:
-    """Calls ``fn`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,14 +87,22 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
-                "--port", str(self.port),
-                "--bind", *self.bind,
-                "--dir", str(self.dir),
-                "--appendonly", "yes",
-                "--appendfsync", "always",
-                "--save", "",
-                "--daemonize", "no",
-                "--protected-mode", "no",
+                "--port",
+                str(self.port),
+                "--bind",
+                *self.bind,
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -185,7 +180,11 @@ class Procs:
         return env
 
     def spawn(
-        self, name: str, argv: Sequence[str], *, netns: str | None = None,
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        netns: str | None = None,
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         cmd = list(argv)
@@ -200,14 +199,31 @@ class Procs:
         return proc
 
     def worker(
-        self, name: str, redis_url: str, prefix: str, queue: str, module: str, *,
-        netns: str | None = None, extra_args: Sequence[str] = (),
+        self,
+        name: str,
+        redis_url: str,
+        prefix: str,
+        queue: str,
+        module: str,
+        *,
+        netns: str | None = None,
+        extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """``nbflow worker`` in a process of its own (optionally inside a network namespace)."""
         argv = [
-            sys.executable, "-m", "nbflow.cli", "worker",
-            "--redis", redis_url, "--prefix", prefix, "--queue", queue, "--import", module,
+            sys.executable,
+            "-m",
+            "nbflow.cli",
+            "worker",
+            "--redis",
+            redis_url,
+            "--prefix",
+            prefix,
+            "--queue",
+            queue,
+            "--import",
+            module,
             *extra_args,
         ]
         return self.spawn(name, argv, netns=netns, env=env)
