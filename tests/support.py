@@ -19,3 +19,16 @@ def poll(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
+
+
+def wait_status(inst: Any, status: str, timeout: float = 5.0) -> None:
+    """Polls until the instance has ``status``; fails at once if it ended otherwise."""
+
+    def reached() -> bool:
+        now = inst.status()
+        assert now["status"] not in ("complete", "errored", "terminated") or (
+            now["status"] == status
+        ), now
+        return bool(now["status"] == status)
+
+    poll(reached, timeout, what=f"status {status!r} of {inst.id}")

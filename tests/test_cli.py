@@ -48,6 +48,25 @@ def _env(module_dir: Path) -> dict[str, str]:
     )
 
 
+def _worker_cmd(redis_url: str, prefix: str, queue: str, *extra: str) -> list[str]:
+    """`nbflow worker` running the workflows of cli_flows against this test's prefix/queue."""
+    return [
+        sys.executable,
+        "-m",
+        "nbflow.cli",
+        "worker",
+        "--redis",
+        redis_url,
+        "--prefix",
+        prefix,
+        "--queue",
+        queue,
+        "--import",
+        "cli_flows",
+        *extra,
+    ]
+
+
 def test_import_registers_each_workflow_class_defined_in_the_module(
     engine: Engine, module_dir: Path
 ) -> None:
@@ -62,21 +81,7 @@ def test_burst_worker_process_runs_imported_workflows_to_completion(
     import_workflows(engine, ["cli_flows"])
     greet = engine.workflow("Greet").create(params={"name": "ada"})
     shout = engine.workflow("Shout").create(params={"name": "bob"})
-    cmd = [
-        sys.executable,
-        "-m",
-        "nbflow.cli",
-        "worker",
-        "--redis",
-        redis_url,
-        "--prefix",
-        engine.prefix,
-        "--queue",
-        engine.queue_name,
-        "--import",
-        "cli_flows",
-        "--burst",
-    ]
+    cmd = _worker_cmd(redis_url, engine.prefix, engine.queue_name, "--burst")
     done = subprocess.run(cmd, env=_env(module_dir), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Greet, Shout" in done.stdout
@@ -88,22 +93,7 @@ def test_worker_with_several_processes_shows_up_in_rq_and_shares_the_work(
     engine: Engine, module_dir: Path, redis_url: str
 ) -> None:
     import_workflows(engine, ["cli_flows"])
-    cmd = [
-        sys.executable,
-        "-m",
-        "nbflow.cli",
-        "worker",
-        "--redis",
-        redis_url,
-        "--prefix",
-        engine.prefix,
-        "--queue",
-        engine.queue_name,
-        "--import",
-        "cli_flows",
-        "--processes",
-        "2",
-    ]
+    cmd = _worker_cmd(redis_url, engine.prefix, engine.queue_name, "--processes", "2")
     proc = subprocess.Popen(
         cmd, env=_env(module_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -129,21 +119,7 @@ def test_worker_for_a_prefix_runs_nothing_of_another_prefix(
 ) -> None:
     import_workflows(engine, ["cli_flows"])
     inst = engine.workflow("Greet").create(params={"name": "x"})
-    cmd = [
-        sys.executable,
-        "-m",
-        "nbflow.cli",
-        "worker",
-        "--redis",
-        redis_url,
-        "--prefix",
-        engine.prefix + "other",
-        "--queue",
-        engine.queue_name + "other",
-        "--import",
-        "cli_flows",
-        "--burst",
-    ]
+    cmd = _worker_cmd(redis_url, engine.prefix + "other", engine.queue_name + "other", "--burst")
     subprocess.run(cmd, env=_env(module_dir), capture_output=True, timeout=60, check=True)
     assert inst.status()["status"] == "queued"
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import wait_status
 
 from nbflow import (
     NonRetryableError,
@@ -53,17 +54,6 @@ def attempt_log(inst: WorkflowInstance) -> list[int]:
 
 def fast(limit: int, backoff: str = "constant", **extra: Any) -> dict[str, Any]:
     return {"retries": {"limit": limit, "delay": "10 milliseconds", "backoff": backoff}, **extra}
-
-
-def wait_status(inst: WorkflowInstance, status: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        now = inst.status()["status"]
-        if now == status:
-            return
-        assert now not in ("complete", "errored", "terminated"), inst.status()
-        assert time.monotonic() < deadline, f"still {now!r}, never {status!r}"
-        time.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- retries
@@ -238,7 +228,8 @@ def test_a_replayed_error_keeps_its_type_when_its_class_takes_several_arguments(
     wait_status(inst, "waiting")
     inst.send_event("go")
     assert inst.wait(timeout=10) == {
-        "status": "complete", "output": ["HttpError", "HTTP 503: unavailable"],
+        "status": "complete",
+        "output": ["HttpError", "HTTP 503: unavailable"],
     }
     assert attempt_log(inst) == [1]
 
@@ -441,9 +432,16 @@ class BadConfig(WorkflowEntrypoint):
         {"retries": {"delay": "soon"}},
     ],
     ids=[
-        "unknown-top-key", "unknown-retries-key", "negative-limit", "bad-backoff",
-        "zero-timeout-text", "zero-timeout-number", "negative-timeout", "bad-timeout-unit",
-        "bad-delay-unit", "bad-delay-text",
+        "unknown-top-key",
+        "unknown-retries-key",
+        "negative-limit",
+        "bad-backoff",
+        "zero-timeout-text",
+        "zero-timeout-number",
+        "negative-timeout",
+        "bad-timeout-unit",
+        "bad-delay-unit",
+        "bad-delay-text",
     ],
 )
 def test_bad_step_config_fails_the_instance_with_value_error(worker_engine, config):

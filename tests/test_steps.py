@@ -10,7 +10,6 @@ not assumed.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ import pytest
 from conftest import cleanup_prefix
 from pandas.testing import assert_frame_equal, assert_series_equal
 from rq import Queue
+from support import wait_status
 
 from nbflow import Engine, StepContext, WorkflowEntrypoint, WorkflowInstance
 
@@ -28,8 +28,16 @@ RUNS: Counter[tuple[str, str]] = Counter()
 SEEN: dict[str, Any] = {}
 
 STEP_COLUMNS = [
-    "step", "kind", "count", "status", "attempts", "started_at", "finished_at", "duration_s",
-    "output", "error",
+    "step",
+    "kind",
+    "count",
+    "status",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "output",
+    "error",
 ]
 
 
@@ -39,18 +47,6 @@ def ran(event: Any, name: str) -> None:
 
 def runs(inst: WorkflowInstance, name: str) -> int:
     return RUNS[(inst.id, name)]
-
-
-def wait_status(inst: WorkflowInstance, status: str, timeout: float = 5.0) -> None:
-    """Poll until the instance has ``status`` (e.g. parked on an event wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = inst.status()["status"]
-        if now == status:
-            return
-        assert now not in ("complete", "errored", "terminated"), inst.status()
-        assert time.monotonic() < deadline, f"still {now!r}, never {status!r}"
-        time.sleep(0.01)
 
 
 def send_when_waiting(inst: WorkflowInstance, event_type: str, payload: Any = None) -> None:
@@ -110,8 +106,12 @@ def test_every_step_do_form_runs_its_callback_and_stores_its_result(worker_engin
     assert inst.wait(timeout=10) == {"status": "complete", "output": [1, 2, 3, 4, 5, 6]}
     df = inst.steps()
     assert list(df["step"]) == [
-        "two args", "config then callback", "callback then config=", "named decorator",
-        "empty_parens", "config_only",
+        "two args",
+        "config then callback",
+        "callback then config=",
+        "named decorator",
+        "empty_parens",
+        "config_only",
     ]
     assert list(df["output"]) == [1, 2, 3, 4, 5, 6]
     assert inst.step_output("empty_parens") == 5
@@ -262,7 +262,8 @@ class SyncRun(WorkflowEntrypoint):
 def test_sync_run_gets_step_values_directly(worker_engine):
     inst = worker_engine.register(SyncRun).create(params={"x": 1})
     assert inst.wait(timeout=10) == {
-        "status": "complete", "output": {"a": 2, "b": 20, "type": "int"},
+        "status": "complete",
+        "output": {"a": 2, "b": 20, "type": "int"},
     }
 
 
@@ -356,7 +357,8 @@ def test_completed_step_is_not_run_again_when_the_run_replays(worker_engine):
     inst = worker_engine.register(StepThenEvent).create(params={"x": 21})
     send_when_waiting(inst, "approved", {"ok": True})
     assert inst.wait(timeout=10) == {
-        "status": "complete", "output": {"a": 42, "event": {"ok": True}},
+        "status": "complete",
+        "output": {"a": 42, "event": {"ok": True}},
     }
     assert runs(inst, "a") == 1
 
@@ -651,9 +653,7 @@ class Big(WorkflowEntrypoint):
             return "x" * 1000
 
         small = await step.do("small", lambda: "x" * 10)
-        big = await step.do(
-            "big", {"retries": {"limit": 3, "delay": "10 milliseconds"}}, produce
-        )
+        big = await step.do("big", {"retries": {"limit": 3, "delay": "10 milliseconds"}}, produce)
         return [small, big]
 
 
@@ -728,7 +728,8 @@ def test_mutating_event_payload_in_run_changes_neither_later_reads_nor_a_replay(
     inst = worker_engine.register(MutatePayload).create(params={"x": 1})
     send_when_waiting(inst, "go")
     assert inst.wait(timeout=10) == {
-        "status": "complete", "output": {"seen": 1, "after replay": 1, "mine": 97},
+        "status": "complete",
+        "output": {"seen": 1, "after replay": 1, "mine": 97},
     }
 
 
