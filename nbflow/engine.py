@@ -47,6 +47,9 @@ BATCH_CHUNK = 500
 #: Instances per RQ job, at most: a job's runs advance together with their Redis
 #: calls grouped (fewer round trips, so bigger is cheaper); a batch of 50 or more is
 #: still cut into at least two jobs (of 25 or more) so two workers can share it.
+#: How long pause()/terminate()/restart() wait for the worker running the instance
+#: to confirm that it starts no new step of it.
+STOP_ACK_TIMEOUT = 5.0
 JOB_SIZE = 100
 MIN_JOB_SIZE = 25
 
@@ -325,6 +328,22 @@ class Engine:
             pipeline=pipe,
         )
 
+    def _await_stop(self, iid: str, script: str, ack: str) -> None:
+        """Waits until the worker running ``iid`` has promised to start no new step
+        of it (the stop handshake, see ``nbflow.worker.StopListener``)."""
+        got = self.redis.blpop([ack], timeout=STOP_ACK_TIMEOUT)
+        if got is None:
+            log.warning(
+                "nbflow: the worker running %s did not confirm the %s within %.0fs; "
+                "its next write applies it",
+                iid,
+                script,
+                STOP_ACK_TIMEOUT,
+            )
+            self.redis.delete(ack)
+            if script == "pause":
+                self._scripts.harden(args=[self.prefix, iid])
+
     def _lifecycle(
         self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
     ) -> str:
@@ -333,11 +352,14 @@ class Engine:
         def job(pipe: Any) -> None:
             self._enqueue([iid], at_front=True, pipe=pipe)
 
+        ack = self.keys.ack(uuid.uuid4().hex)
         res = self._scripts.execute(
-            [(script, [self.prefix, iid, now, now_iso, *extra])], job if enqueue else None
+            [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
         )[0]
         tag, value = _s(res[0]), _s(res[1])
         if tag == "ok":
+            if len(res) > 2 and int(res[2]) > 0:
+                self._await_stop(iid, script, ack)
             return value
         if value == "unknown":
             raise InstanceNotFoundError(f"no instance {iid!r} under prefix {self.prefix!r}")

@@ -10,11 +10,15 @@ is all a replay needs.
 One RQ job may carry many instances (those created together).  Their claims go
 out in one pipeline, and their ``async`` runs advance side by side on the worker
 thread's event loop; every Redis script call they make in one turn of the loop
-is sent in one pipeline (``Batch``: a group commit), so a hundred instances
-taking a step cost one round trip, not a hundred.  A step's result is written
-behind: it goes out with the next call of its run (at the latest the next
-step's start), which is also where its reply is checked.  Plain ``def run``
-workflows run one after another with direct calls.
+is written in one go (``Batch``: a group commit).  Step records are pipelined:
+a step's result travels with the next step's start (``step_next``), which is
+written to Redis before that step's callback runs, but no step waits for a
+reply; replies are read as they arrive, and one that refuses a write (a lost
+lease, a restart) stops the run at its next step.  Whether a new step may start
+after ``pause()``, ``terminate()`` or ``restart()`` is decided by the stop
+handshake instead: those calls ask the worker holding the instance
+(``nbflow.worker.StopListener``) and return once it has promised to start no new
+step.  Plain ``def run`` workflows run one after another with direct calls.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -43,16 +48,22 @@ from nbflow.step import (
     error_dict,
     rebuild_error,
 )
-from nbflow.store import clock
+from nbflow.store import ScriptStream, clock
 
 if TYPE_CHECKING:
     from nbflow.engine import Engine
+    from nbflow.worker import StopListener
 
 log = logging.getLogger("nbflow")
 
 #: How long a claim or a step write keeps an instance leased to its run; the
 #: worker's heartbeat renews leases of runs in progress every third of this.
 LEASE_SECONDS = 30.0
+
+#: A step whose run has had no word from Redis for this long waits for the reply
+#: to its start before its callback runs.  Far below the lease, so a run cut off
+#: from Redis (whose lease may be taken over) starts no step unconfirmed.
+CONFIRM_AFTER = LEASE_SECONDS / 30
 
 # Which of several reasons to stop wins when parallel steps meet different ones.
 _REASON_RANK = {"wait": 1, "stopping": 2, "paused": 3}
@@ -67,11 +78,17 @@ _current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
 )
 
 
-def bind_engine(engine: Engine, stopping: threading.Event | None = None) -> None:
+def bind_engine(
+    engine: Engine,
+    stopping: threading.Event | None = None,
+    listener: StopListener | None = None,
+) -> None:
     """Makes ``engine`` the one jobs run by this thread use (set by the worker);
-    ``stopping`` tells runs to hand their instance back at the next step."""
+    ``stopping`` tells runs to hand their instance back at the next step, and
+    ``listener`` hears lifecycle calls that must stop a run (the stop handshake)."""
     _bound.engine = engine
     _bound.stopping = stopping
+    _bound.listener = listener
 
 
 def current_engine(prefix: str) -> Engine:
@@ -126,41 +143,97 @@ class StoreUnavailable(Exception):
 
 
 class Batch:
-    """Group commit: script calls made during one turn of the loop go out in one
-    pipeline, and each caller's future gets its own reply."""
+    """Group commit over one pipelined stream: script calls made during one turn of
+    the loop are written in one go.  Step records are sent without waiting (their
+    handler checks the reply when it arrives); ``call`` gives a future for the calls
+    whose reply the caller needs (an event take, a run's ending)."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, live: int) -> None:
+        self.stream = ScriptStream(engine._scripts)
         self.loop = loop
-        self.calls: list[tuple[str, list[str], asyncio.Future[Any]]] = []
+        self.live = live  # runs of the job still going
+        self.calls: list[tuple[str, list[str], Callable[[Any], None]]] = []
+        self.awaited = 0  # calls in ``calls`` whose reply someone awaits
+        self._written: asyncio.Future[None] | None = None
         self.steps_in_flight = 0  # step attempts started and not yet done, all runs
 
-    def call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = self.loop.create_future()
+    def send(self, name: str, args: list[str], handler: Callable[[Any], None]) -> None:
+        """Queues a call for this turn's write; ``handler`` gets its reply later."""
         if not self.calls:
             self.loop.call_soon(self.flush)
-        self.calls.append((name, args, fut))
+        self.calls.append((name, args, handler))
+
+    def call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
+        """Queues a call and returns a future of its reply (Redis being away is
+        ``StoreUnavailable``; an error reply is the exception as the result)."""
+        fut: asyncio.Future[Any] = self.loop.create_future()
+
+        def got(reply: Any) -> None:
+            if fut.done():
+                return
+            if isinstance(reply, redis.RedisError) and not isinstance(
+                reply, redis.exceptions.ResponseError
+            ):
+                fut.set_exception(StoreUnavailable(reply))
+            else:
+                fut.set_result(reply)
+
+        self.send(name, args, got)
+        self.awaited += 1
         return fut
+
+    def written(self, alone: bool) -> asyncio.Future[None] | None:
+        """What to await before a step callback starts, so that the records sent
+        so far are on their way to Redis: with other runs (or parallel branches)
+        going, the end of this turn's write, which lets them join it; a run on its
+        own (``alone``) writes at once (None: nothing to await)."""
+        if alone and self.live <= 1:
+            self.flush()
+            return None
+        if self._written is None:
+            self._written = self.loop.create_future()
+        return self._written
 
     def flush(self) -> None:
         calls, self.calls = self.calls, []
-        if not calls:
-            return
-        scripts = self.engine._scripts
+        awaited, self.awaited = self.awaited, 0
+        written, self._written = self._written, None
         try:
-            replies = scripts.pipeline([(name, args) for name, args, _ in calls])
-        except redis.RedisError as exc:  # Redis unreachable: every caller learns it
-            for _, _, fut in calls:
-                if not fut.done():
-                    fut.set_exception(StoreUnavailable(exc))
-            return
-        for (_, _, fut), reply in zip(calls, replies, strict=True):
-            if fut.done():
-                continue
-            if isinstance(reply, Exception):
-                fut.set_exception(reply)
-            else:
-                fut.set_result(reply)
+            if calls:
+                try:
+                    self.stream.send(calls)
+                except redis.RedisError as exc:  # Redis unreachable: every caller learns it
+                    for _, _, handler in calls:
+                        handler(exc)
+                else:
+                    if awaited:
+                        self.stream.drain()
+                    else:
+                        # replies that arrived meanwhile; above all, a connection
+                        # that closed (Redis went away) is seen now, before the
+                        # next callback runs on a write that was lost
+                        self.stream.poll()
+        except redis.RedisError:
+            pass  # the stream gave every owed handler the error
+        finally:
+            if written is not None and not written.done():
+                written.set_result(None)
+
+    def confirm(self) -> None:
+        """Waits for every reply owed when Redis has not answered for a while (see
+        ``CONFIRM_AFTER``): a run that lost its lease meanwhile learns it now."""
+        if time.monotonic() - self.stream.settled_at > CONFIRM_AFTER:
+            try:
+                self.stream.drain()
+            except redis.RedisError:
+                pass  # the stream gave every owed handler the error
+
+    def close(self) -> None:
+        """Reads the replies still owed and gives the connection back."""
+        try:
+            self.stream.close()
+        except redis.RedisError as exc:
+            log.warning("nbflow: replies of a job's last writes were lost: %r", exc)
 
 
 def run_job(prefix: str, ids: list[str]) -> None:
@@ -181,7 +254,13 @@ def run_many(
     their writes grouped, sync runs one after another.  Returns each outcome."""
     now, now_iso = clock()
     lease = f"{now + LEASE_SECONDS:.6f}"
-    token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
+    listener: StopListener | None = getattr(_bound, "listener", None)
+    if listener is not None:
+        # a token names the worker that lifecycle calls must ask (see tell_owner)
+        token_base = f"{listener.worker_id}/{uuid.uuid4().hex[:12]}"
+        listener.requests.difference_update(ids)  # requests aimed at earlier runs
+    else:
+        token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
     tokens = [f"{token_base}:{n}" for n in range(len(ids))]
     claims = engine._scripts.pipeline(
         [
@@ -204,7 +283,7 @@ def run_many(
             outcomes[n] = f"skipped ({claim[0].decode()})"
             continue
         try:
-            run = Run(engine, iid, token, claim, stopping)
+            run = Run(engine, iid, token, claim, stopping, listener)
         except Exception as exc:  # stored state that cannot be read: end it, clearly
             outcomes[n] = _fail_corrupt(engine, iid, exc)
             continue
@@ -218,7 +297,7 @@ def run_many(
                 engine._runs.pop(iid, None)
     if async_runs:
         loop = _loop()
-        batch = Batch(engine, loop)
+        batch = Batch(engine, loop, len(async_runs))
         for _, run in async_runs:
             run.batch = batch
 
@@ -230,6 +309,7 @@ def run_many(
         try:
             results = loop.run_until_complete(all_runs())
         finally:
+            batch.close()
             for _, run in async_runs:
                 engine._runs.pop(run.iid, None)
         for (n, run), result in zip(async_runs, results, strict=True):
@@ -270,11 +350,13 @@ class Run:
         token: str,
         claim: list[Any],
         stopping: threading.Event | None,
+        listener: StopListener | None = None,
     ) -> None:
         self.engine = engine
         self.iid = iid
         self.token = token
         self.stopping = stopping
+        self.listener = listener
         self.workflow_name = claim[1].decode()
         self.payload = codec.decode(claim[2])
         self.created_at = datetime.fromisoformat(claim[3].decode())
@@ -311,10 +393,11 @@ class Run:
                 self.instance = exc
         self.batch: Batch | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
-        # writes behind (async runs): a step result not sent yet, and sent ones
-        # whose replies _settle checks
+        # async runs: a step result not sent yet (it goes with the next call), and
+        # why Redis refused one of the writes sent without waiting, once a reply says so
         self._pending: list[str] | None = None
-        self._behind: list[asyncio.Future[Any]] = []
+        self._refused: str | None = None
+        self._write_error: Exception | None = None
 
     # -- used by the step protocol ----------------------------------------------
 
@@ -362,9 +445,26 @@ class Run:
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
         return [*self._own(), key, entry, name, hist]
 
+    def _stop_asked(self) -> bool:
+        """Whether a lifecycle call asked this worker to start no new step of the
+        instance (the request is consumed: the caller checks where the run stands)."""
+        requests = None if self.listener is None else self.listener.requests
+        if requests and self.iid in requests:
+            requests.discard(self.iid)
+            return True
+        return False
+
+    def _after_checkpoint(self, res: Any) -> None:
+        if isinstance(res, Exception):
+            raise res
+        if res != b"running":  # paused, terminated, restarted (lost): stop here
+            raise self.halt(res.decode())
+
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Records a step attempt's start; stops the run first if it must stop."""
         self._stop_if_halted()
+        if self._stop_asked():
+            self._after_checkpoint(self._direct("checkpoint", self._args()))
         args = [self.engine.prefix, *self._start_args(key, name, entry, attempt)]
         self._check(self._direct("step_start", args))
 
@@ -389,24 +489,59 @@ class Run:
             self.batch.steps_in_flight -= 1
 
     async def astart_step(self, key: str, name: str, entry: str, attempt: int) -> None:
-        """``start_step`` for async runs: grouped with other runs' calls; the writes
-        this run sent behind are checked first."""
+        """``start_step`` for async runs: the start (with the last step's result, when
+        one is pending) is written before the callback runs, without waiting for its
+        reply; a stop request or a refusal already read stops the run first."""
         self._stop_if_halted()
+        self._raise_refused()
+        if self._stop_asked():
+            self._flush_pending()
+            res = await self._reply(self._call("checkpoint", self._args()))
+            self._raise_refused()
+            self._after_checkpoint(res)
+        assert self.batch is not None
         start = self._start_args(key, name, entry, attempt)
         if self._pending is None:
-            fut = self._call("step_start", [self.engine.prefix, *start])
-            await self._settle()
-            self._check(await self._reply(fut))
+            self.batch.send("step_start", [self.engine.prefix, *start], self._on_write)
+        else:  # the last step's result and this step's start, in one script call
+            args = [self.engine.prefix, *self._pending, *start]
+            self._pending = None
+            self.batch.send("step_next", args, self._on_write)
+        written = self.batch.written(self._alone())
+        if written is not None:
+            await written
+        self.batch.confirm()
+        self._raise_refused()
+
+    def _alone(self) -> bool:
+        """Whether no other branch of this run (``asyncio.gather``) is under way."""
+        if len(self.tasks) <= 1:
+            return True
+        me = asyncio.current_task()
+        return not any(t is not me and not t.done() for t in self.tasks)
+
+    def _on_write(self, reply: Any) -> None:
+        """Checks the reply of a write sent without waiting; a refusal is kept until
+        the run's next step (``_raise_refused``), where the run stops."""
+        for res in reply if isinstance(reply, list) else (reply,):
+            if self._refused is not None:
+                return
+            if isinstance(res, redis.exceptions.ResponseError):
+                self._refused, self._write_error = "error", res
+            elif isinstance(res, Exception):
+                self._refused, self._write_error = "lost", StoreUnavailable(res)
+            elif res != b"ok":
+                self._refused = res.decode()
+
+    def _raise_refused(self) -> None:
+        """Stops the run if Redis refused one of its writes (see ``_on_write``)."""
+        if self._refused is None:
             return
-        # the last step's result and this step's start, in one script call
-        both = self._call("step_next", [self.engine.prefix, *self._pending, *start])
-        self._pending = None
-        await self._settle()
-        replies = await self._reply(both)
-        if isinstance(replies, Exception):
-            raise replies
-        self._check(replies[0])
-        self._check(replies[1])
+        if isinstance(self._write_error, redis.exceptions.ResponseError):
+            raise self._write_error
+        if self._write_error is not None:
+            raise self.halt(self._refused) from self._write_error
+        raise self.halt(self._refused)
 
     def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None:
         """Stores a step's outcome (or a retry record); a pause asked for meanwhile
@@ -424,9 +559,10 @@ class Run:
     def _flush_pending(self) -> None:
         """Sends a result written behind on its own (the next call is no step start)."""
         if self._pending is not None:
+            assert self.batch is not None
             args = [self.engine.prefix, *self._pending]
             self._pending = None
-            self._behind.append(self._call("step_finish", args))
+            self.batch.send("step_finish", args, self._on_write)
 
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
         """A grouped call's reply; Redis being away stops the run (see StoreUnavailable)."""
@@ -448,13 +584,6 @@ class Run:
         assert self.batch is not None
         return self.batch.call(name, args)
 
-    async def _settle(self) -> None:
-        """Awaits the writes sent behind; one that was refused stops the run."""
-        self._flush_pending()
-        behind, self._behind = self._behind, []
-        for fut in behind:
-            self._check(await self._reply(fut))
-
     def _take_event_args(self, key: str, event_type: str, index: int, t0: float) -> list[str]:
         rel = f"{t0 - self.created_ts:.3f}"
         return [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}"]
@@ -472,10 +601,11 @@ class Run:
     ) -> dict[str, Any] | None:
         """``take_event`` for async runs (grouped)."""
         self._stop_if_halted()
+        self._raise_refused()
         self._flush_pending()
         fut = self._call("take_event", self._take_event_args(key, event_type, index, t0))
-        await self._settle()
-        res = await self._reply(fut)
+        res = await self._reply(fut)  # replies come in order: earlier writes' are in
+        self._raise_refused()
         if isinstance(res, Exception):
             raise res
         return self._taken(res)
@@ -576,6 +706,8 @@ class Run:
                 await self._wait_own_tasks()
 
         await body()
+        if self.batch is not None:
+            self.batch.live -= 1
 
         def replay() -> Any:
             if "error" in holder:
@@ -639,23 +771,23 @@ class Run:
         """Sends the ending call right behind the run's last writes (one round trip);
         if one of those writes was refused (a pause, a lost lease), that wins and the
         ending call finds the instance no longer owned and changes nothing."""
+        self._flush_pending()
         if status == "park":
             if (self.reason or "wait") == "stopping":
                 name, args = "release", self._args()
             else:
                 park = self._park_args()
-                if park is None:
-                    await self._settle_quietly()
+                if park is None:  # a script already applied the stop
                     return self.reason
                 name, args = "suspend", park
         else:
             name, args = "finish", self._finish_args(status, value)
-        self._flush_pending()
-        fut = self._call(name, args)
-        if not await self._settle_quietly():
-            await fut
+        try:
+            # replies come in order: when this one is in, so are the earlier writes'
+            res = await self._reply(self._call(name, args))
+            self._raise_refused()
+        except Suspend:
             return self.reason
-        res = await fut
         if isinstance(res, Exception):
             raise res
         if name == "release":
@@ -665,14 +797,6 @@ class Run:
         text: str = res.decode()
         log.info("instance %s %s", self.iid, text)
         return text
-
-    async def _settle_quietly(self) -> bool:
-        """``_settle`` at the end of a run: False if a write behind stopped it."""
-        try:
-            await self._settle()
-        except Suspend:
-            return False
-        return True
 
 
 __all__ = ["run_job", "run_many", "advance", "bind_engine", "current_engine", "LEASE_SECONDS"]

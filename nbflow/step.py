@@ -20,6 +20,7 @@ Redis write; this module decides *what* to record, the runner *how*.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import asyncio
 import builtins
 import importlib
@@ -111,7 +112,9 @@ def call_inline(callback: Callable[..., Any], ctx: StepContext | None, timeout: 
 
     A signal interrupts blocking calls too (``time.sleep``, socket reads), so the
     timeout holds as it does on the pool."""
-    if signal.getsignal(signal.SIGALRM) is not _on_alarm:
+    # the C-level getsignal: signal.getsignal converts to an enum, which costs
+    # more than the rest of a trivial step
+    if _signal.getsignal(signal.SIGALRM) is not _on_alarm:
         signal.signal(signal.SIGALRM, _on_alarm)
     _alarm["armed"] = True
     signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -702,23 +705,28 @@ class WorkflowStep(_StepBase):
             await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
             pooled: Future[Any] | None = None
-            # asyncio.timeout, not wait_for: no extra task per step (Python 3.11+)
-            limit = asyncio.timeout(cfg.timeout)
+            # a sync callback runs inline when it is the only step in flight and a
+            # timer can bound it (then no asyncio timeout is needed); else on the
+            # pool, so parallel steps stay parallel and its timeout holds even when
+            # it blocks.  asyncio.timeout, not wait_for: no extra task per step.
+            inline = not is_async and self._run.steps_in_flight() <= 1 and can_inline()
+            limit = None if inline else asyncio.timeout(cfg.timeout)
             try:
-                async with limit:
-                    if is_async:
-                        result = await (callback(ctx) if ctx is not None else callback())
-                    else:
-                        # a sync callback runs inline when it is the only step in flight
-                        # and a timer can bound it; else on the pool, so parallel steps
-                        # stay parallel and its timeout holds even when it blocks
-                        if self._run.steps_in_flight() <= 1 and can_inline():
-                            result = call_inline(callback, ctx, cfg.timeout)
+                if limit is None:
+                    result = call_inline(callback, ctx, cfg.timeout)
+                    if inspect.isawaitable(result):
+                        limit = asyncio.timeout(cfg.timeout)
+                        async with limit:
+                            result = await result
+                else:
+                    async with limit:
+                        if is_async:
+                            result = await (callback(ctx) if ctx is not None else callback())
                         else:
                             pooled = _POOL.submit(_call_plain, callback, ctx)
                             result = await asyncio.wrap_future(pooled)
-                        if inspect.isawaitable(result):
-                            result = await result
+                            if inspect.isawaitable(result):
+                                result = await result
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except _Alarm:
@@ -726,7 +734,7 @@ class WorkflowStep(_StepBase):
             except BaseException as caught:
                 # a TimeoutError the callback raised itself is its own failure; so is a
                 # SystemExit or KeyboardInterrupt it raised (the worker goes on)
-                if isinstance(caught, TimeoutError) and limit.expired():
+                if isinstance(caught, TimeoutError) and limit is not None and limit.expired():
                     if pooled is not None:
                         _abandon(pooled)
                     return self._timeout_error(st, attempt, cfg), None

@@ -5,7 +5,8 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:{id}:state        hash  status, createdAt, updatedAt, error, output, plus the
                                 run bookkeeping (each only while it has a value): owner
                                 (token of the run advancing it), gen, waitType, stepsDone,
-                                retention and finishedAt
+                                retention, finishedAt and hardStop (a pause that no
+                                worker heard: the scripts apply it themselves)
     {p}:{id}:steps        hash  step key ("name#count") -> step entry (JSON, see below)
     {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep
     {p}:{id}:history      list  JSON events that no other key records: retries, failures,
@@ -15,6 +16,8 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
     {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``)
+    {p}:stop:{worker}     pubsub channel: "id ack" asks that worker to start no new step
+                          of id; it answers by pushing to the list {p}:ack:{nonce}
     {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
@@ -39,8 +42,11 @@ from the prefix they are given: nbflow targets a single Redis (not Cluster).
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+import hiredis
 import redis
 
 FINAL_STATUSES = ("complete", "errored", "terminated")
@@ -60,8 +66,13 @@ def clock() -> tuple[float, str]:
     """Now, as epoch seconds and as the ISO 8601 UTC text stored in state
     (millisecond precision, ``Z``: short, and what any tool parses)."""
     t = time.time()
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
-    return t, f"{whole}.{int(t % 1 * 1000):03d}Z"
+    second = int(t)
+    if second != _second[0]:  # strftime once a second, not on every write
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+    return t, f"{_second[1]}.{int(t % 1 * 1000):03d}Z"
+
+
+_second: list[Any] = [-1, ""]  # the last whole second clock() formatted, and its text
 
 
 class Keys:
@@ -98,6 +109,12 @@ class Keys:
     def done(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:done"
 
+    def stop_channel(self, worker: str) -> str:
+        return f"{self.prefix}:stop:{worker}"
+
+    def ack(self, nonce: str) -> str:
+        return f"{self.prefix}:ack:{nonce}"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -121,6 +138,7 @@ local function set_status(id, new, now_iso, created)
   end
   redis.call('ZADD', P .. ':index:status:' .. new, created or '0', id)
   redis.call('HSET', st, 'status', new, 'updatedAt', now_iso)
+  if new ~= 'waitingForPause' then redis.call('HDEL', st, 'hardStop') end
 end
 local function release(id)
   redis.call('HDEL', k_state(id), 'owner')
@@ -164,6 +182,16 @@ local function owned(id, token, now, now_iso)
     return 'paused'
   end
   return why
+end
+-- Tells the worker advancing the instance, if any, to start no new step of it
+-- (pause, terminate, restart): a message on that worker's stop channel, which it
+-- answers on the list `ack` once it will start none.  Returns how many heard it.
+local function tell_owner(id, ack)
+  local owner = redis.call('HGET', k_state(id), 'owner')
+  if not owner or not ack or ack == '' then return 0 end
+  local wid = string.match(owner, '^(.+)/')
+  if not wid then return 0 end
+  return redis.call('PUBLISH', P .. ':stop:' .. wid, id .. ' ' .. ack)
 end
 local function entry_status(entry)
   if not entry then return nil end
@@ -218,7 +246,11 @@ return out
 # The step protocol's two writes, as functions so one script can do both (a
 # step's result and the next step's start go out as one call).
 #   step_start  ARGV[o..o+7]: id, token, now, now_iso, key, entry, step name, history
-#     records that a step attempt starts, unless its entry is already final
+#     records that a step attempt starts, unless its entry is already final; it
+#     is sent without waiting (pipelined), so the attempt is already under way:
+#     under waitingForPause it is recorded too, and its finish applies the pause
+#     (whether a new step may start is the worker's stop handshake, see
+#     tell_owner and nbflow.worker.StopListener)
 #   step_finish ARGV[o..o+8]: id, token, now, now_iso, key, entry, final (1/0), event, history
 #     stores a step's outcome (final, or a retry/wait record); a final entry is
 #     never overwritten, so a late duplicate from a lost run changes nothing
@@ -227,8 +259,12 @@ _STEP_FUNCTIONS = r"""
 local function step_start(o)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, name = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
-  local why = owned(id, token, now, now_iso)
-  if why ~= 'running' then return why end
+  local why = check_owner(id, token)
+  if why == 'waitingForPause' and redis.call('HEXISTS', k_state(id), 'hardStop') == 1 then
+    pause_now(id, now, now_iso)
+    return 'paused'
+  end
+  if why ~= 'running' and why ~= 'waitingForPause' then return why end
   local sk = k_steps(id)
   local s = entry_status(redis.call('HGET', sk, key))
   if s == 'complete' or s == 'errored' then return 'final' end
@@ -236,7 +272,7 @@ local function step_start(o)
   redis.call('HSET', k_meta(id), 'currentStep', name)
   return 'ok'
 end
-local function step_finish(o)
+local function step_finish(o, next_starts)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, final, ev = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6], ARGV[o + 7]
   local st = k_state(id)
@@ -251,7 +287,10 @@ local function step_finish(o)
   end
   redis.call('HSET', st, 'updatedAt', now_iso)
   if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[o + 8]) end
-  if status == 'waitingForPause' then
+  -- the next step's start in the same call was decided before the worker heard
+  -- of the pause: it runs, and its own finish applies the pause
+  if status == 'waitingForPause' and not (next_starts and
+      redis.call('HEXISTS', st, 'hardStop') == 0) then
     pause_now(id, now, now_iso)
     return 'paused'
   end
@@ -259,9 +298,13 @@ local function step_finish(o)
 end
 """
 _STEP_START = "return step_start(2)"
-_STEP_FINISH = "return step_finish(2)"
+_STEP_FINISH = "return step_finish(2, false)"
 # ARGV: prefix, the 9 step_finish values, the 8 step_start values.
-_STEP_NEXT = "return {step_finish(2), step_start(11)}"
+_STEP_NEXT = "return {step_finish(2, true), step_start(11)}"
+# ARGV: prefix, id, token, now, now_iso. Where a run stands after a stop request:
+# 'running' (go on: it was resumed meanwhile) or why it must stop; applies a
+# pause that waits for no step any more.
+_CHECKPOINT = "return owned(ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 
 # ARGV: prefix, id, token, now, now_iso, wake_at ('' = none), wait types (",a,b," or ''),
 # history, then key, entry pairs (pending entries recording each wait's deadline,
@@ -451,10 +494,11 @@ make_queued(id, now, now_iso)
 return 'queued'
 """
 
-# Lifecycle calls. ARGV: prefix, id, now, now_iso[, extra]. Each returns
-# {'ok', new_status} or {'bad', current_status} (or {'bad', 'unknown'}).
+# Lifecycle calls. ARGV: prefix, id, now, now_iso[, extra], ack key. Each returns
+# {'ok', new_status, heard} or {'bad', current_status} (or {'bad', 'unknown'});
+# `heard` counts the workers told to stop the instance's run (see tell_owner).
 _PAUSE = r"""
-local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', k_state(id), 'status')
 if not status then return {'bad', 'unknown'} end
 local new
@@ -470,7 +514,23 @@ else
 end
 set_status(id, new, now_iso)
 if new == 'paused' then hist(id, now, 'paused', '') else hist(id, now, 'pause.requested', '') end
-return {'ok', new}
+local heard = 0
+if new == 'waitingForPause' then
+  heard = tell_owner(id, ack)
+  -- no worker heard it (none holds the run, or its listener is away): the
+  -- scripts enforce the pause themselves at the next start or finish
+  if heard == 0 then redis.call('HSET', k_state(id), 'hardStop', '1') end
+end
+return {'ok', new, heard}
+"""
+
+# ARGV: prefix, id. A pause whose worker did not confirm it in time: the scripts
+# apply it at the run's next start or finish.
+_HARDEN = r"""
+if redis.call('HGET', k_state(ARGV[2]), 'status') == 'waitingForPause' then
+  redis.call('HSET', k_state(ARGV[2]), 'hardStop', '1')
+end
+return 1
 """
 
 _RESUME = r"""
@@ -492,13 +552,14 @@ return {'ok', new}
 """
 
 _TERMINATE = r"""
-local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
 if not status then return {'bad', 'unknown'} end
 if status == 'complete' or status == 'errored' or status == 'terminated' then
   return {'bad', status}
 end
+local heard = tell_owner(id, ack)
 set_status(id, 'terminated', now_iso)
 release(id)
 finish_bookkeeping(id, now)
@@ -509,13 +570,13 @@ for _, t in ipairs(redis.call('SMEMBERS', types)) do
 end
 redis.call('DEL', types)
 hist(id, now, 'terminated', '')
-return {'ok', 'terminated'}
+return {'ok', 'terminated', heard}
 """
 
-# ARGV: prefix, id, now, now_iso, from_key ('' = all). Keeps the entries of the
-# steps that started before from_key (by their order field) and drops the rest.
+# ARGV: prefix, id, now, now_iso, from_key ('' = all), ack key. Keeps the entries of
+# the steps that started before from_key (by their order field) and drops the rest.
 _RESTART = r"""
-local id, now, now_iso, from_key = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local id, now, now_iso, from_key, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
 if not status then return {'bad', 'unknown'} end
@@ -538,6 +599,7 @@ else
     end
   end
 end
+local heard = tell_owner(id, ack)
 release(id)
 redis.call('HINCRBY', st, 'gen', 1)
 if done > 0 then
@@ -551,7 +613,7 @@ redis.call('ZREM', P .. ':timers', id)
 redis.call('ZREM', P .. ':expiry', id)
 make_queued(id, now, now_iso)
 hist(id, now, 'restarted', '"from":' .. cjson.encode(from_key))
-return {'ok', 'queued'}
+return {'ok', 'queued', heard}
 """
 
 # ARGV: prefix, now, limit. Deletes finished instances whose retention ran out.
@@ -581,6 +643,7 @@ _SOURCES = {
     "step_start": _STEP_START,
     "step_finish": _STEP_FINISH,
     "step_next": _STEP_NEXT,
+    "checkpoint": _CHECKPOINT,
     "suspend": _SUSPEND,
     "take_event": _TAKE_EVENT,
     "send_event": _SEND_EVENT,
@@ -592,6 +655,7 @@ _SOURCES = {
     "release": _RELEASE,
     "fail": _FAIL,
     "pause": _PAUSE,
+    "harden": _HARDEN,
     "resume": _RESUME,
     "terminate": _TERMINATE,
     "restart": _RESTART,
@@ -669,3 +733,113 @@ class Scripts:
                 for script in self._scripts.values():
                     self._client.script_load(script.script)
         raise AssertionError("unreachable")
+
+
+class ScriptStream:
+    """Script calls sent without waiting for their replies, on a connection of its own.
+
+    The step protocol's writes go out this way: a step's record is on its way to
+    Redis before the next step's callback starts (so a crash loses nothing but
+    the interrupted step), yet no step waits a round trip for it.  Each call
+    names a handler that gets its reply (or the error) when replies are read:
+    ``poll`` reads what has arrived, ``drain`` everything still owed.  A reply of
+    ``NOSCRIPT`` (Redis lost its script cache) loads the scripts and sends that
+    call again; replies keep their order, so every call after it is resent too.
+    """
+
+    def __init__(self, scripts: Scripts) -> None:
+        self._scripts = scripts
+        self._pool = scripts._client.connection_pool
+        self._conn: Any = None
+        self._owed: deque[tuple[str, list[str], Callable[[Any], None]]] = deque()
+        #: when Redis last answered every call sent so far (time.monotonic())
+        self.settled_at = time.monotonic()
+
+    def send(self, calls: list[tuple[str, list[str], Callable[[Any], None]]]) -> None:
+        """Writes ``calls`` to the socket in one go; raises ``redis.RedisError`` if
+        Redis cannot be reached (nothing of them is owed then)."""
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        shas = self._scripts._scripts
+        packed = [_pack("EVALSHA", shas[name].sha, "0", *args) for name, args, _ in calls]
+        try:
+            self._conn.send_packed_command(packed, check_health=False)
+        except BaseException:
+            self._lost()
+            raise
+        self._owed.extend(calls)
+
+    @property
+    def owed(self) -> int:
+        """How many replies are still to be read."""
+        return len(self._owed)
+
+    def poll(self) -> None:
+        """Reads the replies that have arrived, without waiting for more."""
+        while self._owed:
+            try:
+                ready = self._conn.can_read(timeout=0)
+            except BaseException:  # the connection closed: Redis went away
+                self._lost()
+                raise
+            if not ready:
+                return
+            self._read_one()
+
+    def drain(self) -> None:
+        """Reads every reply still owed (waits for them)."""
+        while self._owed:
+            self._read_one()
+
+    def _read_one(self) -> None:
+        try:
+            reply = self._conn.read_response()
+        except redis.exceptions.NoScriptError:
+            name, args, handler = self._owed.popleft()
+            for script in self._scripts._scripts.values():
+                self._resend_after_load(script)
+            self.send([(name, args, handler)])
+            return
+        except redis.exceptions.ResponseError as exc:
+            reply = exc
+        except BaseException:
+            self._lost()
+            raise
+        self._owed.popleft()[2](reply)
+        if not self._owed:
+            self.settled_at = time.monotonic()
+
+    def _resend_after_load(self, script: Any) -> None:
+        # SCRIPT LOAD on this connection, behind the calls still owed (they were
+        # sent before it and fail the same way, so they are resent in order too)
+        self._conn.send_packed_command([_pack("SCRIPT", "LOAD", script.script)], check_health=False)
+        self._owed.append(("", [], _ignore))
+
+    def _lost(self) -> None:
+        """The connection failed: every owed call's handler gets the error."""
+        owed, self._owed = self._owed, deque()
+        if self._conn is not None:
+            self._conn.disconnect()
+        err = redis.ConnectionError("connection to Redis lost before the reply")
+        for _, _, handler in owed:
+            handler(err)
+
+    def close(self) -> None:
+        """Reads what is owed and gives the connection back to the pool."""
+        if self._conn is None:
+            return
+        try:
+            self.drain()
+        finally:
+            conn, self._conn = self._conn, None
+            self._pool.release(conn)
+
+
+def _pack(*parts: str) -> bytes:
+    """One command in Redis's wire format (hiredis's packer: C, not Python)."""
+    packed: bytes = hiredis.pack_command(parts)  # type: ignore[arg-type]  # its stub wants 1-tuples
+    return packed
+
+
+def _ignore(reply: Any) -> None:
+    """The reply of a call nobody waits for (a script load)."""

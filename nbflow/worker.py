@@ -7,6 +7,10 @@ the housekeeping every worker does beside it.
   is due, renews the leases of runs in progress, takes back instances whose
   worker died (expired lease), re-dispatches queued instances whose RQ job was
   lost, and deletes instances past their retention.
+* ``StopListener`` (a thread next to each worker) hears ``pause()``,
+  ``terminate()`` and ``restart()`` of the instances the worker advances and
+  promises that no new step of them starts: the stop handshake that lets steps
+  run without waiting a round trip each.
 * ``ThreadWorker`` is the in-process worker behind ``engine.start_worker()``;
   ``run_foreground`` is ``engine.run_worker()``; ``serve`` is ``nbflow worker``.
 """
@@ -18,8 +22,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
+import uuid
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +97,9 @@ class NbflowWorker(SimpleWorker):
         """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
         self.bootstrap(logging_level)
         self._install_signal_handlers()
-        runner.bind_engine(self.engine, self.stopping)
+        listener = StopListener(self.engine)
+        listener.start()
+        runner.bind_engine(self.engine, self.stopping, listener)
         queue_key = self.engine._queue.key
         slice_s = 0.2 if self.in_thread else 1.0
         next_beat = 0.0
@@ -125,6 +133,7 @@ class NbflowWorker(SimpleWorker):
         except StopRequested:
             pass
         finally:
+            listener.stop()
             try:
                 self.teardown()  # type: ignore[no-untyped-call]
             except redis.RedisError:
@@ -160,6 +169,85 @@ class NbflowWorker(SimpleWorker):
             pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
             pipe.hdel(self.key, "current_job")
             pipe.execute()
+
+
+class StopListener(threading.Thread):
+    """The worker's side of the stop handshake.
+
+    Steps are written to Redis without waiting for a reply, so a worker cannot
+    learn of a ``pause()`` from its writes before the next step starts.  Instead
+    the lifecycle script publishes ``"id ack"`` on this worker's channel (named in
+    the token of every run it claims); this thread adds ``id`` to ``requests``,
+    which runs check before each step, and then answers on the list ``ack``,
+    which the caller of ``pause()`` waits for.  So once ``pause()`` returns, no
+    new step of the instance starts; the one already running finishes and is
+    stored.  It subscribes before the worker claims anything.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(name="nbflow-stop-listener", daemon=True)
+        self.engine = engine
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.channel = engine.keys.stop_channel(self.worker_id)
+        self.requests: set[str] = set()
+        self._halt = threading.Event()
+        self._pubsub: Any = None
+
+    def start(self) -> None:
+        """Subscribes (waiting for Redis to confirm it) and starts listening; if Redis
+        is away the thread keeps trying, and pauses meanwhile are applied by the
+        scripts themselves (``hardStop``)."""
+        try:
+            self._subscribe()
+        except redis.RedisError as exc:
+            log.warning("nbflow: stop channel not subscribed yet (%s)", exc)
+        super().start()
+
+    def _subscribe(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
+        self._pubsub = self.engine.redis.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(self.channel)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            msg = self._pubsub.get_message(timeout=0.5)
+            if msg is not None and msg["type"] == "subscribe":
+                return
+        raise redis.TimeoutError("no confirmation of SUBSCRIBE")
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                if self._pubsub is None:
+                    self._subscribe()
+                msg = self._pubsub.get_message(timeout=1.0)
+                if msg is not None and msg["type"] == "message" and msg["data"]:
+                    self._heard(msg["data"].decode())
+            except (redis.RedisError, OSError, ValueError) as exc:
+                if self._halt.is_set():
+                    return
+                log.warning("nbflow: stop listener lost Redis (%s); reconnecting", exc)
+                self._pubsub = None
+                self._halt.wait(0.5)
+
+    def _heard(self, data: str) -> None:
+        iid, _, ack = data.partition(" ")
+        self.requests.add(iid)  # from here on no new step of iid starts
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.rpush(ack, "1")
+        pipe.expire(ack, 60)
+        pipe.execute()
+
+    def stop(self) -> None:
+        """Stops listening (wakes the thread with an empty message to itself)."""
+        self._halt.set()
+        try:
+            self.engine.redis.publish(self.channel, "")
+        except redis.RedisError:
+            pass
+        self.join(2.0)
+        if self._pubsub is not None:
+            self._pubsub.close()
 
 
 class Housekeeper(threading.Thread):
