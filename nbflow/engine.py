@@ -150,6 +150,7 @@ class Engine:
         self._runs: dict[str, str] = {}
         self._worker: ThreadWorker | None = None
         self._worker_lock = threading.Lock()
+        self._waiters = threading.local()  # per thread: the pubsub wait() listens on
 
     def __repr__(self) -> str:
         where = server.describe(self.redis)
@@ -344,6 +345,23 @@ class Engine:
             if script == "pause":
                 self._scripts.harden(args=[self.prefix, iid])
 
+    def _waiter_pubsub(self) -> Any:
+        """This thread's pubsub connection for ``wait()``, kept between waits (a new
+        connection per wait costs a connect and its handshake every time)."""
+        pubsub = getattr(self._waiters, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._waiters.pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
+        return pubsub
+
+    def _waiter_pubsub_alive(self) -> bool:
+        return getattr(self._waiters, "pubsub", None) is not None
+
+    def _drop_waiter_pubsub(self) -> None:
+        pubsub = getattr(self._waiters, "pubsub", None)
+        self._waiters.pubsub = None
+        if pubsub is not None:
+            pubsub.close()
+
     def _lifecycle(
         self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
     ) -> str:
@@ -366,6 +384,19 @@ class Engine:
         if tag == "nostep":
             raise ValueError(f"instance {iid!r} has no step {value!r}")
         raise InvalidStateError(value)
+
+
+def _published_status(data: bytes) -> InstanceStatus | None:
+    """The status dict from a `done` message, or None when it carries no value (a large
+    output or error is read from the state instead)."""
+    status, _, value = data.partition(b" ")
+    result = InstanceStatus(status=_s(status))
+    if result["status"] == "terminated":
+        return result
+    if not value:
+        return None
+    result["output" if result["status"] == "complete" else "error"] = codec.decode(value)
+    return result
 
 
 class Workflow(Generic[W]):
@@ -643,17 +674,15 @@ class WorkflowInstance:
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        status = self.status()
-        if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
-            return status
-        # The scripts that end an instance publish on its `done` channel, so a waiter
-        # wakes the moment it ends instead of polling; it still re-reads the status
-        # every second in case a message was missed (a reconnect).
-        pubsub = self.engine.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        # The scripts that end an instance publish its final status on its `done`
+        # channel, so a waiter wakes the moment it ends instead of polling; it still
+        # re-reads the status every second in case a message was missed (a reconnect).
+        pubsub = self.engine._waiter_pubsub()
+        channel = self.engine.keys.done(self.id).encode()
         try:
-            pubsub.subscribe(self.engine.keys.done(self.id))
+            pubsub.subscribe(channel)
+            status = self.status()  # after subscribing: an end now cannot be missed
             while True:
-                status = self.status()  # after subscribing: an end now cannot be missed
                 if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
                     return status
                 left = None if deadline is None else deadline - time.monotonic()
@@ -661,9 +690,17 @@ class WorkflowInstance:
                     raise TimeoutError(
                         f"instance {self.id!r} is still {status['status']} after {timeout} seconds"
                     )
-                pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
+                msg = pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
+                if msg is None:
+                    status = self.status()
+                elif msg["type"] == "message" and msg["channel"] == channel:
+                    status = _published_status(msg["data"]) or self.status()
+        except BaseException:
+            self.engine._drop_waiter_pubsub()
+            raise
         finally:
-            pubsub.close()
+            if self.engine._waiter_pubsub_alive():
+                pubsub.unsubscribe(channel)
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""

@@ -15,7 +15,9 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
-    {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``)
+    {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``):
+                          its final status, then a space and the output or error JSON
+                          when that is at most 4 KB
     {p}:stop:{worker}     pubsub channel: "id ack" asks that worker to start no new step
                           of id; it answers by pushing to the list {p}:ack:{nonce}
     {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
@@ -148,9 +150,13 @@ local function make_queued(id, now, now_iso)
   set_status(id, 'queued', now_iso, now)
   redis.call('ZADD', P .. ':ready', now, id)
 end
-local function finish_bookkeeping(id, now)
+-- `value` (output or error JSON) rides along on the done message when small, so
+-- a waiter has the final status without reading it again.
+local function finish_bookkeeping(id, now, status, value)
   local st = k_state(id)
-  redis.call('PUBLISH', P .. ':' .. id .. ':done', 'done')
+  local msg = status
+  if value and #value <= 4096 then msg = status .. ' ' .. value end
+  redis.call('PUBLISH', P .. ':' .. id .. ':done', msg)
   redis.call('HDEL', st, 'waitType')
   redis.call('ZREM', P .. ':ready', id)
   redis.call('ZREM', P .. ':timers', id)
@@ -461,7 +467,7 @@ else
   redis.call('HSET', st, 'error', value)
 end
 redis.call('HSET', k_meta(id), 'currentStep', '')
-finish_bookkeeping(id, now)
+finish_bookkeeping(id, now, outcome, value)
 if outcome ~= 'complete' then hist(id, now, outcome, ARGV[8]) end
 return outcome
 """
@@ -478,7 +484,7 @@ if status == 'complete' or status == 'errored' or status == 'terminated' then re
 set_status(id, 'errored', now_iso)
 release(id)
 redis.call('HSET', st, 'error', err)
-finish_bookkeeping(id, now)
+finish_bookkeeping(id, now, 'errored', err)
 hist(id, now, 'errored', '"error":' .. err)
 return 'errored'
 """
@@ -562,7 +568,7 @@ end
 local heard = tell_owner(id, ack)
 set_status(id, 'terminated', now_iso)
 release(id)
-finish_bookkeeping(id, now)
+finish_bookkeeping(id, now, 'terminated')
 redis.call('HSET', k_meta(id), 'currentStep', '')
 local types = P .. ':' .. id .. ':evtypes'
 for _, t in ipairs(redis.call('SMEMBERS', types)) do

@@ -267,11 +267,16 @@ def test_worker_killed_at_a_moment_loses_nothing_and_runs_nothing_twice(
             time.sleep(rng.uniform(0, 0.5))
             h.procs.kill(a)
             for i in range(n):
-                h.create([["do", "a"], ["sleep", "s", 0.2], ["do", "b"]] if i % 2 else
-                         [["do", "a"], ["do", "b"]])
+                h.create(
+                    [["do", "a"], ["sleep", "s", 0.2], ["do", "b"]]
+                    if i % 2
+                    else [["do", "a"], ["do", "b"]]
+                )
         elif moment == "timers":
-            ids = [h.create([["do", "a"], ["sleep", "s", 1.0 + i * 0.05], ["do", "b"]]).id
-                   for i in range(n)]
+            ids = [
+                h.create([["do", "a"], ["sleep", "s", 1.0 + i * 0.05], ["do", "b"]]).id
+                for i in range(n)
+            ]
             _wait_status(h, ids, "waiting")
             time.sleep(rng.uniform(0.4, 1.2))  # the timers are coming due right now
             h.procs.kill(a)
@@ -370,7 +375,6 @@ def test_redis_restart_long_outage_with_a_step_in_flight_completes(
     """Was BUG 2: the instances ended errored with ConnectionError (the run took the engine's
     own failed write for the workflow's failure)."""
     _restart_case(h, own_redis, down_for=5.0, in_flight=True)
-
 
 
 # -- many worker processes on one queue ---------------------------------------------------------

@@ -62,8 +62,14 @@ def valid_step_name(value: Any) -> bool:
 
 
 UNITS = {
-    "millisecond": 0.001, "second": 1, "minute": 60, "hour": 3600, "day": 86400,
-    "week": 604800, "month": 30 * 86400, "year": 365 * 86400,
+    "millisecond": 0.001,
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "week": 604800,
+    "month": 30 * 86400,
+    "year": 365 * 86400,
 }
 
 
@@ -86,15 +92,18 @@ def duration_seconds(value: Any) -> float | None:
 
 # -- strategies -----------------------------------------------------------------------------------
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(
-    allow_nan=False, allow_infinity=False
-) | st.text(max_size=30)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30)
+)
 storable = st.recursive(
-    json_scalars
-    | st.binary(max_size=20)
-    | st.datetimes(timezones=st.just(UTC)),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    json_scalars | st.binary(max_size=20) | st.datetimes(timezones=st.just(UTC)),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 unstorable = st.sampled_from([object(), {1, 2}, 1 + 2j, lambda: 1, threading.Lock(), ...])
@@ -144,7 +153,10 @@ def configs() -> st.SearchStrategy[Any]:
     retries = st.dictionaries(
         st.sampled_from(["limit", "delay", "backoff", "limt", "retries"]),
         st.one_of(
-            st.integers(-3, 5), st.booleans(), st.floats(-1, 5), any_durations,
+            st.integers(-3, 5),
+            st.booleans(),
+            st.floats(-1, 5),
+            any_durations,
             st.sampled_from(["constant", "linear", "exponential", "Linear", "fibonacci"]),
         ),
         max_size=3,
@@ -169,8 +181,9 @@ def valid_config(cfg: Any) -> bool:
     r = cfg.get("retries", {})
     if not isinstance(r, dict) or set(r) - {"limit", "delay", "backoff"}:
         return False
-    if "limit" in r and (isinstance(r["limit"], bool) or not isinstance(r["limit"], int)
-                         or r["limit"] < 0):
+    if "limit" in r and (
+        isinstance(r["limit"], bool) or not isinstance(r["limit"], int) or r["limit"] < 0
+    ):
         return False
     if "delay" in r and duration_seconds(r["delay"]) is None:
         return False
@@ -245,9 +258,11 @@ def assert_spec_error(status: dict[str, Any], *names: str) -> None:
 @given(iid=ids, params=st.one_of(storable, unstorable, st.tuples(st.integers(), st.text())))
 def test_create_fuzzed_ids_and_params(engine: Engine, iid: Any, params: Any) -> None:
     flow = engine.register(Echo)
-    storable_params = not any(
-        isinstance(params, type(x)) for x in ({1}, 1j, threading.Lock(), ...)
-    ) and not callable(params) and type(params) is not object
+    storable_params = (
+        not any(isinstance(params, type(x)) for x in ({1}, 1j, threading.Lock(), ...))
+        and not callable(params)
+        and type(params) is not object
+    )
     try:
         inst = flow.create(id=iid, params=params)
     except InstanceExistsError:
@@ -275,11 +290,18 @@ def test_params_with_non_finite_floats_round_trip(engine: Engine) -> None:
 
 
 @FUZZ
-@given(items=st.lists(st.one_of(
-    st.fixed_dictionaries({}, optional={"id": ids, "params": storable}),
-    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
-    st.integers(), st.none(), st.text(max_size=3),
-), max_size=6))
+@given(
+    items=st.lists(
+        st.one_of(
+            st.fixed_dictionaries({}, optional={"id": ids, "params": storable}),
+            st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+            st.integers(),
+            st.none(),
+            st.text(max_size=3),
+        ),
+        max_size=6,
+    )
+)
 def test_create_batch_fuzzed_items_write_all_or_nothing(engine: Engine, items: list[Any]) -> None:
     flow = engine.register(Echo)
     before = engine.instances(limit=10_000)
@@ -325,12 +347,16 @@ def test_step_do_fuzzed_configs(engine: Engine, probe: Any, config: Any) -> None
         expect_ok = valid_config(config)
     except LookupError:  # a duration string outside the spec's grammar: either outcome
         assert status["status"] == "complete" or status["error"]["name"] in (
-            "ValueError", "TypeError"), status
+            "ValueError",
+            "TypeError",
+        ), status
         return
     if expect_ok and status["status"] != "complete":
         # a valid but tiny timeout may fail the attempt: then it says so
-        assert status.get("error", {}).get("name") in ("StepTimeoutError",) or status[
-            "status"] == "waiting", status
+        assert (
+            status.get("error", {}).get("name") in ("StepTimeoutError",)
+            or status["status"] == "waiting"
+        ), status
         return
     if expect_ok:
         assert status == {"status": "complete", "output": "ok", "id": status["id"]}
@@ -351,7 +377,8 @@ def test_step_sleep_fuzzed_durations(engine: Engine, probe: Any, duration: Any) 
         seconds = duration_seconds(duration)
     except LookupError:
         assert status["status"] in ("complete", "waiting") or status["error"]["name"] == (
-            "ValueError"), status
+            "ValueError"
+        ), status
         return
     if seconds is None:
         assert_spec_error(status, "ValueError")
@@ -440,8 +467,9 @@ def test_oversized_params_result_and_payload_are_refused(redis_url: str, names: 
         burst(small)
         status = inst.status()
         assert_spec_error(status, "ValueError")
-        assert "big" in status["error"]["message"] and "max_step_bytes" in status["error"][
-            "message"]
+        assert (
+            "big" in status["error"]["message"] and "max_step_bytes" in status["error"]["message"]
+        )
         assert inst.steps()["attempts"].tolist() == [1], "no retries for an oversized result"
     finally:
         from conftest import cleanup_prefix
@@ -635,9 +663,11 @@ def test_non_deterministic_step_order_on_replay_replays_by_name(engine: Engine) 
             order = orders.pop(0) if orders else ["y", "z", "x"]
             out = {}
             for name in order:
+
                 def cb(name: str = name) -> str:
                     runs[name] = runs.get(name, 0) + 1
                     return name.upper()
+
                 out[name] = await step.do(name, cb)
                 if name == order[0]:
                     await step.wait_for_event("w", "go")
@@ -815,7 +845,7 @@ def test_workflow_constructor_raising_errors_the_instance(engine: Engine) -> Non
     assert_spec_error(inst.status(), "RuntimeError")
 
 
-BASE_EXC_SOURCE = '''
+BASE_EXC_SOURCE = """
 import sys
 
 from nbflow import WorkflowEntrypoint
@@ -844,7 +874,7 @@ class RaisesBase(WorkflowEntrypoint):
 class Fine(WorkflowEntrypoint):
     async def run(self, event, step):
         return await step.do("fine", lambda: "fine")
-'''
+"""
 
 
 @pytest.fixture
@@ -901,10 +931,14 @@ def test_deleted_instance_reports_unknown_and_calls_raise_not_found(engine: Engi
     for key in (engine.keys.state(inst.id), engine.keys.metadata(inst.id)):
         engine.redis.delete(key)
     assert inst.status() == {"status": "unknown"}
-    for call in (inst.pause, inst.resume, inst.terminate, inst.restart,
-                 lambda: inst.send_event("go")):
+    for call in (
+        inst.pause,
+        inst.resume,
+        inst.terminate,
+        inst.restart,
+        lambda: inst.send_event("go"),
+    ):
         with pytest.raises(InstanceNotFoundError):
             call()
     burst(engine)
     assert inst.status() == {"status": "unknown"}
-

@@ -390,6 +390,54 @@ def test_wait_returns_the_status_dict_of_a_finished_instance(worker_engine: Engi
     }
 
 
+class Replies(WorkflowEntrypoint):
+    """Waits for an event, then returns what the event asks for (or fails)."""
+
+    async def run(self, event: Any, step: Any) -> Any:
+        ev = await step.wait_for_event("go", "go", timeout="1 minute")
+        kind = ev["payload"]
+        if kind == "fail":
+            raise ValueError("asked to fail")
+        if kind == "big":
+            return "x" * 10_000  # more than the done message carries
+        if kind == "frame":
+            return await step.do("frame", lambda: pd.DataFrame({"a": [1, 2]}))
+        return {"kind": kind}
+
+
+@pytest.mark.parametrize("kind", ["small", "big", "frame", "fail", "terminate"])
+def test_wait_wakes_with_the_final_status_when_the_instance_ends_meanwhile(
+    worker_engine: Engine, kind: str
+) -> None:
+    inst = worker_engine.register(Replies).create()
+    poll(lambda: inst.status()["status"] == "waiting", 10, "the event wait")
+
+    def end_it() -> None:
+        time.sleep(0.2)  # wait() is listening by now
+        if kind == "terminate":
+            inst.terminate()
+        else:
+            inst.send_event("go", kind)
+
+    threading.Thread(target=end_it).start()
+    got = inst.wait(timeout=10)
+    if kind != "frame":
+        assert got == inst.status()  # the same dict status() reads from the state
+    if kind == "small":
+        assert got == {"status": "complete", "output": {"kind": "small"}}
+    elif kind == "big":
+        assert got == {"status": "complete", "output": "x" * 10_000}
+    elif kind == "frame":
+        assert isinstance(got["output"], pd.DataFrame)
+        assert got["output"]["a"].tolist() == [1, 2]
+    elif kind == "fail":
+        assert got["status"] == "errored"
+        assert got["error"]["name"] == "ValueError"
+        assert got["error"]["message"] == "asked to fail"
+    else:
+        assert got == {"status": "terminated"}
+
+
 # -- state layout (spec 4) ---------------------------------------------------------------------
 
 

@@ -108,7 +108,12 @@ def _cut_off_and_take_over(
         def worker(ns: str) -> Any:
             url = f"redis://{hosts[ns][2]}:{port}/0"
             return procs.worker(
-                ns, url, prefix, queue, module, netns=ns,
+                ns,
+                url,
+                prefix,
+                queue,
+                module,
+                netns=ns,
                 env={"NBF_HOST": ns, "NBF_FX_URL": url},
             )
 
@@ -138,8 +143,11 @@ def _cut_off_and_take_over(
 
         # host 1 comes back: its step b finishes late; its result must not be stored
         _ip("link", "set", root_if, "up")
-        poll(lambda: fx.hget(k, f"{inst.id}:b") == b"2", 40,
-             f"host 1's late step to finish\n{procs.log('nbf-h1')}")
+        poll(
+            lambda: fx.hget(k, f"{inst.id}:b") == b"2",
+            40,
+            f"host 1's late step to finish\n{procs.log('nbf-h1')}",
+        )
         time.sleep(0.5)  # its write has been refused by now
         assert inst.status() == status
         assert inst.step_output("b") == "b-nbf-h2-2"

@@ -87,7 +87,7 @@ class Race(WorkflowEntrypoint):
 
 # A chaos actor in another process: random lifecycle calls on the given ids for `seconds`,
 # one JSON line per call (op, id, token, t0, t1, outcome) into `log`.
-ACTOR_SOURCE = r'''
+ACTOR_SOURCE = r"""
 import json, random, sys, time
 from nbflow import Engine, InvalidStateError
 
@@ -104,10 +104,10 @@ with open(log, "w") as f:
         rec = act(engine, rng, rng.choice(ids), "p%s-%d" % (seed, n))
         f.write(json.dumps(rec) + "\n")
         n += 1
-'''
+"""
 
 # Shared by the test's threads and the actor process (written next to the actor).
-OPS_SOURCE = r'''
+OPS_SOURCE = r"""
 import random, time
 from nbflow import InvalidStateError
 
@@ -141,7 +141,7 @@ def act(engine, rng, iid, token):
     t1 = time.time()
     time.sleep(rng.uniform(0, 0.004))
     return {"op": op, "id": iid, "token": token, "t0": t0, "t1": t1, "outcome": outcome}
-'''
+"""
 
 # Which statuses each call is allowed from (spec 3.3); send_event is refused when final.
 ALLOWED = {
@@ -151,7 +151,13 @@ ALLOWED = {
     "send": {"queued", "running", "waiting", "waitingForPause", "paused"},
 }
 ALL_STATUSES = {
-    "queued", "running", "waiting", "waitingForPause", "paused", "complete", "errored",
+    "queued",
+    "running",
+    "waiting",
+    "waitingForPause",
+    "paused",
+    "complete",
+    "errored",
     "terminated",
 }
 
@@ -227,13 +233,21 @@ class Chaos:
         ]
         e.start_worker()  # and a worker thread in this process
         params = {"fx": self.fx_url, "k": self.k, "n": 4, "dt": 0.002, "nap": 0.03}
-        ids = [
-            i.id for i in self.flow.create_batch([{"params": params}] * n_instances)
-        ]
+        ids = [i.id for i in self.flow.create_batch([{"params": params}] * n_instances)]
         actor = self.procs.spawn(
             "actor",
-            [sys.executable, "-c", ACTOR_SOURCE, self.fx_url, e.prefix, e.queue_name,
-             str(seconds), str(seed), str(self.tmp / "actor.jsonl"), *ids],
+            [
+                sys.executable,
+                "-c",
+                ACTOR_SOURCE,
+                self.fx_url,
+                e.prefix,
+                e.queue_name,
+                str(seconds),
+                str(seed),
+                str(self.tmp / "actor.jsonl"),
+                *ids,
+            ],
         )
 
         def chaos(tid: int) -> None:
@@ -285,8 +299,16 @@ class Chaos:
                     outcome = "ok"
                 except InvalidStateError as exc:
                     outcome = "invalid: " + str(exc)
-                self.log.append({"op": op, "id": iid, "token": f"q-{n}", "t0": t0,
-                                 "t1": time.time(), "outcome": outcome})
+                self.log.append(
+                    {
+                        "op": op,
+                        "id": iid,
+                        "token": f"q-{n}",
+                        "t0": t0,
+                        "t1": time.time(),
+                        "outcome": outcome,
+                    }
+                )
                 n += 1
             time.sleep(0.05)
         assert not pending, {i: self.engine.instance(i).status() for i in pending}
@@ -328,8 +350,8 @@ class Chaos:
             for rec in recs:
                 if rec["op"] == "send" and rec["outcome"] == "ok":
                     tok = rec["token"]
-                    assert tok in seen or tok in buffered or any(
-                        t >= rec["t0"] for t in terminated_at
+                    assert (
+                        tok in seen or tok in buffered or any(t >= rec["t0"] for t in terminated_at)
                     ), (iid, tok, hist)
             # steps: each start of a step is one run of it; a step runs again only after a
             # restart dropped it, and a stored result is the last run's (never overwritten
@@ -360,7 +382,12 @@ class Chaos:
     ],
 )
 def test_lifecycle_calls_racing_steps_timers_and_each_other_match_a_serial_order(
-    engine: Engine, redis_url: str, procs: Procs, tmp_path: Path, n: int, seconds: float,
+    engine: Engine,
+    redis_url: str,
+    procs: Procs,
+    tmp_path: Path,
+    n: int,
+    seconds: float,
     threads: int,
 ) -> None:
     chaos = Chaos(engine, redis_url, procs, tmp_path)
@@ -389,6 +416,7 @@ class Life(WorkflowEntrypoint):
             def go() -> int:
                 CALLS[(iid, name)] += 1
                 return CALLS[(iid, name)]
+
             return go
 
         def fail() -> None:
@@ -552,13 +580,16 @@ class LifecycleMachine(RuleBasedStateMachine):
                 for x in r.lrange(f"{self.engine.prefix}:{iid}:events:go", 0, -1)
             ]
             assert buffered == m.buffer, (iid, buffered, m.buffer)
-            assert {n: CALLS[(iid, n)] for n in ("a", "b")} == {
-                n: m.runs[n] for n in ("a", "b")
-            }, iid
+            assert {n: CALLS[(iid, n)] for n in ("a", "b")} == {n: m.runs[n] for n in ("a", "b")}, (
+                iid
+            )
             rows = {r.step: r.status for r in self._inst(iid).steps().itertuples()}
             done = {k: ("complete" if k == "e" else v) for k, v in m.steps.items()}
             assert {k: v for k, v in rows.items() if v in ("complete", "errored")} == done, (
-                iid, rows, m.steps)
+                iid,
+                rows,
+                m.steps,
+            )
             if m.status == "complete":
                 assert status["output"] == [CALLS[(iid, "a")], m.steps["e"], CALLS[(iid, "b")]]
 
@@ -581,4 +612,3 @@ def test_lifecycle_state_machine_against_the_spec_model(engine: Engine) -> None:
         LifecycleMachine.TestCase().runTest()
     finally:
         MACHINE_ENGINE.clear()
-

@@ -108,8 +108,21 @@ def tcp_redis() -> Iterator[Callable[..., tuple[int, subprocess.Popen[bytes]]]]:
         port = _free_port()
         port_args = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
         proc = subprocess.Popen(
-            [REDIS_SERVER, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--daemonize", "no", "--dir", tempfile.gettempdir(), *args],
+            [
+                REDIS_SERVER,
+                *port_args,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                tempfile.gettempdir(),
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -464,16 +477,37 @@ def test_tls_url_with_password(
         pytest.skip("openssl is not available to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
         check=True,
         capture_output=True,
     )
     try:
         port, _ = tcp_redis(
-            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-            "--requirepass", "s3cret",
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
             tls=True,
         )
     except RuntimeError as exc:
