@@ -392,6 +392,7 @@ class Run:
             except Exception as exc:  # a constructor that fails fails the instance
                 self.instance = exc
         self.batch: Batch | None = None
+        self.own_in_flight = 0
         self.tasks: set[asyncio.Task[Any]] = set()
         # async runs: a step result not sent yet (it goes with the next call), and
         # why Redis refused one of the writes sent without waiting, once a reply says so
@@ -474,17 +475,20 @@ class Run:
         if not isinstance(exc, Exception):
             self._callback_errors.add(id(exc))
 
-    def steps_in_flight(self) -> int:
-        """Step attempts under way on this worker's loop (this run's and its batch's)."""
-        return 0 if self.batch is None else self.batch.steps_in_flight
+    def steps_in_flight(self) -> tuple[int, int]:
+        """Step attempts under way: of this run (its parallel branches), and on this
+        worker's loop in all (the runs of its job)."""
+        return self.own_in_flight, (0 if self.batch is None else self.batch.steps_in_flight)
 
     def step_begins(self) -> None:
         """A step attempt of an async run is about to start (see ``steps_in_flight``)."""
+        self.own_in_flight += 1
         if self.batch is not None:
             self.batch.steps_in_flight += 1
 
     def step_done(self) -> None:
         """An attempt counted by ``step_begins`` is over."""
+        self.own_in_flight -= 1
         if self.batch is not None:
             self.batch.steps_in_flight -= 1
 

@@ -55,6 +55,11 @@ INLINE_WAIT_MAX = 1.0
 # Sync callbacks run here so their ``timeout`` can be enforced, unless they can run
 # inline (see ``can_inline``); a thread that overruns cannot be killed (Python has
 # no such thing) and finishes unobserved.
+#: A sync callback that ran inline longer than this (seconds) is "slow": later calls
+#: of that step beside other runs go to the pool (see ``WorkflowStep._inline``).
+SLOW_INLINE = 0.002
+_slow_steps: set[tuple[str, str]] = set()  # (workflow name, step name) seen to be slow
+
 _POOL_SIZE = 64
 _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
 _abandoned: set[Future[Any]] = set()
@@ -705,15 +710,16 @@ class WorkflowStep(_StepBase):
             await self._astart_attempt(st, attempt, t0)
             ctx = self._context(callback, st, attempt, cfg)
             pooled: Future[Any] | None = None
-            # a sync callback runs inline when it is the only step in flight and a
-            # timer can bound it (then no asyncio timeout is needed); else on the
-            # pool, so parallel steps stay parallel and its timeout holds even when
-            # it blocks.  asyncio.timeout, not wait_for: no extra task per step.
-            inline = not is_async and self._run.steps_in_flight() <= 1 and can_inline()
+            inline = not is_async and self._inline(st)
             limit = None if inline else asyncio.timeout(cfg.timeout)
             try:
                 if limit is None:
-                    result = call_inline(callback, ctx, cfg.timeout)
+                    began = time.monotonic()
+                    try:
+                        result = call_inline(callback, ctx, cfg.timeout)
+                    finally:
+                        if time.monotonic() - began > SLOW_INLINE:
+                            _slow_steps.add((self._run.workflow_name, st.name))
                     if inspect.isawaitable(result):
                         limit = asyncio.timeout(cfg.timeout)
                         async with limit:
@@ -743,6 +749,23 @@ class WorkflowStep(_StepBase):
             return None, self._succeed(st, result, attempt, t0)
         finally:
             self._run.step_done()
+
+    def _inline(self, st: _Step) -> bool:
+        """Whether a sync callback runs inline (no thread hand-off, which costs more
+        than a trivial step) rather than on the pool.
+
+        Only where a timer can bound it (``can_inline``), and never beside another
+        branch of its own run (``asyncio.gather`` keeps its steps parallel).  Beside
+        other runs of its job it runs inline too, unless this step was seen to take
+        longer than ``SLOW_INLINE``: from then on it goes to the pool so that a
+        batch of slow (say, network) steps overlaps instead of queueing.
+        """
+        if not can_inline():
+            return False
+        own, everyone = self._run.steps_in_flight()
+        if own > 1:
+            return False
+        return everyone <= 1 or (self._run.workflow_name, st.name) not in _slow_steps
 
     async def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.

@@ -77,3 +77,53 @@ def test_parallel_sync_steps_run_side_by_side_in_a_main_thread_worker(engine: En
     engine.run_worker(burst=True)
     # each callback waited for the other to start: only possible if both ran at once
     assert inst.status() == {"status": "complete", "output": ["a", "b"]}
+
+
+class Where(WorkflowEntrypoint):
+    """Records which thread ran its step, and how many such steps ran at once."""
+
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    threads: list[str] = []
+
+    async def run(self, event: Any, step: Any) -> str:
+        def body() -> str:
+            cls = Where
+            with cls.lock:
+                cls.running += 1
+                cls.most = max(cls.most, cls.running)
+                cls.threads.append(threading.current_thread().name)
+            time.sleep(event.payload["nap"])
+            with cls.lock:
+                cls.running -= 1
+            return "ok"
+
+        return await step.do(event.payload["step"], body)
+
+
+def _reset_where() -> None:
+    Where.running = Where.most = 0
+    Where.threads = []
+
+
+def test_quick_sync_steps_of_a_batch_run_inline_in_the_main_thread(engine: Engine) -> None:
+    _reset_where()
+    flow = engine.register(Where)
+    made = flow.create_batch([{"params": {"nap": 0, "step": "quick"}} for _ in range(30)])
+    engine.run_worker(burst=True)
+    assert all(inst.status()["status"] == "complete" for inst in made)
+    assert Where.threads == ["MainThread"] * 30  # no thread hand-off for any of them
+
+
+def test_a_slow_sync_step_of_a_batch_moves_to_the_pool_and_overlaps(engine: Engine) -> None:
+    """The first call runs inline and is seen to be slow; the other instances' calls
+    of that step then run on the pool, side by side instead of one after another."""
+    _reset_where()
+    flow = engine.register(Where)
+    made = flow.create_batch([{"params": {"nap": 0.1, "step": "slow"}} for _ in range(12)])
+    engine.run_worker(burst=True)
+    assert all(inst.status()["status"] == "complete" for inst in made)
+    assert Where.threads[0] == "MainThread"
+    assert all(name.startswith("nbflow-step") for name in Where.threads[1:]), Where.threads
+    assert Where.most >= 4, Where.most  # they overlapped
