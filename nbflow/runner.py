@@ -148,7 +148,7 @@ class Batch:
     handler checks the reply when it arrives); ``call`` gives a future for the calls
     whose reply the caller needs (an event take, a run's ending)."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, live: int) -> None:
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None, live: int) -> None:
         self.stream = ScriptStream(engine._scripts)
         self.loop = loop
         self.live = live  # runs of the job still going
@@ -159,13 +159,14 @@ class Batch:
 
     def send(self, name: str, args: list[str], handler: Callable[[Any], None]) -> None:
         """Queues a call for this turn's write; ``handler`` gets its reply later."""
-        if not self.calls:
+        if not self.calls and self.loop is not None:
             self.loop.call_soon(self.flush)
         self.calls.append((name, args, handler))
 
     def call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
         """Queues a call and returns a future of its reply (Redis being away is
         ``StoreUnavailable``; an error reply is the exception as the result)."""
+        assert self.loop is not None
         fut: asyncio.Future[Any] = self.loop.create_future()
 
         def got(reply: Any) -> None:
@@ -190,11 +191,27 @@ class Batch:
         if alone and self.live <= 1:
             self.flush()
             return None
+        assert self.loop is not None
         if self._written is None:
             self._written = self.loop.create_future()
         return self._written
 
-    def flush(self) -> None:
+    def call_now(self, name: str, args: list[str]) -> Any:
+        """Sends a call behind those queued and waits for its reply (plain ``def run``
+        runs, which have no loop); Redis being away is ``StoreUnavailable``."""
+        box: list[Any] = []
+        self.calls.append((name, args, box.append))
+        self.flush(wait=True)
+        reply = box[0]
+        if isinstance(reply, redis.RedisError) and not isinstance(
+            reply, redis.exceptions.ResponseError
+        ):
+            raise StoreUnavailable(reply)
+        return reply
+
+    def flush(self, wait: bool = False) -> None:
+        """Writes the queued calls; reads every owed reply if someone awaits one
+        (or ``wait``), else those that have arrived."""
         calls, self.calls = self.calls, []
         awaited, self.awaited = self.awaited, 0
         written, self._written = self._written, None
@@ -206,7 +223,7 @@ class Batch:
                     for _, _, handler in calls:
                         handler(exc)
                 else:
-                    if awaited:
+                    if awaited or wait:
                         self.stream.drain()
                     else:
                         # replies that arrived meanwhile; above all, a connection
@@ -291,9 +308,11 @@ def run_many(
         if run.is_async:
             async_runs.append((n, run))
         else:
+            run.batch = Batch(engine, None, 1)
             try:
                 outcomes[n] = run.execute_sync()
             finally:
+                run.batch.close()
                 engine._runs.pop(iid, None)
     if async_runs:
         loop = _loop()
@@ -428,12 +447,6 @@ class Run:
         if self.stopping is not None and self.stopping.is_set():
             raise self.halt("stopping")
 
-    def _check(self, result: Any) -> None:
-        if isinstance(result, Exception):
-            raise result
-        if result != b"ok":
-            raise self.halt(result.decode())
-
     def _args(self) -> list[str]:
         return [self.engine.prefix, *self._own()]
 
@@ -462,12 +475,18 @@ class Run:
             raise self.halt(res.decode())
 
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
-        """Records a step attempt's start; stops the run first if it must stop."""
+        """``astart_step`` for plain ``def run`` runs (no loop: written at once)."""
         self._stop_if_halted()
+        self._raise_refused()
         if self._stop_asked():
-            self._after_checkpoint(self._direct("checkpoint", self._args()))
-        args = [self.engine.prefix, *self._start_args(key, name, entry, attempt)]
-        self._check(self._direct("step_start", args))
+            self._flush_pending()
+            self._after_checkpoint(self._call_now("checkpoint", self._args()))
+            self._raise_refused()
+        self._send_start(key, name, entry, attempt)
+        assert self.batch is not None
+        self.batch.written(alone=True)
+        self.batch.confirm()
+        self._raise_refused()
 
     def note_callback_error(self, exc: BaseException) -> None:
         """A step callback raised ``exc``: if it reaches ``run``'s caller it is the
@@ -503,19 +522,25 @@ class Run:
             res = await self._reply(self._call("checkpoint", self._args()))
             self._raise_refused()
             self._after_checkpoint(res)
+        self._send_start(key, name, entry, attempt)
         assert self.batch is not None
-        start = self._start_args(key, name, entry, attempt)
-        if self._pending is None:
-            self.batch.send("step_start", [self.engine.prefix, *start], self._on_write)
-        else:  # the last step's result and this step's start, in one script call
-            args = [self.engine.prefix, *self._pending, *start]
-            self._pending = None
-            self.batch.send("step_next", args, self._on_write)
         written = self.batch.written(self._alone())
         if written is not None:
             await written
         self.batch.confirm()
         self._raise_refused()
+
+    def _send_start(self, key: str, name: str, entry: str, attempt: int) -> None:
+        """Queues a step attempt's start, with the last step's result when one is
+        pending (one ``step_next`` script call)."""
+        assert self.batch is not None
+        start = self._start_args(key, name, entry, attempt)
+        if self._pending is None:
+            self.batch.send("step_start", [self.engine.prefix, *start], self._on_write)
+        else:
+            args = [self.engine.prefix, *self._pending, *start]
+            self._pending = None
+            self.batch.send("step_next", args, self._on_write)
 
     def _alone(self) -> bool:
         """Whether no other branch of this run (``asyncio.gather``) is under way."""
@@ -549,16 +574,12 @@ class Run:
 
     def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None:
         """Stores a step's outcome (or a retry record); a pause asked for meanwhile
-        takes effect right after it is stored.  Async runs write it behind: it goes
-        out with the run's next call (merged with the next step's start when that
-        comes next), whose turn also checks its reply."""
+        takes effect right after it is stored.  It is written behind: it goes out
+        with the run's next call (merged with the next step's start when that comes
+        next), always before another callback of the run starts."""
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
-        finish = [*self._own(), key, entry, "1" if final else "0", event, hist]
-        if self.batch is not None:
-            self._flush_pending()
-            self._pending = finish
-            return
-        self._check(self._direct("step_finish", [self.engine.prefix, *finish]))
+        self._flush_pending()
+        self._pending = [*self._own(), key, entry, "1" if final else "0", event, hist]
 
     def _flush_pending(self) -> None:
         """Sends a result written behind on its own (the next call is no step start)."""
@@ -575,14 +596,14 @@ class Run:
         except StoreUnavailable as exc:
             raise self.halt("lost") from exc
 
-    def _direct(self, name: str, args: list[str]) -> Any:
-        """A direct script call (sync runs); Redis being away stops the run."""
+    def _call_now(self, name: str, args: list[str]) -> Any:
+        """A call whose reply a plain ``def run`` run waits for, behind its earlier
+        writes; Redis being away stops the run (see StoreUnavailable)."""
+        assert self.batch is not None
         try:
-            return getattr(self.engine._scripts, name)(args=args)
-        except redis.exceptions.ResponseError:
-            raise
-        except redis.RedisError as exc:
-            raise self.halt("lost") from StoreUnavailable(exc)
+            return self.batch.call_now(name, args)
+        except StoreUnavailable as exc:
+            raise self.halt("lost") from exc
 
     def _call(self, name: str, args: list[str]) -> asyncio.Future[Any]:
         assert self.batch is not None
@@ -597,7 +618,12 @@ class Run:
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
         self._stop_if_halted()
-        res = self._direct("take_event", self._take_event_args(key, event_type, index, t0))
+        self._raise_refused()
+        self._flush_pending()
+        res = self._call_now("take_event", self._take_event_args(key, event_type, index, t0))
+        self._raise_refused()
+        if isinstance(res, Exception):
+            raise res
         return self._taken(res)
 
     async def atake_event(
@@ -691,7 +717,11 @@ class Run:
                     lambda: self.instance.run(self._event(), SyncWorkflowStep(self))
                 )
             except KeyboardInterrupt:
-                self.engine._scripts.release(args=self._args())
+                self._flush_pending()
+                try:  # behind the run's last writes, on the same connection
+                    self._call_now("release", self._args())
+                except Suspend:
+                    pass  # Redis is away: the lease runs out instead
                 raise
         return self._end_sync(*ending)
 
@@ -757,41 +787,17 @@ class Run:
             self.engine._enqueue([self.iid], at_front=True)
         return text
 
-    def _end_sync(self, status: str, value: Any) -> str:
-        scripts = self.engine._scripts
-        if status == "park":
-            if (self.reason or "wait") == "stopping":
-                scripts.release(args=self._args())
-                return "released"
-            args = self._park_args()
-            if args is None:
-                return self.reason
-            return self._after_park(scripts.suspend(args=args))
-        res: str = scripts.finish(args=self._finish_args(status, value)).decode()
-        log.info("instance %s %s", self.iid, res)
-        return res
+    def _ending(self, status: str, value: Any) -> tuple[str, list[str]] | None:
+        """The script call that ends the run, or None when a script already applied
+        the stop (a pause, a terminate, a lost lease)."""
+        if status != "park":
+            return "finish", self._finish_args(status, value)
+        if (self.reason or "wait") == "stopping":
+            return "release", self._args()
+        park = self._park_args()
+        return None if park is None else ("suspend", park)
 
-    async def _end_async(self, status: str, value: Any) -> str:
-        """Sends the ending call right behind the run's last writes (one round trip);
-        if one of those writes was refused (a pause, a lost lease), that wins and the
-        ending call finds the instance no longer owned and changes nothing."""
-        self._flush_pending()
-        if status == "park":
-            if (self.reason or "wait") == "stopping":
-                name, args = "release", self._args()
-            else:
-                park = self._park_args()
-                if park is None:  # a script already applied the stop
-                    return self.reason
-                name, args = "suspend", park
-        else:
-            name, args = "finish", self._finish_args(status, value)
-        try:
-            # replies come in order: when this one is in, so are the earlier writes'
-            res = await self._reply(self._call(name, args))
-            self._raise_refused()
-        except Suspend:
-            return self.reason
+    def _ended(self, name: str, res: Any) -> str:
         if isinstance(res, Exception):
             raise res
         if name == "release":
@@ -801,6 +807,35 @@ class Run:
         text: str = res.decode()
         log.info("instance %s %s", self.iid, text)
         return text
+
+    def _end_sync(self, status: str, value: Any) -> str:
+        """``_end_async`` for plain ``def run`` runs."""
+        self._flush_pending()
+        ending = self._ending(status, value)
+        if ending is None:
+            return self.reason
+        try:
+            res = self._call_now(*ending)
+            self._raise_refused()
+        except Suspend:
+            return self.reason
+        return self._ended(ending[0], res)
+
+    async def _end_async(self, status: str, value: Any) -> str:
+        """Sends the ending call right behind the run's last writes (one round trip);
+        if one of those writes was refused (a pause, a lost lease), that wins and the
+        ending call finds the instance no longer owned and changes nothing."""
+        self._flush_pending()
+        ending = self._ending(status, value)
+        if ending is None:
+            return self.reason
+        try:
+            # replies come in order: when this one is in, so are the earlier writes'
+            res = await self._reply(self._call(*ending))
+            self._raise_refused()
+        except Suspend:
+            return self.reason
+        return self._ended(ending[0], res)
 
 
 __all__ = ["run_job", "run_many", "advance", "bind_engine", "current_engine", "LEASE_SECONDS"]

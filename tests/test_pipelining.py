@@ -41,6 +41,20 @@ class Counting(WorkflowEntrypoint):
         for i in range(p["n"]):
             total += await step.do("s", lambda i=i: c.incr(p["k"]) and i)
         return total
+
+
+class SyncCounting(WorkflowEntrypoint):
+    """The same as a plain ``def run``."""
+
+    def run(self, event, step):
+        p = event.payload
+        c = _clients.get(p["url"])
+        if c is None:
+            c = _clients[p["url"]] = redis.Redis.from_url(p["url"])
+        total = 0
+        for i in range(p["n"]):
+            total += step.do("s", lambda i=i: c.incr(p["k"]) and i)
+        return total
 '''
 
 
@@ -51,14 +65,20 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p.close()
 
 
-@pytest.fixture(params=["thread", "process"])
+@pytest.fixture(
+    params=[("thread", "async"), ("process", "async"), ("thread", "sync"), ("process", "sync")],
+    ids=lambda p: "-".join(p),
+)
 def setup(
     request: Any, engine: Engine, redis_url: str, tmp_path: Path, procs: Procs
 ) -> tuple[Engine, Any, str]:
-    """A registered Counting workflow and a worker of the given kind running it."""
+    """A registered Counting workflow (``async def run`` or plain ``def run``) and a
+    worker of the given kind running it."""
+    where, kind = request.param
     module = write_module(tmp_path, f"nbf_count_{engine.prefix}", COUNTING_SOURCE)
-    flow = engine.register(load_module(tmp_path, module).Counting)
-    if request.param == "thread":
+    loaded = load_module(tmp_path, module)
+    flow = engine.register(loaded.Counting if kind == "async" else loaded.SyncCounting)
+    if where == "thread":
         engine.start_worker()
     else:
         procs.worker("w", redis_url, engine.prefix, engine.queue_name, module)
