@@ -1,10 +1,11 @@
 """Per-step overhead: one workflow of N trivial steps.
 
-    python bench/steps.py [--steps 1000] [--thread]
+    python bench/steps.py [--steps 1000] [--thread] [--sync]
 
 Runs it on an ``nbflow worker`` process (sync callbacks inline in its main thread,
 bounded by SIGALRM); ``--thread`` uses the in-process worker thread of
-``engine.start_worker()`` instead (notebooks: sync callbacks on the thread pool).
+``engine.start_worker()`` instead (notebooks: sync callbacks on the thread pool);
+``--sync`` runs the same steps from a plain ``def run``.
 
 ``us_per_step`` is the marginal cost of a step: (create -> complete of the N-step
 workflow minus that of a 0-step one) / N, the median over enough repeats to run
@@ -21,7 +22,7 @@ import time
 from typing import Any
 
 from common import cleanup, emit, names, redis_url, start_workers, stop
-from workflows import ManySteps
+from workflows import ManySteps, SyncManySteps
 
 from nbflow import Engine
 
@@ -39,10 +40,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--thread", action="store_true", help="use the in-process worker thread")
+    ap.add_argument("--sync", action="store_true", help="a plain def run workflow")
     args = ap.parse_args()
     prefix, queue = names()
     engine = Engine(redis_url(), prefix=prefix, queue=queue)
-    flow = engine.register(ManySteps)
+    flow = engine.register(SyncManySteps if args.sync else ManySteps)
     proc = None
     if args.thread:
         engine.start_worker()
@@ -62,6 +64,8 @@ def main() -> None:
             {
                 "benchmark": "per_step_overhead",
                 "steps": args.steps,
+                "run": "def" if args.sync else "async def",
+                "worker": "thread" if args.thread else "process",
                 "repeats": repeats,
                 "us_per_step": round((statistics.median(walls) - base) / args.steps * 1e6, 1),
                 "span_us_per_step": round(span / args.steps * 1e6, 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbflow import WorkflowEntrypoint, WorkflowEvent, WorkflowStep
+from nbflow import SyncWorkflowStep, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
 
 P = dict[str, Any]
 
@@ -25,6 +25,16 @@ class ManySteps(WorkflowEntrypoint[Any, P]):
         total = 0
         for i in range(event.payload["n"]):
             total += await step.do("s", lambda i=i: i)
+        return total
+
+
+class SyncManySteps(WorkflowEntrypoint[Any, P]):
+    """``ManySteps`` as a plain ``def run``."""
+
+    def run(self, event: WorkflowEvent[P], step: SyncWorkflowStep) -> int:
+        total = 0
+        for i in range(event.payload["n"]):
+            total += step.do("s", lambda i=i: i)
         return total
 
 
