@@ -345,22 +345,18 @@ class Engine:
             if script == "pause":
                 self._scripts.harden(args=[self.prefix, iid])
 
-    def _waiter_pubsub(self) -> Any:
-        """This thread's pubsub connection for ``wait()``, kept between waits (a new
-        connection per wait costs a connect and its handshake every time)."""
-        pubsub = getattr(self._waiters, "pubsub", None)
-        if pubsub is None:
-            pubsub = self._waiters.pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
-        return pubsub
+    def _done_listener(self) -> _DoneListener:
+        """This thread's listener for ``wait()`` (see ``_DoneListener``)."""
+        listener: _DoneListener | None = getattr(self._waiters, "listener", None)
+        if listener is None:
+            listener = self._waiters.listener = _DoneListener(self.redis)
+        return listener
 
-    def _waiter_pubsub_alive(self) -> bool:
-        return getattr(self._waiters, "pubsub", None) is not None
-
-    def _drop_waiter_pubsub(self) -> None:
-        pubsub = getattr(self._waiters, "pubsub", None)
-        self._waiters.pubsub = None
-        if pubsub is not None:
-            pubsub.close()
+    def _drop_done_listener(self) -> None:
+        listener: _DoneListener | None = getattr(self._waiters, "listener", None)
+        self._waiters.listener = None
+        if listener is not None:
+            listener.pubsub.close()
 
     def _lifecycle(
         self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
@@ -384,6 +380,35 @@ class Engine:
         if tag == "nostep":
             raise ValueError(f"instance {iid!r} has no step {value!r}")
         raise InvalidStateError(value)
+
+
+class _DoneListener:
+    """One thread's pubsub connection for ``wait()``, kept between waits: a new
+    connection per wait costs a connect and its handshake every time.
+
+    A wait that returned from ``status()`` may leave its instance's `done` message
+    unread; Redis sends it before the confirmation of the wait's UNSUBSCRIBE, so
+    the next wait first reads up to that confirmation and drops what comes before.
+    """
+
+    def __init__(self, client: redis_lib.Redis) -> None:
+        self.pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        self.leaving: bytes | None = None
+
+    def enter(self, channel: bytes) -> Any:
+        deadline = time.monotonic() + 2.0
+        while self.leaving is not None:
+            msg = self.pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if msg is None and time.monotonic() >= deadline:
+                raise redis_lib.TimeoutError("no confirmation of UNSUBSCRIBE")
+            if msg is not None and msg["type"] == "unsubscribe" and msg["channel"] == self.leaving:
+                self.leaving = None
+        self.pubsub.subscribe(channel)
+        return self.pubsub
+
+    def leave(self, channel: bytes) -> None:
+        self.pubsub.unsubscribe(channel)
+        self.leaving = channel
 
 
 def _published_status(data: bytes) -> InstanceStatus | None:
@@ -677,14 +702,12 @@ class WorkflowInstance:
         # The scripts that end an instance publish its final status on its `done`
         # channel, so a waiter wakes the moment it ends instead of polling; it still
         # re-reads the status every second in case a message was missed (a reconnect).
-        pubsub = self.engine._waiter_pubsub()
+        listener = self.engine._done_listener()
         channel = self.engine.keys.done(self.id).encode()
         try:
-            pubsub.subscribe(channel)
+            pubsub = listener.enter(channel)
             status = self.status()  # after subscribing: an end now cannot be missed
-            while True:
-                if status["status"] in FINAL_STATUSES or status["status"] == "unknown":
-                    return status
+            while status["status"] not in FINAL_STATUSES and status["status"] != "unknown":
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(
@@ -695,12 +718,11 @@ class WorkflowInstance:
                     status = self.status()
                 elif msg["type"] == "message" and msg["channel"] == channel:
                     status = _published_status(msg["data"]) or self.status()
-        except BaseException:
-            self.engine._drop_waiter_pubsub()
+        except BaseException:  # a timeout, an interrupt: start afresh next time
+            self.engine._drop_done_listener()
             raise
-        finally:
-            if self.engine._waiter_pubsub_alive():
-                pubsub.unsubscribe(channel)
+        listener.leave(channel)
+        return status
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""

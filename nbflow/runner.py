@@ -275,7 +275,8 @@ def run_many(
     if listener is not None:
         # a token names the worker that lifecycle calls must ask (see tell_owner)
         token_base = f"{listener.worker_id}/{uuid.uuid4().hex[:12]}"
-        listener.requests.difference_update(ids)  # requests aimed at earlier runs
+        for iid in ids:  # requests aimed at earlier runs
+            listener.requests.pop(iid, None)
     else:
         token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
     tokens = [f"{token_base}:{n}" for n in range(len(ids))]
@@ -313,7 +314,7 @@ def run_many(
                 outcomes[n] = run.execute_sync()
             finally:
                 run.batch.close()
-                engine._runs.pop(iid, None)
+                run.forget()
     if async_runs:
         loop = _loop()
         batch = Batch(engine, loop, len(async_runs))
@@ -330,7 +331,7 @@ def run_many(
         finally:
             batch.close()
             for _, run in async_runs:
-                engine._runs.pop(run.iid, None)
+                run.forget()
         for (n, run), result in zip(async_runs, results, strict=True):
             if isinstance(result, KeyboardInterrupt):
                 raise result
@@ -412,12 +413,20 @@ class Run:
                 self.instance = exc
         self.batch: Batch | None = None
         self.own_in_flight = 0
+        self.callbacks_running = 0  # callbacks started whose outcome is not recorded yet
         self.tasks: set[asyncio.Task[Any]] = set()
         # async runs: a step result not sent yet (it goes with the next call), and
         # why Redis refused one of the writes sent without waiting, once a reply says so
         self._pending: list[str] | None = None
         self._refused: str | None = None
         self._write_error: Exception | None = None
+        self._stop_seen = 0  # the last stop request a checkpoint found no reason to obey
+
+    def forget(self) -> None:
+        """The run is over: no more lease heartbeats or stop requests for it here."""
+        self.engine._runs.pop(self.iid, None)
+        if self.listener is not None:
+            self.listener.requests.pop(self.iid, None)
 
     # -- used by the step protocol ----------------------------------------------
 
@@ -459,28 +468,35 @@ class Run:
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
         return [*self._own(), key, entry, name, hist]
 
-    def _stop_asked(self) -> bool:
-        """Whether a lifecycle call asked this worker to start no new step of the
-        instance (the request is consumed: the caller checks where the run stands)."""
-        requests = None if self.listener is None else self.listener.requests
-        if requests and self.iid in requests:
-            requests.discard(self.iid)
-            return True
-        return False
+    def _stop_asked(self) -> int:
+        """The number of the latest stop request (pause, terminate, restart) for the
+        instance that this run has not checked yet, or 0.  A request stays until a
+        checkpoint answers it, so every parallel branch sees it."""
+        if self.listener is None:
+            return 0
+        asked = self.listener.requests.get(self.iid, 0)
+        return asked if asked > self._stop_seen else 0
 
-    def _after_checkpoint(self, res: Any) -> None:
+    def _after_checkpoint(self, res: Any, asked: int) -> None:
+        """Acts on a checkpoint's answer: go on (resumed meanwhile), or stop the whole
+        run, every branch of it."""
         if isinstance(res, Exception):
             raise res
-        if res != b"running":  # paused, terminated, restarted (lost): stop here
-            raise self.halt(res.decode())
+        if res == b"running":
+            self._stop_seen = max(self._stop_seen, asked)
+            return
+        if self._refused is None:  # paused, terminated, restarted (lost)
+            self._refused = res.decode()
+        raise self.halt(res.decode())
 
     def start_step(self, key: str, name: str, entry: str, attempt: int) -> None:
         """``astart_step`` for plain ``def run`` runs (no loop: written at once)."""
         self._stop_if_halted()
         self._raise_refused()
-        if self._stop_asked():
+        asked = self._stop_asked()
+        if asked:
             self._flush_pending()
-            self._after_checkpoint(self._call_now("checkpoint", self._args()))
+            self._after_checkpoint(self._call_now("checkpoint", self._args()), asked)
             self._raise_refused()
         self._send_start(key, name, entry, attempt)
         assert self.batch is not None
@@ -517,18 +533,30 @@ class Run:
         reply; a stop request or a refusal already read stops the run first."""
         self._stop_if_halted()
         self._raise_refused()
-        if self._stop_asked():
+        asked = self._stop_asked()
+        if asked:
+            # steps of other branches already running finish and are stored first
+            while self.callbacks_running:
+                await asyncio.sleep(0.002)
+            self._raise_refused()
             self._flush_pending()
             res = await self._reply(self._call("checkpoint", self._args()))
             self._raise_refused()
-            self._after_checkpoint(res)
+            self._after_checkpoint(res, asked)
         self._send_start(key, name, entry, attempt)
-        assert self.batch is not None
-        written = self.batch.written(self._alone())
-        if written is not None:
-            await written
-        self.batch.confirm()
-        self._raise_refused()
+        # from here the callback counts as running (until its outcome is recorded),
+        # so a stop request waits for it rather than pausing under it
+        self.callbacks_running += 1
+        try:
+            assert self.batch is not None
+            written = self.batch.written(self._alone())
+            if written is not None:
+                await written
+            self.batch.confirm()
+            self._raise_refused()
+        except BaseException:
+            self.callbacks_running -= 1
+            raise
 
     def _send_start(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Queues a step attempt's start, with the last step's result when one is
@@ -580,6 +608,11 @@ class Run:
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
         self._flush_pending()
         self._pending = [*self._own(), key, entry, "1" if final else "0", event, hist]
+        if self.callbacks_running > 1 and self.batch is not None:
+            # parallel branches still run callbacks: a crash now must not lose this
+            # result, so it goes out at once instead of with the next call
+            self._flush_pending()
+            self.batch.flush()
 
     def _flush_pending(self) -> None:
         """Sends a result written behind on its own (the next call is no step start)."""

@@ -686,7 +686,10 @@ class WorkflowStep(_StepBase):
             exc, result = await self._attempt_async(st, cfg, callback, attempt, t0, is_async)
             if exc is None:
                 return result
-            delay = self._failed(st, cfg, exc, attempt, t0)
+            try:
+                delay = self._failed(st, cfg, exc, attempt, t0)
+            finally:
+                self._run.callbacks_running -= 1  # its failure is recorded (or parked)
             attempt += 1
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -703,11 +706,15 @@ class WorkflowStep(_StepBase):
         """One attempt: (its error, None), or (None, the stored result).
 
         The attempt counts as in flight from before its start is sent (so parallel
-        branches started in the same turn see each other) until it is over.
+        branches started in the same turn see each other) until it is over.  Its
+        callback counts as running (``Run.callbacks_running``) from its start until
+        its outcome is recorded; for an error that is the caller's job.
         """
         self._run.step_begins()
+        counted = error_returned = False
         try:
-            await self._astart_attempt(st, attempt, t0)
+            await self._astart_attempt(st, attempt, t0)  # counts the callback as running
+            counted = True
             ctx = self._context(callback, st, attempt, cfg)
             pooled: Future[Any] | None = None
             inline = not is_async and self._inline(st)
@@ -736,10 +743,12 @@ class WorkflowStep(_StepBase):
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except _Alarm:
+                error_returned = True
                 return self._timeout_error(st, attempt, cfg), None
             except BaseException as caught:
                 # a TimeoutError the callback raised itself is its own failure; so is a
                 # SystemExit or KeyboardInterrupt it raised (the worker goes on)
+                error_returned = True
                 if isinstance(caught, TimeoutError) and limit is not None and limit.expired():
                     if pooled is not None:
                         _abandon(pooled)
@@ -748,6 +757,8 @@ class WorkflowStep(_StepBase):
                 return caught, None
             return None, self._succeed(st, result, attempt, t0)
         finally:
+            if counted and not error_returned:  # recorded (or it raised past us)
+                self._run.callbacks_running -= 1
             self._run.step_done()
 
     def _inline(self, st: _Step) -> bool:

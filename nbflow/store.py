@@ -254,12 +254,14 @@ return out
 #   step_start  ARGV[o..o+7]: id, token, now, now_iso, key, entry, step name, history
 #     records that a step attempt starts, unless its entry is already final; it
 #     is sent without waiting (pipelined), so the attempt is already under way:
-#     under waitingForPause it is recorded too, and its finish applies the pause
-#     (whether a new step may start is the worker's stop handshake, see
-#     tell_owner and nbflow.worker.StopListener)
+#     under waitingForPause it is recorded too (whether a new step may start is
+#     the worker's stop handshake, see tell_owner and nbflow.worker.StopListener)
 #   step_finish ARGV[o..o+8]: id, token, now, now_iso, key, entry, final (1/0), event, history
 #     stores a step's outcome (final, or a retry/wait record); a final entry is
-#     never overwritten, so a late duplicate from a lost run changes nothing
+#     never overwritten, so a late duplicate from a lost run changes nothing.
+#     A pause the worker heard of is applied by its `checkpoint` call once all
+#     the run's running steps are stored (parallel branches finish one by one);
+#     only a pause no worker heard of (hardStop) is applied here
 # Leases are renewed by the worker's heartbeat, not by every step.
 _STEP_FUNCTIONS = r"""
 local function step_start(o)
@@ -278,7 +280,7 @@ local function step_start(o)
   redis.call('HSET', k_meta(id), 'currentStep', name)
   return 'ok'
 end
-local function step_finish(o, next_starts)
+local function step_finish(o)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, final, ev = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6], ARGV[o + 7]
   local st = k_state(id)
@@ -293,10 +295,9 @@ local function step_finish(o, next_starts)
   end
   redis.call('HSET', st, 'updatedAt', now_iso)
   if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[o + 8]) end
-  -- the next step's start in the same call was decided before the worker heard
-  -- of the pause: it runs, and its own finish applies the pause
-  if status == 'waitingForPause' and not (next_starts and
-      redis.call('HEXISTS', st, 'hardStop') == 0) then
+  -- a pause the worker heard of is applied by its checkpoint, once every step of
+  -- the run already running is stored; one it did not hear of, here
+  if status == 'waitingForPause' and redis.call('HEXISTS', st, 'hardStop') == 1 then
     pause_now(id, now, now_iso)
     return 'paused'
   end
@@ -304,9 +305,9 @@ local function step_finish(o, next_starts)
 end
 """
 _STEP_START = "return step_start(2)"
-_STEP_FINISH = "return step_finish(2, false)"
+_STEP_FINISH = "return step_finish(2)"
 # ARGV: prefix, the 9 step_finish values, the 8 step_start values.
-_STEP_NEXT = "return {step_finish(2, true), step_start(11)}"
+_STEP_NEXT = "return {step_finish(2), step_start(11)}"
 # ARGV: prefix, id, token, now, now_iso. Where a run stands after a stop request:
 # 'running' (go on: it was resumed meanwhile) or why it must stop; applies a
 # pause that waits for no step any more.

@@ -177,8 +177,8 @@ class StopListener(threading.Thread):
     Steps are written to Redis without waiting for a reply, so a worker cannot
     learn of a ``pause()`` from its writes before the next step starts.  Instead
     the lifecycle script publishes ``"id ack"`` on this worker's channel (named in
-    the token of every run it claims); this thread adds ``id`` to ``requests``,
-    which runs check before each step, and then answers on the list ``ack``,
+    the token of every run it claims); this thread counts the request in
+    ``requests[id]``, which runs check before each step, and then answers on the list ``ack``,
     which the caller of ``pause()`` waits for.  So once ``pause()`` returns, no
     new step of the instance starts; the one already running finishes and is
     stored.  It subscribes before the worker claims anything.
@@ -189,7 +189,7 @@ class StopListener(threading.Thread):
         self.engine = engine
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.channel = engine.keys.stop_channel(self.worker_id)
-        self.requests: set[str] = set()
+        self.requests: dict[str, int] = {}  # instance id -> stop requests heard
         self._halt = threading.Event()
         self._pubsub: Any = None
 
@@ -232,7 +232,9 @@ class StopListener(threading.Thread):
 
     def _heard(self, data: str) -> None:
         iid, _, ack = data.partition(" ")
-        self.requests.add(iid)  # from here on no new step of iid starts
+        # from here on no new step of iid starts (a count, not a flag: a run that
+        # finds the instance resumed meanwhile must still see a later request)
+        self.requests[iid] = self.requests.get(iid, 0) + 1
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.rpush(ack, "1")
         pipe.expire(ack, 60)

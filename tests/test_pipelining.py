@@ -43,6 +43,26 @@ class Counting(WorkflowEntrypoint):
         return total
 
 
+class TwoBranches(WorkflowEntrypoint):
+    """Two parallel branches (asyncio.gather) of n/2 fast counted steps each."""
+
+    async def run(self, event, step):
+        import asyncio
+
+        p = event.payload
+        c = _clients.get(p["url"])
+        if c is None:
+            c = _clients[p["url"]] = redis.Redis.from_url(p["url"])
+
+        async def branch(name):
+            total = 0
+            for i in range(p["n"] // 2):
+                total += await step.do(name, lambda i=i: c.incr(p["k"]) and i)
+            return total
+
+        return sum(await asyncio.gather(branch("left"), branch("right")))
+
+
 class SyncCounting(WorkflowEntrypoint):
     """The same as a plain ``def run``."""
 
@@ -118,6 +138,29 @@ def test_no_step_starts_after_pause_returns_and_every_step_that_ran_is_stored(
         inst.resume()
     assert inst.wait(timeout=60) == {"status": "complete", "output": sum(range(N))}
     assert _count(engine, k) == N  # each of the N steps ran exactly once
+
+
+def test_no_branch_of_a_parallel_run_starts_a_step_after_pause_returns(
+    engine: Engine, redis_url: str, tmp_path: Path
+) -> None:
+    module = write_module(tmp_path, f"nbf_branches_{engine.prefix}", COUNTING_SOURCE)
+    flow = engine.register(load_module(tmp_path, module).TwoBranches)
+    engine.start_worker()
+    k = f"{engine.prefix}:count"
+    inst = flow.create(params={"url": redis_url, "k": k, "n": N})
+    for cycle in range(3):
+        seen = _count(engine, k)
+        poll(lambda seen=seen: _count(engine, k) >= seen + 50, 30, "steps to run")
+        inst.pause()
+        at_return = _count(engine, k)
+        wait_status(inst, "paused", 10)
+        after = _count(engine, k)
+        assert after - at_return <= 2, (cycle, at_return, after)  # one per branch at most
+        assert _stored(inst) == after, (cycle, _stored(inst), after)
+        inst.resume()
+    half = sum(range(N // 2))
+    assert inst.wait(timeout=60) == {"status": "complete", "output": 2 * half}
+    assert _count(engine, k) == N
 
 
 def test_nothing_runs_after_terminate_returns(setup: tuple[Engine, Any, str]) -> None:
