@@ -821,10 +821,16 @@ class Run:
         return text
 
     def _ending(self, status: str, value: Any) -> tuple[str, list[str]] | None:
-        """The script call that ends the run, or None when a script already applied
-        the stop (a pause, a terminate, a lost lease)."""
+        """The script call that ends the run (with the last step's result when one is
+        pending), or None when a script already applied the stop (a pause, a
+        terminate, a lost lease)."""
         if status != "park":
-            return "finish", self._finish_args(status, value)
+            args = self._finish_args(status, value)
+            if self._pending is not None:  # the last result and the end in one call
+                pending, self._pending = self._pending, None
+                return "step_finish_then_finish", [args[0], *pending, *args[1:]]
+            return "finish", args
+        self._flush_pending()
         if (self.reason or "wait") == "stopping":
             return "release", self._args()
         park = self._park_args()
@@ -843,7 +849,6 @@ class Run:
 
     def _end_sync(self, status: str, value: Any) -> str:
         """``_end_async`` for plain ``def run`` runs."""
-        self._flush_pending()
         ending = self._ending(status, value)
         if ending is None:
             return self.reason
@@ -858,7 +863,6 @@ class Run:
         """Sends the ending call right behind the run's last writes (one round trip);
         if one of those writes was refused (a pause, a lost lease), that wins and the
         ending call finds the instance no longer owned and changes nothing."""
-        self._flush_pending()
         ending = self._ending(status, value)
         if ending is None:
             return self.reason

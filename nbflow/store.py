@@ -264,15 +264,17 @@ return out
 #     only a pause no worker heard of (hardStop) is applied here
 # Leases are renewed by the worker's heartbeat, not by every step.
 _STEP_FUNCTIONS = r"""
-local function step_start(o)
+local function step_start(o, checked)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, name = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
-  local why = check_owner(id, token)
-  if why == 'waitingForPause' and redis.call('HEXISTS', k_state(id), 'hardStop') == 1 then
-    pause_now(id, now, now_iso)
-    return 'paused'
+  if not checked then  -- (step_next: its step_finish just found the run owned)
+    local why = check_owner(id, token)
+    if why == 'waitingForPause' and redis.call('HEXISTS', k_state(id), 'hardStop') == 1 then
+      pause_now(id, now, now_iso)
+      return 'paused'
+    end
+    if why ~= 'running' and why ~= 'waitingForPause' then return why end
   end
-  if why ~= 'running' and why ~= 'waitingForPause' then return why end
   local sk = k_steps(id)
   local s = entry_status(redis.call('HGET', sk, key))
   if s == 'complete' or s == 'errored' then return 'final' end
@@ -303,11 +305,33 @@ local function step_finish(o)
   end
   return 'ok'
 end
+--   finish_run ARGV[o..o+6]: id, token, now, now_iso, outcome, value JSON, history
+local function finish_run(o)
+  local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
+  local outcome, value = ARGV[o + 4], ARGV[o + 5]
+  local why = owned(id, token, now, now_iso)
+  if why ~= 'running' then return why end
+  local st = k_state(id)
+  set_status(id, outcome, now_iso)
+  release(id)
+  if outcome == 'complete' then
+    redis.call('HSET', st, 'output', value)
+  else
+    redis.call('HSET', st, 'error', value)
+  end
+  redis.call('HSET', k_meta(id), 'currentStep', '')
+  finish_bookkeeping(id, now, outcome, value)
+  if outcome ~= 'complete' then hist(id, now, outcome, ARGV[o + 6]) end
+  return outcome
+end
 """
-_STEP_START = "return step_start(2)"
+_STEP_START = "return step_start(2, false)"
 _STEP_FINISH = "return step_finish(2)"
 # ARGV: prefix, the 9 step_finish values, the 8 step_start values.
-_STEP_NEXT = "return {step_finish(2), step_start(11)}"
+_STEP_NEXT = r"""
+local f = step_finish(2)
+return {f, step_start(11, f == 'ok')}
+"""
 # ARGV: prefix, id, token, now, now_iso. Where a run stands after a stop request:
 # 'running' (go on: it was resumed meanwhile) or why it must stop; applies a
 # pause that waits for no step any more.
@@ -454,23 +478,14 @@ return 1
 
 # ARGV: prefix, id, token, now, now_iso, outcome, value JSON, history.
 # Ends a run: complete/errored; a pause asked for meanwhile wins (paused, the
-# output is recomputed from stored steps on resume).
-_FINISH = r"""
-local id, token, now, now_iso, outcome, value = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local why = owned(id, token, now, now_iso)
-if why ~= 'running' then return why end
-local st = k_state(id)
-set_status(id, outcome, now_iso)
-release(id)
-if outcome == 'complete' then
-  redis.call('HSET', st, 'output', value)
-else
-  redis.call('HSET', st, 'error', value)
-end
-redis.call('HSET', k_meta(id), 'currentStep', '')
-finish_bookkeeping(id, now, outcome, value)
-if outcome ~= 'complete' then hist(id, now, outcome, ARGV[8]) end
-return outcome
+# output is recomputed from stored steps on resume).  See finish_run.
+_FINISH = "return finish_run(2)"
+# ARGV: prefix, the 9 step_finish values, the 7 finish_run values: a run's last
+# step result and its end in one call.
+_STEP_FINISH_THEN_FINISH = r"""
+local f = step_finish(2)
+if f ~= 'ok' then return f end
+return finish_run(11)
 """
 
 # ARGV: prefix, id, now, now_iso, error JSON. Ends an instance whose stored state
@@ -659,6 +674,7 @@ _SOURCES = {
     "orphans": _ORPHANS,
     "heartbeat": _HEARTBEAT,
     "finish": _FINISH,
+    "step_finish_then_finish": _STEP_FINISH_THEN_FINISH,
     "release": _RELEASE,
     "fail": _FAIL,
     "pause": _PAUSE,

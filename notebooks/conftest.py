@@ -71,8 +71,31 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[Any]:
                 os.environ[name] = value
 
 
+def _delete_tutorial_keys(url: str) -> None:
+    """The tutorials keep their instances (a reader looks at them afterwards); under
+    pytest they are deleted at the end: every ``tutorial0N-<tag>`` prefix, its queue
+    and the RQ jobs left on it."""
+    client = redis.Redis.from_url(url)
+    for queue in client.smembers("rq:queues"):
+        if queue.startswith(b"rq:queue:tutorial0"):
+            for job in client.lrange(queue, 0, -1):
+                client.delete(b"rq:job:" + job)
+            client.delete(queue)
+            client.srem("rq:queues", queue)
+    keys = list(client.scan_iter(match="tutorial0[1-9]-*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i : i + 500])
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Stop the embedded server the notebooks started in the temporary home, if any."""
+    """Delete what the tutorials stored in a shared Redis; stop the embedded server
+    the notebooks started in the temporary home, if any."""
+    url = (_kernel_env or {}).get("NBFLOW_REDIS_URL")
+    if url and not os.environ.get("NBFLOW_REDIS_URL", "").strip():
+        try:
+            _delete_tutorial_keys(url)
+        except redis.RedisError:
+            pass  # nothing to tidy if the server went away
     if _temp_home is not None:
         from nbflow import server
 

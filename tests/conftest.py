@@ -45,7 +45,11 @@ def redis_url() -> Iterator[str]:
 
 
 def cleanup_prefix(client: redis.Redis, prefix: str, queue: str) -> None:
-    """Delete a test's keys: its prefix and its RQ queue (SCAN is fine in tests)."""
+    """Delete a test's keys: its prefix, its RQ queue and the RQ jobs still queued
+    on it (SCAN is fine in tests)."""
+    job_ids = client.lrange(f"rq:queue:{queue}", 0, -1)
+    for i in range(0, len(job_ids), 500):
+        client.delete(*(b"rq:job:" + j for j in job_ids[i : i + 500]))
     for pattern in (f"{prefix}:*", f"rq:queue:{queue}*", f"rq:*:{queue}*"):
         batch = list(client.scan_iter(match=pattern, count=1000))
         for i in range(0, len(batch), 500):
