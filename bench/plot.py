@@ -22,7 +22,7 @@ def main() -> None:
     left.axhline(2600, color="#c44e52", linestyle="--", label="bar: 2,600/s (2 workers)")
     left.set_xlabel("worker processes")
     left.set_ylabel("workflows / s (3 trivial steps)")
-    left.set_title("Throughput, 10,000 workflows, batches of 100")
+    left.set_title("Throughput, 10,000 workflows, batches of 100 (median of 3)")
     left.legend()
     steps = [r["steps"] for r in results["steps"]]
     cost = [r["us_per_step"] for r in results["steps"]]
@@ -30,7 +30,7 @@ def main() -> None:
     right.axhline(60, color="#c44e52", linestyle="--", label="target: 60 µs/step")
     right.set_xscale("log")
     right.set_xlabel("steps in one workflow")
-    right.set_ylabel("µs per step")
+    right.set_ylabel("µs per step (marginal, median)")
     right.set_ylim(bottom=0)
     right.set_title("Per-step cost against step count")
     right.legend()

@@ -9,7 +9,7 @@ bounded by SIGALRM); ``--thread`` uses the in-process worker thread of
 
 ``us_per_step`` is the marginal cost of a step: (create -> complete of the N-step
 workflow minus that of a 0-step one) / N, the median over enough repeats to run
-about 3,000 steps (so 10-step workflows are not lost in the per-run overhead).
+about 10,000 steps (so 10-step workflows are not lost in the per-run overhead).
 ``span_us_per_step`` is first step start -> last step end from the stored step
 times (millisecond resolution: meaningful from about 100 steps).
 """
@@ -52,7 +52,7 @@ def main() -> None:
         proc = start_workers(prefix, queue, 1)
     try:
         _one(flow, 10)  # warm-up (and the worker is up)
-        repeats = max(3, 3000 // args.steps)
+        repeats = max(5, 10000 // args.steps)
         base = statistics.median(_one(flow, 0)[0] for _ in range(repeats))
         walls, span = [], 0.0
         for _ in range(repeats):
