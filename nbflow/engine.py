@@ -631,7 +631,10 @@ class WorkflowInstance:
         """Pause: no new step starts; a running step finishes and is stored first.
 
         Works from queued, running or waiting; afterwards the status is
-        ``waitingForPause`` (a step is finishing) or ``paused``.
+        ``waitingForPause`` (a step is finishing) or ``paused``.  For a running
+        instance it returns once the worker running it has promised to start no
+        new step (the stop handshake; at most ``STOP_ACK_TIMEOUT`` seconds, after
+        which the step scripts enforce the pause themselves).
         """
         self._call("pause", "queued, running or waiting")
 
@@ -640,7 +643,12 @@ class WorkflowInstance:
         self._call("resume", "paused or waitingForPause", enqueue=True)
 
     def terminate(self) -> None:
-        """Stop for good: nothing of the instance runs afterwards; timers and waits go."""
+        """Stop for good: nothing of the instance runs afterwards; timers and waits go.
+
+        For a running instance it returns once the worker running it has promised
+        to start no new step (as ``pause``); a step already running cannot be
+        interrupted, and its result is not stored.
+        """
         self._call("terminate", "any status but complete, errored or terminated")
 
     def restart(self, from_step: str | None = None) -> None:
