@@ -31,7 +31,7 @@ def main() -> None:
     right.set_xscale("log")
     right.set_xlabel("steps in one workflow")
     right.set_ylabel("µs per step (marginal, median)")
-    right.set_ylim(bottom=0)
+    right.set_ylim(0, max(80.0, max(cost) * 1.2))
     right.set_title("Per-step cost against step count")
     right.legend()
     fig.tight_layout()
