@@ -786,7 +786,7 @@ class ScriptStream:
         shas = self._scripts._scripts
         packed = [_pack("EVALSHA", shas[name].sha, "0", *args) for name, args, _ in calls]
         try:
-            self._conn.send_packed_command(packed, check_health=False)
+            self._conn.send_packed_command([b"".join(packed)], check_health=False)
         except BaseException:
             self._lost()
             raise
