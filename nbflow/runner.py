@@ -18,7 +18,8 @@ lease, a restart) stops the run at its next step.  Whether a new step may start
 after ``pause()``, ``terminate()`` or ``restart()`` is decided by the stop
 handshake instead: those calls ask the worker holding the instance
 (``nbflow.worker.StopListener``) and return once it has promised to start no new
-step.  Plain ``def run`` workflows run one after another with direct calls.
+step.  Plain ``def run`` workflows run one after another, each on a stream of its
+own (the same pipelined writes, without a loop).
 """
 
 from __future__ import annotations
@@ -742,7 +743,7 @@ class Run:
             return "errored", {"name": "TypeError", "message": f"run() returned {exc}"}
 
     def execute_sync(self) -> str:
-        """Runs a plain ``def run`` (or an instance that cannot run) with direct calls."""
+        """Runs a plain ``def run`` (or an instance that cannot run), without a loop."""
         ending = self._unrunnable()
         if ending is None:
             try:
