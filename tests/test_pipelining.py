@@ -29,14 +29,20 @@ from nbflow import WorkflowEntrypoint
 _clients = {}
 
 
+def _client(url):
+    """One Redis client per URL and process, for the steps' side-effect counter."""
+    c = _clients.get(url)
+    if c is None:
+        c = _clients[url] = redis.Redis.from_url(url)
+    return c
+
+
 class Counting(WorkflowEntrypoint):
     """n fast steps; each start adds 1 to a counter in Redis (its side effect)."""
 
     async def run(self, event, step):
         p = event.payload
-        c = _clients.get(p["url"])
-        if c is None:
-            c = _clients[p["url"]] = redis.Redis.from_url(p["url"])
+        c = _client(p["url"])
         total = 0
         for i in range(p["n"]):
             total += await step.do("s", lambda i=i: c.incr(p["k"]) and i)
@@ -50,9 +56,7 @@ class TwoBranches(WorkflowEntrypoint):
         import asyncio
 
         p = event.payload
-        c = _clients.get(p["url"])
-        if c is None:
-            c = _clients[p["url"]] = redis.Redis.from_url(p["url"])
+        c = _client(p["url"])
 
         async def branch(name):
             total = 0
@@ -68,9 +72,7 @@ class SyncCounting(WorkflowEntrypoint):
 
     def run(self, event, step):
         p = event.payload
-        c = _clients.get(p["url"])
-        if c is None:
-            c = _clients[p["url"]] = redis.Redis.from_url(p["url"])
+        c = _client(p["url"])
         total = 0
         for i in range(p["n"]):
             total += step.do("s", lambda i=i: c.incr(p["k"]) and i)
