@@ -22,6 +22,7 @@ from nbflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
 )
+from nbflow.notebook import display as _display  # noqa: F401  (registers the notebook displays)
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 
 __version__ = "0.1.0"

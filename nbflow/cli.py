@@ -127,7 +127,7 @@ def _worker(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.processes == 1:
-        serve(engine, burst=args.burst, logging_level=level)
+        serve(engine.backend, burst=args.burst, logging_level=level)
     else:
         factory = functools.partial(make_engine, args.redis, args.prefix, args.queue, args.imports)
         serve_many(factory, args.processes, burst=args.burst, logging_level=level)

@@ -13,15 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
 
 import pandas as pd
 import redis as redis_lib
-from rq import Queue
-from rq.serializers import JSONSerializer
 
-from nbflow import codec, server
+from nbflow import codec, handshake, reprs, server
+from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
 from nbflow.errors import (
@@ -29,13 +28,26 @@ from nbflow.errors import (
     InstanceNotFoundError,
     InvalidStateError,
     WorkflowNotRegisteredError,
+    rebuild_error,
 )
-from nbflow.step import event_json, rebuild_error, split_key
-from nbflow.store import FINAL_STATUSES, STATUSES, Keys, Scripts, clock
-from nbflow.validate import check_event_type, check_instance_id, check_step_name
-
-if TYPE_CHECKING:
-    from nbflow.worker import ThreadWorker
+from nbflow.records import (
+    FINAL_STATUSES,
+    INSTANCE_COLUMNS,
+    STATUSES,
+    STEP_COLUMNS,
+    decode_entry,
+    event_json,
+    instance_status,
+    published_status,
+    split_key,
+    step_key,
+    step_row,
+    text,
+    text_or_none,
+)
+from nbflow.store import Keys, clock
+from nbflow.validate import check_event_type, check_instance_id
+from nbflow.worker import ThreadWorker, run_foreground
 
 log = logging.getLogger("nbflow")
 
@@ -47,54 +59,16 @@ BATCH_CHUNK = 500
 #: Instances per RQ job, at most: a job's runs advance together with their Redis
 #: calls grouped (fewer round trips, so bigger is cheaper); a batch of 50 or more is
 #: still cut into at least two jobs (of 25 or more) so two workers can share it.
-#: How long pause()/terminate()/restart() wait for the worker running the instance
-#: to confirm that it starts no new step of it.
-STOP_ACK_TIMEOUT = 5.0
 JOB_SIZE = 100
 MIN_JOB_SIZE = 25
-
-_INSTANCE_COLUMNS = [
-    "id",
-    "workflow",
-    "status",
-    "created_at",
-    "updated_at",
-    "current_step",
-    "steps_done",
-    "error",
-]
-_STEP_COLUMNS = [
-    "step",
-    "kind",
-    "count",
-    "status",
-    "attempts",
-    "started_at",
-    "finished_at",
-    "duration_s",
-    "output",
-    "error",
-]
+#: How long pause()/terminate()/restart() wait for the worker running the instance
+#: to confirm that it starts no new step of it (see ``nbflow.handshake``).
+STOP_ACK_TIMEOUT = handshake.STOP_ACK_TIMEOUT
 
 
 def _now() -> tuple[str, str]:
     t, iso = clock()
     return f"{t:.6f}", iso
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _s(value: Any) -> str:
-    """A Redis reply as text (the client returns bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ts(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    return datetime.fromtimestamp(float(value), UTC)
 
 
 class Engine:
@@ -128,29 +102,74 @@ class Engine:
             or (max_step_bytes <= 0)
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
-        self.retention: float | None = None if retention is None else parse_duration(retention)
-        self.redis = server.connect(redis)
-        if self.redis.get_connection_kwargs().get("decode_responses"):
+        kept = None if retention is None else parse_duration(retention)
+        client = server.connect(redis)
+        if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
                 "pass a redis.Redis with decode_responses=False (RQ stores binary data); "
                 "nbflow decodes what it reads itself"
             )
-        self.prefix = prefix
-        self.queue_name = queue
-        self.env = env
-        self.ctx = ctx
-        self.max_step_bytes = max_step_bytes
-        self.keys = Keys(prefix)
-        self._scripts = Scripts(self.redis)
-        self._queue = Queue(
-            queue, connection=self.redis, serializer=JSONSerializer, default_timeout=-1
+        #: what runs and workers use (``nbflow.backend``); not part of the user API
+        self.backend = Backend(
+            client,
+            prefix=prefix,
+            queue=queue,
+            env=env,
+            ctx=ctx,
+            max_step_bytes=max_step_bytes,
+            retention=kept,
         )
-        self._classes: dict[str, type[WorkflowEntrypoint[Any, Any]]] = {}
-        # instance id -> token of the run this process is advancing (for lease heartbeats)
-        self._runs: dict[str, str] = {}
         self._worker: ThreadWorker | None = None
         self._worker_lock = threading.Lock()
         self._waiters = threading.local()  # per thread: the pubsub wait() listens on
+
+    @property
+    def redis(self) -> redis_lib.Redis:
+        """The Redis client this engine uses."""
+        return self.backend.redis
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix every key of this engine's instances starts with."""
+        return self.backend.prefix
+
+    @property
+    def queue_name(self) -> str:
+        """The RQ queue this engine's instances are dispatched on."""
+        return self.backend.queue_name
+
+    @property
+    def keys(self) -> Keys:
+        """Key names under this engine's prefix (``nbflow.store.Keys``)."""
+        return self.backend.keys
+
+    @property
+    def max_step_bytes(self) -> int:
+        """The largest step result, params or event payload stored, in bytes."""
+        return self.backend.max_step_bytes
+
+    @property
+    def retention(self) -> float | None:
+        """Seconds after which finished instances are deleted (None: kept)."""
+        return self.backend.retention
+
+    @property
+    def env(self) -> Any:
+        """What every workflow instance gets as ``self.env``."""
+        return self.backend.env
+
+    @env.setter
+    def env(self, value: Any) -> None:
+        self.backend.env = value
+
+    @property
+    def ctx(self) -> Any:
+        """What every workflow instance gets as ``self.ctx``."""
+        return self.backend.ctx
+
+    @ctx.setter
+    def ctx(self, value: Any) -> None:
+        self.backend.ctx = value
 
     def __repr__(self) -> str:
         where = server.describe(self.redis)
@@ -177,13 +196,13 @@ class Engine:
                 f"invalid workflow name {wf_name!r}: use letters, digits, '_' and '-' "
                 "(not starting with '-'), at most 100 characters"
             ) from None
-        self._classes[wf_name] = cls
+        self.backend.classes[wf_name] = cls
         return Workflow(self, wf_name)
 
     def workflow(self, name: str) -> Workflow[Any]:
         """The registered workflow called ``name``."""
-        if name not in self._classes:
-            known = ", ".join(sorted(self._classes)) or "none"
+        if name not in self.backend.classes:
+            known = ", ".join(sorted(self.backend.classes)) or "none"
             raise WorkflowNotRegisteredError(
                 f"no workflow named {name!r} is registered (registered: {known})"
             )
@@ -192,7 +211,7 @@ class Engine:
     @property
     def workflows(self) -> list[str]:
         """Names of the registered workflows."""
-        return sorted(self._classes)
+        return sorted(self.backend.classes)
 
     def instance(self, instance_id: str) -> WorkflowInstance:
         """A handle on any instance under this prefix, whatever its workflow."""
@@ -200,7 +219,7 @@ class Engine:
         name = self.redis.hget(self.keys.metadata(instance_id), "workflowName")
         if name is None:
             raise InstanceNotFoundError(f"no instance {instance_id!r} under prefix {self.prefix!r}")
-        return WorkflowInstance(self, instance_id, _s(name))
+        return WorkflowInstance(self, instance_id, text(name))
 
     # -- listing ------------------------------------------------------------------
 
@@ -217,7 +236,7 @@ class Engine:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
         if status is None and workflow is None:
-            return pd.DataFrame(list(self._rows(self._newest(limit))), columns=_INSTANCE_COLUMNS)
+            return pd.DataFrame(list(self._rows(self._newest(limit))), columns=INSTANCE_COLUMNS)
         if status is not None:
             index = self.keys.by_status(status)
         else:
@@ -225,7 +244,7 @@ class Engine:
         rows: list[dict[str, Any]] = []
         start, page = 0, max(limit, 100)
         while len(rows) < limit:
-            ids = [_s(i) for i in self.redis.zrevrange(index, start, start + page - 1)]
+            ids = [text(i) for i in self.redis.zrevrange(index, start, start + page - 1)]
             if not ids:
                 break
             start += page
@@ -234,7 +253,7 @@ class Engine:
                     rows.append(row)
                     if len(rows) >= limit:
                         break
-        return pd.DataFrame(rows, columns=_INSTANCE_COLUMNS)
+        return pd.DataFrame(rows, columns=INSTANCE_COLUMNS)
 
     def _newest(self, limit: int) -> list[str]:
         """The ``limit`` newest instances of any status: every instance sits in exactly
@@ -244,7 +263,7 @@ class Engine:
         pipe = self.redis.pipeline(transaction=False)
         for st in STATUSES:
             pipe.zrevrange(self.keys.by_status(st), 0, limit - 1, withscores=True)
-        merged = [(score, _s(iid)) for part in pipe.execute() for iid, score in part]
+        merged = [(score, text(iid)) for part in pipe.execute() for iid, score in part]
         merged.sort(reverse=True)
         return [iid for _, iid in merged[:limit]]
 
@@ -262,11 +281,11 @@ class Engine:
                 continue  # deleted between the index read and now
             yield {
                 "id": iid,
-                "workflow": _text(meta[0]),
-                "status": _text(st[0]),
-                "created_at": pd.Timestamp(_s(st[1])),
-                "updated_at": pd.Timestamp(_s(st[2])),
-                "current_step": _text(meta[1]) or None,
+                "workflow": text_or_none(meta[0]),
+                "status": text_or_none(st[0]),
+                "created_at": pd.Timestamp(text(st[1])),
+                "updated_at": pd.Timestamp(text(st[2])),
+                "current_step": text_or_none(meta[1]) or None,
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
             }
@@ -279,11 +298,9 @@ class Engine:
         It runs every workflow registered on this engine, before or after it started.
         Calling it while a worker runs returns that worker.
         """
-        from nbflow.worker import ThreadWorker
-
         with self._worker_lock:
             if self._worker is None or not self._worker.is_alive():
-                self._worker = ThreadWorker(self)
+                self._worker = ThreadWorker(self.backend)
                 self._worker.start()
             return self._worker
 
@@ -309,41 +326,9 @@ class Engine:
 
         Returns how many RQ jobs were run.
         """
-        from nbflow.worker import run_foreground
+        return run_foreground(self.backend, burst=burst)
 
-        return run_foreground(self, burst=burst)
-
-    # -- internals used by workflows, instances and workers -------------------------
-
-    def _enqueue(self, ids: Sequence[str], at_front: bool = False, pipe: Any = None) -> None:
-        """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it)."""
-        self._queue.enqueue_call(
-            "nbflow.runner.run_job",
-            args=(self.prefix, list(ids)),
-            timeout=-1,
-            result_ttl=0,
-            failure_ttl=24 * 3600,
-            description=f"nbflow {self.prefix} {ids[0]}"
-            + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
-            at_front=at_front,
-            pipeline=pipe,
-        )
-
-    def _await_stop(self, iid: str, script: str, ack: str) -> None:
-        """Waits until the worker running ``iid`` has promised to start no new step
-        of it (the stop handshake, see ``nbflow.worker.StopListener``)."""
-        got = self.redis.blpop([ack], timeout=STOP_ACK_TIMEOUT)
-        if got is None:
-            log.warning(
-                "nbflow: the worker running %s did not confirm the %s within %.0fs; "
-                "its next write applies it",
-                iid,
-                script,
-                STOP_ACK_TIMEOUT,
-            )
-            self.redis.delete(ack)
-            if script == "pause":
-                self._scripts.harden(args=[self.prefix, iid])
+    # -- internals used by workflows and instances ----------------------------------
 
     def _done_listener(self) -> _DoneListener:
         """This thread's listener for ``wait()`` (see ``_DoneListener``)."""
@@ -364,16 +349,16 @@ class Engine:
         now, now_iso = _now()
 
         def job(pipe: Any) -> None:
-            self._enqueue([iid], at_front=True, pipe=pipe)
+            self.backend.enqueue([iid], at_front=True, pipe=pipe)
 
         ack = self.keys.ack(uuid.uuid4().hex)
-        res = self._scripts.execute(
+        res = self.backend.scripts.execute(
             [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
         )[0]
-        tag, value = _s(res[0]), _s(res[1])
+        tag, value = text(res[0]), text(res[1])
         if tag == "ok":
             if len(res) > 2 and int(res[2]) > 0:
-                self._await_stop(iid, script, ack)
+                handshake.await_stop(self.backend, iid, script, ack)
             return value
         if value == "unknown":
             raise InstanceNotFoundError(f"no instance {iid!r} under prefix {self.prefix!r}")
@@ -409,19 +394,6 @@ class _DoneListener:
     def leave(self, channel: bytes) -> None:
         self.pubsub.unsubscribe(channel)
         self.leaving = channel
-
-
-def _published_status(data: bytes) -> InstanceStatus | None:
-    """The status dict from a `done` message, or None when it carries no value (a large
-    output or error is read from the state instead)."""
-    status, _, value = data.partition(b" ")
-    result = InstanceStatus(status=_s(status))
-    if result["status"] == "terminated":
-        return result
-    if not value:
-        return None
-    result["output" if result["status"] == "complete" else "error"] = codec.decode(value)
-    return result
 
 
 class Workflow(Generic[W]):
@@ -460,9 +432,9 @@ class Workflow(Generic[W]):
 
         def jobs(pipe: Any) -> None:
             for start in range(0, len(ids), size):
-                engine._enqueue(ids[start : start + size], pipe=pipe)
+                engine.backend.enqueue(ids[start : start + size], pipe=pipe)
 
-        flags = engine._scripts.execute([("create", args)], jobs)[0]
+        flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]
 
     def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
@@ -509,29 +481,9 @@ class Workflow(Generic[W]):
         """The instance with this id; ``InstanceNotFoundError`` if this workflow has none."""
         check_instance_id(id)
         name = self.engine.redis.hget(self.engine.keys.metadata(id), "workflowName")
-        if name is None or _s(name) != self.name:
+        if name is None or text(name) != self.name:
             raise InstanceNotFoundError(f"workflow {self.name!r} has no instance {id!r}")
         return WorkflowInstance(self.engine, id, self.name)
-
-
-class InstanceStatus(dict[str, Any]):
-    """What ``status()`` and ``wait()`` return: a plain dict (equal to one) that a
-    notebook shows as a small table."""
-
-    def _repr_html_(self) -> str:
-        from nbflow.notebook.display import status_html
-
-        return status_html(self)
-
-
-def _step_key(from_step: str) -> str:
-    """``"name"`` -> ``"name#1"``; ``"name#3"`` stays (the 3rd occurrence)."""
-    if not isinstance(from_step, str):
-        raise TypeError(f"step must be a name like 'load' or 'load#2', not {from_step!r}")
-    name, sep, count = from_step.rpartition("#")
-    if sep and count.isdigit() and int(count) >= 1 and name:
-        return f"{check_step_name(name)}#{int(count)}"
-    return f"{check_step_name(from_step)}#1"
 
 
 class WorkflowInstance:
@@ -557,29 +509,22 @@ class WorkflowInstance:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         """Notebook display: a status card (stable text, HTML, live widget in a kernel)."""
-        from nbflow.notebook.display import instance_mimebundle
+        bundle: dict[str, Any] | None = reprs.render(
+            "instance_mimebundle", self, include=include, exclude=exclude
+        )
+        return {"text/plain": repr(self)} if bundle is None else bundle
 
-        return instance_mimebundle(self, include=include, exclude=exclude)
-
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         """The static HTML status card (for tools that only ask for HTML)."""
-        from nbflow.notebook.display import instance_html
-
-        return instance_html(self)
+        html: str | None = reprs.render("instance_html", self)
+        return html
 
     def status(self) -> dict[str, Any]:
         """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
         st, output, error = self.engine.redis.hmget(
             self.engine.keys.state(self.id), "status", "output", "error"
         )
-        if st is None:
-            return InstanceStatus(status="unknown")
-        result = InstanceStatus(status=_s(st))
-        if result["status"] == "complete":
-            result["output"] = codec.decode(output) if output is not None else None
-        elif result["status"] == "errored" and error is not None:
-            result["error"] = codec.decode(error)
-        return result
+        return instance_status(st, output, error)
 
     def info(self) -> dict[str, Any]:
         """A cheap summary in one round trip (what listings and live cards show).
@@ -604,16 +549,14 @@ class WorkflowInstance:
         if status is None:
             return {**info, "status": "unknown"}
         info.update(
-            status=_s(status),
-            current_step=_text(current) or None,
+            status=text(status),
+            current_step=text_or_none(current) or None,
             steps_done=int(done or 0),
-            created_at=pd.Timestamp(_s(created)),
-            updated_at=pd.Timestamp(_s(updated)),
+            created_at=pd.Timestamp(text(created)),
+            updated_at=pd.Timestamp(text(updated)),
         )
-        if info["status"] == "complete":
-            info["output"] = codec.decode(output) if output is not None else None
-        elif info["status"] == "errored" and error is not None:
-            info["error"] = codec.decode(error)
+        ended = instance_status(status, output, error)
+        info.update((k, v) for k, v in ended.items() if k != "status")
         return info
 
     def _call(
@@ -658,7 +601,7 @@ class WorkflowInstance:
         (or ``"name#3"``, its 3rd occurrence) the steps that ran before it keep their
         results and that step and all after it run again.
         """
-        key = "" if from_step is None else _step_key(from_step)
+        key = "" if from_step is None else step_key(from_step)
         try:
             self.engine._lifecycle("restart", self.id, [key], enqueue=True)
         except ValueError:
@@ -676,17 +619,17 @@ class WorkflowInstance:
         """
         check_event_type(type)
         try:
-            text = event_json(type, payload)
+            event = event_json(type, payload)
         except TypeError as exc:
             raise TypeError(f"event payload: {exc}") from None
-        if len(text.encode()) > self.engine.max_step_bytes:
+        if len(event.encode()) > self.engine.max_step_bytes:
             raise ValueError(
                 f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}"
             )
         now, now_iso = _now()
-        res = _s(
-            self.engine._scripts.send_event(
-                args=[self.engine.prefix, self.id, type, text, now, now_iso]
+        res = text(
+            self.engine.backend.scripts.send_event(
+                args=[self.engine.prefix, self.id, type, event, now, now_iso]
             )
         )
         if res == "unknown":
@@ -699,7 +642,7 @@ class WorkflowInstance:
                 "instances that are not complete, errored or terminated"
             )
         if res == "woken":
-            self.engine._enqueue([self.id], at_front=True)
+            self.engine.backend.enqueue([self.id], at_front=True)
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until complete, errored or terminated; returns ``status()``.
@@ -725,7 +668,7 @@ class WorkflowInstance:
                 if msg is None:
                     status = self.status()
                 elif msg["type"] == "message" and msg["channel"] == channel:
-                    status = _published_status(msg["data"]) or self.status()
+                    status = published_status(msg["data"]) or self.status()
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise
@@ -738,14 +681,8 @@ class WorkflowInstance:
         pipe.hgetall(self.engine.keys.steps(self.id))
         pipe.hget(self.engine.keys.state(self.id), "createdAt")
         raw, created = pipe.execute()
-        base = datetime.fromisoformat(_s(created)).timestamp() if created else 0.0
-        entries = []
-        for k, v in raw.items():
-            entry = codec.decode(v)
-            assert isinstance(entry, dict)
-            if "t0" in entry:
-                entry["t0"] = base + float(entry["t0"])
-            entries.append((_s(k), entry))
+        base = datetime.fromisoformat(text(created)).timestamp() if created else 0.0
+        entries = [(text(k), decode_entry(k, v, base)) for k, v in raw.items()]
         entries.sort(key=lambda kv: int(kv[1]["i"]))
         return entries
 
@@ -755,37 +692,15 @@ class WorkflowInstance:
         Columns: step, kind, count, status, attempts, started_at, finished_at,
         duration_s, output, error.
         """
-        rows = []
-        for key, e in self._entries():
-            name, count = split_key(key)
-            t0, d = e.get("t0"), e.get("d")
-            t1 = None if t0 is None or d is None else float(t0) + float(d)
-            rows.append(
-                {
-                    "step": name,
-                    "kind": e.get("k", "do"),
-                    "count": count,
-                    "status": e["s"],
-                    "attempts": int(e.get("a", 1)),
-                    "started_at": _ts(t0),
-                    "finished_at": _ts(t1),
-                    "duration_s": None if d is None else float(d),
-                    "output": e.get("v"),
-                    "error": (
-                        {"name": e["e"]["name"], "message": e["e"]["message"]}
-                        if e.get("e")
-                        else None
-                    ),
-                }
-            )
-        return pd.DataFrame(rows, columns=_STEP_COLUMNS)
+        rows = [step_row(key, e) for key, e in self._entries()]
+        return pd.DataFrame(rows, columns=STEP_COLUMNS)
 
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).
 
         A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.
         """
-        key = _step_key(name)
+        key = step_key(name)
         raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
         if raw is None:
             if not self.engine.redis.exists(self.engine.keys.state(self.id)):
@@ -822,7 +737,7 @@ class WorkflowInstance:
         (created, status, updated), stored = pipe.execute()
         first: list[dict[str, Any]] = []
         if created is not None:
-            first.append({"t": datetime.fromisoformat(_s(created)).timestamp(), "ev": "created"})
+            first.append({"t": datetime.fromisoformat(text(created)).timestamp(), "ev": "created"})
         middle: list[dict[str, Any]] = []
         for key, e in self._entries():
             t0 = e.get("t0")
@@ -847,8 +762,8 @@ class WorkflowInstance:
         order = {id(item): n for n, item in enumerate(middle)}
         middle.sort(key=lambda item: (float(item["t"]), order[id(item)]))
         last: list[dict[str, Any]] = []
-        if status is not None and _s(status) == "complete":
-            ended = datetime.fromisoformat(_s(updated)).timestamp()
+        if status is not None and text(status) == "complete":
+            ended = datetime.fromisoformat(text(updated)).timestamp()
             latest = max((float(item["t"]) for item in middle), default=ended)
             last.append({"t": max(ended, latest), "ev": "complete"})
         return first + middle + last

@@ -14,35 +14,32 @@ name), and an entry in the instance's ``steps`` hash (see ``nbflow.store``):
 
 When a step cannot finish now (a sleep, an event not yet sent, a long retry
 wait) it raises ``Suspend``; the runner then parks the instance in Redis and
-the worker moves on.  Steps call the runner (``nbflow.runner.Run``) for every
-Redis write; this module decides *what* to record, the runner *how*.
+the worker moves on.  Steps call their run (any ``StepRun``; ``nbflow.runner.Run``
+is the one) for every Redis write: this module decides *what* to record, the run
+*how*, and ``nbflow.callbacks`` how a callback is called.
+
+The protocol is written once, as ``async`` code.  ``WorkflowStep`` (for ``async def
+run``) hands out its coroutines; ``SyncWorkflowStep`` (for plain ``def run``) drives
+them to their end at once (``callbacks.run_blocking``): in a blocking run everything
+they await completes without suspending (sleeps block, calls wait for their reply).
 """
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import asyncio
-import builtins
-import importlib
 import inspect
 import logging
-import signal
-import sys
-import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from concurrent.futures import Future
+from datetime import datetime, timedelta
+from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
-from nbflow import codec, errors
+from nbflow import callbacks, codec, errors, records
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
+from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
 from nbflow.validate import StepConfig, check_event_type, check_step_name, resolve_step_config
-
-if TYPE_CHECKING:
-    from nbflow.runner import Run
 
 log = logging.getLogger("nbflow")
 
@@ -52,190 +49,46 @@ T = TypeVar("T")
 #: in Redis (status ``waiting``) so the worker is free meanwhile.
 INLINE_WAIT_MAX = 1.0
 
-# Sync callbacks run here so their ``timeout`` can be enforced, unless they can run
-# inline (see ``can_inline``); a thread that overruns cannot be killed (Python has
-# no such thing) and finishes unobserved.
-#: A sync callback that ran inline longer than this (seconds) is "slow": later calls
-#: of that step beside other runs go to the pool (see ``WorkflowStep._inline``).
-SLOW_INLINE = 0.002
-_slow_steps: set[tuple[str, str]] = set()  # (workflow name, step name) seen to be slow
 
-_POOL_SIZE = 64
-_POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
-_abandoned: set[Future[Any]] = set()
-_pool_lock = threading.Lock()
+class StepRun(Protocol):
+    """What the step protocol needs of the run it belongs to (``nbflow.runner.Run``)."""
 
+    iid: str
+    workflow_name: str
+    created_ts: float
+    max_step_bytes: int
+    #: plain ``def run``: everything the protocol awaits must complete at once
+    blocking: bool
+    counts: dict[str, int]
+    cache: dict[str, dict[str, Any]]
+    #: callbacks started whose outcome is not recorded yet
+    callbacks_running: int
 
-def _abandon(future: Future[Any]) -> None:
-    """A pooled callback overran its timeout and keeps its thread: once half the
-    pool is held so, later steps get a fresh pool (the stuck threads end, or not,
-    on their own) instead of waiting behind them."""
-    global _POOL
-    if future.done():
-        return
-    with _pool_lock:
-        _abandoned.add(future)
-        future.add_done_callback(_abandoned.discard)
-        if len(_abandoned) >= _POOL_SIZE // 2:
-            log.warning(
-                "nbflow: %d step callbacks overran their timeouts and still hold threads; "
-                "starting a fresh step thread pool",
-                len(_abandoned),
-            )
-            _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
-            _abandoned.clear()
+    def next_index(self) -> int: ...
 
+    async def start_step(self, key: str, name: str, entry: str, attempt: int) -> None: ...
 
-class _Alarm(BaseException):
-    """SIGALRM fired inside a callback run inline that overran its timeout (a
-    BaseException so the callback's own ``except Exception`` lets it through)."""
+    def record(self, key: str, entry: str, *, final: bool, event: str, attempt: int) -> None: ...
 
+    def request_wait(
+        self, key: str, entry: str, wake_at: float, event_type: str | None = None
+    ) -> NoReturn: ...
 
-_alarm = {"armed": False}
+    async def take_event(
+        self, key: str, event_type: str, index: int, t0: float
+    ) -> dict[str, Any] | None: ...
+
+    def note_callback_error(self, exc: BaseException) -> None: ...
+
+    def steps_in_flight(self) -> tuple[int, int]: ...
+
+    def step_begins(self) -> None: ...
+
+    def step_done(self) -> None: ...
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
-    if _alarm["armed"]:
-        _alarm["armed"] = False
-        raise _Alarm()
-
-
-def can_inline() -> bool:
-    """Whether a sync callback may run inline, without a thread hand-off (which
-    costs more than a trivial step): only where an interval timer can bound it,
-    i.e. in the main thread (``nbflow worker``, ``engine.run_worker()``), and not
-    inside another inline callback (one timer per process)."""
-    return (
-        threading.current_thread() is threading.main_thread()
-        and not _alarm["armed"]
-        and hasattr(signal, "setitimer")
-    )
-
-
-def call_inline(callback: Callable[..., Any], ctx: StepContext | None, timeout: float) -> Any:
-    """Runs a sync callback here, interrupted by SIGALRM (``_Alarm``) after ``timeout``.
-
-    A signal interrupts blocking calls too (``time.sleep``, socket reads), so the
-    timeout holds as it does on the pool."""
-    # the C-level getsignal: signal.getsignal converts to an enum, which costs
-    # more than the rest of a trivial step
-    if _signal.getsignal(signal.SIGALRM) is not _on_alarm:
-        signal.signal(signal.SIGALRM, _on_alarm)
-    _alarm["armed"] = True
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        return callback(ctx) if ctx is not None else callback()
-    finally:
-        _alarm["armed"] = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-
-class Suspend(BaseException):
-    """Unwinds ``run`` when the instance must stop for now (a BaseException so a
-    workflow's ``except Exception`` cannot swallow it)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class FatalRunError(BaseException):
-    """Fails the instance at once (an unstorable result): no retries, no catching."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.error = {"name": name, "message": message}
-
-
-def error_dict(exc: BaseException) -> dict[str, Any]:
-    """The stored form of an error: class name, message, where the class lives, and its
-    constructor arguments when they are storable (so it can be raised again as it was)."""
-    cls = type(exc)
-    err: dict[str, Any] = {"name": cls.__name__, "message": str(exc), "module": cls.__module__}
-    try:
-        codec.encode(list(exc.args))
-        err["args"] = list(exc.args)
-    except TypeError:
-        pass
-    return err
-
-
-def _error_class(err: Mapping[str, Any]) -> Any:
-    name = str(err.get("name", "WorkflowError"))
-    module = err.get("module")
-    if module:
-        mod = sys.modules.get(str(module))
-        if mod is None:
-            try:
-                mod = importlib.import_module(str(module))
-            except Exception:
-                mod = None
-        cls = getattr(mod, name, None) if mod is not None else None
-        if cls is not None:
-            return cls
-    return getattr(errors, name, None) or getattr(builtins, name, None)
-
-
-def rebuild_error(err: Mapping[str, Any]) -> BaseException:
-    """The exception a stored error replays as: the same type and message.
-
-    The class is found again by module and name and rebuilt from its stored
-    arguments (``KeyError('k')`` stays ``'k'``, a class taking several arguments
-    keeps them); when the class cannot be found (a notebook class after a kernel
-    restart) a same-named ``WorkflowError`` subclass stands in.
-    """
-    name = str(err.get("name", "WorkflowError"))
-    message = str(err.get("message", ""))
-    args = err.get("args")
-    args = tuple(args) if isinstance(args, list) else (message,)
-    cls = _error_class(err)
-    if isinstance(cls, type) and issubclass(cls, BaseException):
-        for attempt_args in (args, (message,)):
-            try:
-                rebuilt: BaseException = cls(*attempt_args)
-                return rebuilt
-            except Exception:
-                pass
-        try:
-            bare: BaseException = cls.__new__(cls)
-            bare.args = args
-            return bare
-        except Exception:
-            pass
-    stand_in: type[BaseException] = type(name, (errors.WorkflowError,), {})
-    return stand_in(message)
-
-
-def wants_context(callback: Callable[..., Any]) -> bool:
-    """Whether a callback takes the ``StepContext``: it has a required positional parameter.
-
-    ``lambda i=i: i`` (the usual loop idiom) has none, so it is called with no argument.
-    """
-    func = getattr(callback, "__func__", callback)
-    code = getattr(func, "__code__", None)
-    if code is not None:
-        bound = 1 if func is not callback else 0
-        return bool(code.co_argcount - len(getattr(func, "__defaults__", None) or ()) - bound > 0)
-    try:
-        params = inspect.signature(callback).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-        for p in params
-    )
-
-
-def _invoke_blocking(callback: Callable[..., Any], ctx: StepContext | None) -> Any:
-    """Runs a callback in a pool thread; an awaitable it returns is run there too."""
-    result = callback(ctx) if ctx is not None else callback()
-    if inspect.isawaitable(result):
-        return asyncio.run(_await(result))
-    return result
-
-
-async def _await(aw: Awaitable[Any]) -> Any:
-    return await aw
+class _Overran(Exception):
+    """A callback ran over its timeout (converted to ``StepTimeoutError`` for the step)."""
 
 
 def _now() -> float:
@@ -246,37 +99,71 @@ def _seconds(value: float) -> str:
     return f"{value:g} second" + ("" if value == 1 else "s")
 
 
-def split_key(key: str) -> tuple[str, int]:
-    """``"name#count"`` -> (name, count); names may contain ``#`` themselves."""
-    name, _, count = key.rpartition("#")
-    return name, int(count)
-
-
 class _Step:
     """One call of a step method: its key, order, cached entry and config."""
 
     __slots__ = ("name", "count", "key", "entry", "index")
 
-    def __init__(self, run: Run, name: str) -> None:
+    def __init__(self, run: StepRun, name: str) -> None:
         self.name = check_step_name(name)
         self.count = run.counts.get(name, 0) + 1
         run.counts[name] = self.count
-        self.key = f"{name}#{self.count}"
+        self.key = records.make_key(name, self.count)
         self.entry: dict[str, Any] | None = run.cache.get(self.key)
         self.index = int(self.entry["i"]) if self.entry else run.next_index()
 
 
 class _StepBase:
-    """Logic shared by the async and the sync step API (see ``WorkflowStep``)."""
+    """The step protocol, shared by the async and the sync step API.
 
-    def __init__(self, run: Run) -> None:
+    Every method a workflow calls is one ``async`` body here; the subclasses differ
+    only in ``_deliver``: ``WorkflowStep`` hands the coroutine to the workflow to
+    await, ``SyncWorkflowStep`` runs it to its end at once.
+    """
+
+    def __init__(self, run: StepRun) -> None:
         self._run = run
+
+    def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        raise NotImplementedError
 
     def _e(self, status: str, kind: str, index: int, attempts: int, t0: float, **kw: Any) -> str:
         """A step entry of this run (times stored relative to the instance's creation)."""
-        return _entry(status, kind, index, attempts, t0, base=self._run.created_ts, **kw)
+        return records.entry(status, kind, index, attempts, t0, base=self._run.created_ts, **kw)
 
     # -- step.do: argument forms ------------------------------------------------
+
+    def _do_call(
+        self,
+        name: Any,
+        config_or_callback: Any,
+        callback: Any,
+        config: Mapping[str, Any] | None,
+    ) -> Any:
+        """``do`` in every form (see ``WorkflowStep.do``): the step's result (as the
+        subclass delivers it), or a decorator."""
+        if callable(name) and config_or_callback is None and callback is None:
+            return self._decorator(None, config)(name)  # bare @step.do
+        name, config, callback = self._parse_do(name, config_or_callback, callback, config)
+        if callback is None:
+            return self._decorator(name, config)
+        if name is None:
+            raise TypeError("step.do needs a name: step.do('fetch user', callback)")
+        return self._deliver(self._do(*self._begin_do(name, config), callback))
+
+    def _decorator(
+        self, name: str | None, config: Mapping[str, Any] | None
+    ) -> Callable[[Callable[..., Any]], Callable[[], Any]]:
+        def wrap(func: Callable[..., Any]) -> Callable[[], Any]:
+            step_name = name if name is not None else func.__name__
+
+            def run_step() -> Any:
+                return self._deliver(self._do(*self._begin_do(step_name, config), func))
+
+            run_step.__name__ = getattr(func, "__name__", "step")
+            return run_step
+
+        return wrap
 
     def _parse_do(
         self,
@@ -303,12 +190,151 @@ class _StepBase:
             raise TypeError(f"step.do callback must be callable, not {type(callback).__name__}")
         return name, config, callback
 
-    # -- step.do: one step ---------------------------------------------------------
-
     def _begin_do(self, name: str, config: Mapping[str, Any] | None) -> tuple[_Step, StepConfig]:
         cfg = resolve_step_config(config)
         st = _Step(self._run, name)
         return st, cfg
+
+    # -- step.do: one step ---------------------------------------------------------
+
+    async def _do(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
+        done, value = self._replayed(st)
+        if done:
+            return value
+        attempt, wait = self._first_attempt(st, cfg)
+        t0 = float(st.entry["t0"]) if st.entry else _now()
+        if wait > 0:
+            await self._wait(self._wait_before(st, attempt, wait, t0, None))
+        is_async = inspect.iscoroutinefunction(callback)
+        while True:
+            exc, result = await self._attempt(st, cfg, callback, attempt, t0, is_async)
+            if exc is None:
+                return result
+            try:
+                delay = self._failed(st, cfg, exc, attempt, t0)
+            finally:
+                self._run.callbacks_running -= 1  # its failure is recorded (or parked)
+            attempt += 1
+            if delay > 0:
+                await self._wait(delay)
+
+    async def _wait(self, seconds: float) -> None:
+        """Waits inline before a retry (a blocking run has no loop to give it to)."""
+        if self._run.blocking:
+            time.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def _attempt(
+        self,
+        st: _Step,
+        cfg: StepConfig,
+        callback: Callable[..., Any],
+        attempt: int,
+        t0: float,
+        is_async: bool,
+    ) -> tuple[BaseException | None, Any]:
+        """One attempt: (its error, None), or (None, the stored result).
+
+        The attempt counts as in flight from before its start is sent (so parallel
+        branches started in the same turn see each other) until it is over.  Its
+        callback counts as running (``StepRun.callbacks_running``) from its start until
+        its outcome is recorded; for an error that is the caller's job.
+        """
+        self._run.step_begins()
+        counted = error_returned = False
+        try:
+            await self._run.start_step(
+                st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
+            )
+            counted = True  # start_step counted the callback as running
+            ctx = self._context(callback, st, attempt, cfg)
+            try:
+                if self._run.blocking:
+                    result = self._call_blocking(callback, ctx, cfg)
+                else:
+                    result = await self._call_async(st, callback, ctx, cfg, is_async)
+            except (Suspend, FatalRunError, asyncio.CancelledError):
+                raise
+            except (callbacks.Alarm, _Overran):
+                error_returned = True
+                return self._timeout_error(st, attempt, cfg), None
+            except BaseException as caught:
+                # a TimeoutError the callback raised itself is its own failure; so is a
+                # SystemExit or KeyboardInterrupt it raised (the worker goes on)
+                error_returned = True
+                self._run.note_callback_error(caught)
+                return caught, None
+            return None, self._succeed(st, result, attempt, t0)
+        finally:
+            if counted and not error_returned:  # recorded (or it raised past us)
+                self._run.callbacks_running -= 1
+            self._run.step_done()
+
+    @staticmethod
+    def _call_blocking(
+        callback: Callable[..., Any], ctx: StepContext | None, cfg: StepConfig
+    ) -> Any:
+        """Calls a callback of a blocking run: inline under a timer where one can bound
+        it, else on the pool, waiting for it at most its timeout."""
+        if callbacks.can_inline():
+            return callbacks.finish_blocking(callbacks.call_inline(callback, ctx, cfg.timeout))
+        future = callbacks.submit(callback, ctx, blocking=True)
+        try:
+            return future.result(timeout=cfg.timeout)
+        except TimeoutError:
+            if future.done():
+                raise  # the callback's own TimeoutError
+            callbacks.abandon(future)
+            raise _Overran() from None
+
+    async def _call_async(
+        self,
+        st: _Step,
+        callback: Callable[..., Any],
+        ctx: StepContext | None,
+        cfg: StepConfig,
+        is_async: bool,
+    ) -> Any:
+        """Calls a callback of an async run: a sync one inline when it may (see
+        ``_inline``), else on the pool; an async one (or an awaitable a sync one
+        returned) awaited here; all bounded by the step's timeout."""
+        if not is_async and self._inline(st):
+            began = time.monotonic()
+            try:
+                result = callbacks.call_inline(callback, ctx, cfg.timeout)
+            finally:
+                if time.monotonic() - began > callbacks.SLOW_INLINE:
+                    callbacks.note_slow(self._run.workflow_name, st.name)
+            if not inspect.isawaitable(result):
+                return result
+            return await _bounded(cfg.timeout, lambda: result)
+        if is_async:
+            return await _bounded(cfg.timeout, lambda: callbacks.call(callback, ctx))
+        pooled = callbacks.submit(callback, ctx, blocking=False)
+
+        async def pooled_result() -> Any:
+            result = await asyncio.wrap_future(pooled)
+            return (await result) if inspect.isawaitable(result) else result
+
+        return await _bounded(cfg.timeout, pooled_result, pooled)
+
+    def _inline(self, st: _Step) -> bool:
+        """Whether a sync callback of an async run runs inline (no thread hand-off,
+        which costs more than a trivial step) rather than on the pool.
+
+        Only where a timer can bound it (``can_inline``), and never beside another
+        branch of its own run (``asyncio.gather`` keeps its steps parallel).  Beside
+        other runs of its job it runs inline too, unless this step was seen to take
+        longer than ``SLOW_INLINE``: from then on it goes to the pool so that a
+        batch of slow (say, network) steps overlaps instead of queueing.
+        """
+        if not callbacks.can_inline():
+            return False
+        own, everyone = self._run.steps_in_flight()
+        if own > 1:
+            return False
+        return everyone <= 1 or not callbacks.seen_slow(self._run.workflow_name, st.name)
 
     def _replayed(self, st: _Step) -> tuple[bool, Any]:
         """(True, value) when the step's stored entry answers it; raises a stored error."""
@@ -353,21 +379,12 @@ class _StepBase:
             )
         return wait
 
-    def _start_attempt(self, st: _Step, attempt: int, t0: float) -> None:
-        self._run.start_step(
-            st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
-        )
-
-    async def _astart_attempt(self, st: _Step, attempt: int, t0: float) -> None:
-        await self._run.astart_step(
-            st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
-        )
-
     def _succeed(self, st: _Step, value: Any, attempt: int, t0: float) -> Any:
         try:
             text = codec.encode(value)
         except TypeError as exc:
-            self._fatal(st, attempt, t0, "TypeError", f"step {st.name!r} returned {exc}")
+            message = f"the result of step {st.name!r} cannot be stored: {exc}"
+            self._fatal(st, attempt, t0, "TypeError", message)
         size = len(text.encode())
         limit = self._run.max_step_bytes
         if size > limit:
@@ -388,7 +405,7 @@ class _StepBase:
         )
         return codec.decode(text) if _needs_roundtrip(value) else value
 
-    def _fatal(self, st: _Step, attempt: int, t0: float, name: str, message: str) -> Any:
+    def _fatal(self, st: _Step, attempt: int, t0: float, name: str, message: str) -> NoReturn:
         err = {"name": name, "message": message}
         self._run.record(
             st.key,
@@ -448,7 +465,7 @@ class _StepBase:
     def _context(
         self, callback: Callable[..., Any], st: _Step, attempt: int, cfg: StepConfig
     ) -> StepContext | None:
-        if not wants_context(callback):
+        if not callbacks.wants_context(callback):
             return None
         return StepContext(name=st.name, count=st.count, attempt=attempt, config=cfg.as_dict())
 
@@ -483,66 +500,72 @@ class _StepBase:
 
     # -- events ------------------------------------------------------------------
 
-    def _event_wait_begin(
-        self, name: str, event_type: str, timeout: Any
-    ) -> tuple[_Step, float, float, float] | tuple[Any]:
-        """Validates a wait and fixes its deadline: ``(value,)`` if it replays, else
-        ``(step, deadline, t0, seconds)`` for the buffer check."""
+    async def _wait_for_event(self, name: str, event_type: str, timeout: Any) -> dict[str, Any]:
+        """Replays a wait, takes a buffered event, times out, or parks the run."""
         check_event_type(event_type)
         seconds = parse_duration(timeout)
         st = _Step(self._run, name)
         e = st.entry
         if e is not None and e["s"] == "complete":
-            return (e.get("v"),)
+            replayed: dict[str, Any] = cast(dict[str, Any], e.get("v"))
+            return replayed
         if e is not None and e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
         if e is not None and "u" in e:
-            return st, float(e["u"]), float(e["t0"]), seconds
-        now = _now()
-        return st, now + seconds, now, seconds
-
-    def _event_wait_end(
-        self,
-        st: _Step,
-        event_type: str,
-        deadline: float,
-        t0: float,
-        seconds: float,
-        got: dict[str, Any] | None,
-    ) -> Any:
-        """After the buffer check: the event, a timeout, or park the run."""
+            deadline, t0 = float(e["u"]), float(e["t0"])
+        else:
+            t0 = _now()
+            deadline = t0 + seconds
+        got = await self._run.take_event(st.key, event_type, st.index, t0)
         if got is not None:
-            return got.get("v")
+            taken: dict[str, Any] = cast(dict[str, Any], got.get("v"))
+            return taken
         now = _now()
-        if now >= deadline:
-            exc = errors.EventTimeoutError(
-                f"no {event_type!r} event arrived for step {st.name!r} within {_seconds(seconds)}"
-            )
-            self._run.record(
+        if now < deadline:
+            self._run.request_wait(
                 st.key,
-                self._e(
-                    "errored",
-                    "event",
-                    st.index,
-                    1,
-                    t0,
-                    t1=now,
-                    u=deadline,
-                    ty=event_type,
-                    err=error_dict(exc),
-                ),
-                final=True,
-                event="event.timeout",
-                attempt=1,
+                self._e("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
+                deadline,
+                event_type=event_type,
             )
-            raise exc
-        self._run.request_wait(
-            st.key,
-            self._e("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
-            deadline,
-            event_type=event_type,
+        exc = errors.EventTimeoutError(
+            f"no {event_type!r} event arrived for step {st.name!r} within {_seconds(seconds)}"
         )
-        raise AssertionError("unreachable")  # request_wait raises Suspend
+        self._run.record(
+            st.key,
+            self._e(
+                "errored",
+                "event",
+                st.index,
+                1,
+                t0,
+                t1=now,
+                u=deadline,
+                ty=event_type,
+                err=error_dict(exc),
+            ),
+            final=True,
+            event="event.timeout",
+            attempt=1,
+        )
+        raise exc
+
+
+async def _bounded(
+    timeout: float, make: Callable[[], Awaitable[Any]], pooled: Future[Any] | None = None
+) -> Any:
+    """Awaits what ``make`` gives, at most ``timeout`` seconds (``_Overran`` past that;
+    a pooled thread still running then is given up, see ``callbacks.abandon``)."""
+    limit = asyncio.timeout(timeout)
+    try:
+        async with limit:
+            return await make()
+    except TimeoutError:
+        if not limit.expired():
+            raise  # the callback's own TimeoutError
+        if pooled is not None:
+            callbacks.abandon(pooled)
+        raise _Overran() from None
 
 
 def _needs_roundtrip(value: Any) -> bool:
@@ -554,46 +577,6 @@ def _needs_roundtrip(value: Any) -> bool:
     return not isinstance(value, (str, int, float, bool, type(None)))
 
 
-def _entry(
-    status: str,
-    kind: str,
-    index: int,
-    attempts: int,
-    t0: float,
-    *,
-    base: float = 0.0,
-    t1: float | None = None,
-    u: float | None = None,
-    ty: str | None = None,
-    err: Mapping[str, Any] | None = None,
-    value_json: str | None = None,
-) -> str:
-    """A step entry as compact JSON (see ``nbflow.store``); ``s`` stays first.
-
-    ``t0`` is stored as seconds since ``base`` (the instance's creation): a short
-    number keeps small entries small enough for Redis's compact hash encoding.
-    """
-    parts = [f'{{"s":"{status}"']
-    if kind != "do":
-        parts.append(f',"k":"{kind}"')
-    parts.append(f',"i":{index}')
-    if attempts != 1:
-        parts.append(f',"a":{attempts}')
-    parts.append(f',"t0":{t0 - base:.3f}')
-    if t1 is not None:
-        parts.append(f',"d":{max(0.0, t1 - t0):.3f}')
-    if u is not None:
-        parts.append(f',"u":{u:.3f}')
-    if ty is not None:
-        parts.append(f',"ty":"{ty}"')
-    if err is not None:
-        parts.append(f',"e":{codec.encode(dict(err))}')
-    if value_json is not None:
-        parts.append(f',"v":{value_json}')
-    parts.append("}")
-    return "".join(parts)
-
-
 class WorkflowStep(_StepBase):
     """The ``step`` an ``async def run(self, event, step)`` receives.
 
@@ -601,6 +584,9 @@ class WorkflowStep(_StepBase):
     by side.  Each completed step's result is stored in Redis and returned on
     every later replay without running the step again.
     """
+
+    def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return coro
 
     @overload
     def do(
@@ -648,135 +634,7 @@ class WorkflowStep(_StepBase):
         or async and may take one argument, a ``StepContext``.  Retries, backoff
         and the per-attempt timeout follow ``config`` merged over the defaults.
         """
-        if callable(name) and config_or_callback is None and callback is None:
-            return self._decorator(None, config)(name)  # bare @step.do
-        name, config, callback = self._parse_do(name, config_or_callback, callback, config)
-        if callback is None:
-            return self._decorator(name, config)
-        if name is None:
-            raise TypeError("step.do needs a name: step.do('fetch user', callback)")
-        st, cfg = self._begin_do(name, config)
-        return self._do_async(st, cfg, callback)
-
-    def _decorator(
-        self, name: str | None, config: Mapping[str, Any] | None
-    ) -> Callable[[Callable[..., Any]], Callable[[], Awaitable[Any]]]:
-        def wrap(func: Callable[..., Any]) -> Callable[[], Awaitable[Any]]:
-            step_name = name if name is not None else func.__name__
-
-            def run_step() -> Awaitable[Any]:
-                st, cfg = self._begin_do(step_name, config)
-                return self._do_async(st, cfg, func)
-
-            run_step.__name__ = getattr(func, "__name__", "step")
-            return run_step
-
-        return wrap
-
-    async def _do_async(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
-        done, value = self._replayed(st)
-        if done:
-            return value
-        attempt, wait = self._first_attempt(st, cfg)
-        t0 = float(st.entry["t0"]) if st.entry else _now()
-        if wait > 0:
-            await asyncio.sleep(self._wait_before(st, attempt, wait, t0, None))
-        is_async = inspect.iscoroutinefunction(callback)
-        while True:
-            exc, result = await self._attempt_async(st, cfg, callback, attempt, t0, is_async)
-            if exc is None:
-                return result
-            try:
-                delay = self._failed(st, cfg, exc, attempt, t0)
-            finally:
-                self._run.callbacks_running -= 1  # its failure is recorded (or parked)
-            attempt += 1
-            if delay > 0:
-                await asyncio.sleep(delay)
-
-    async def _attempt_async(
-        self,
-        st: _Step,
-        cfg: StepConfig,
-        callback: Callable[..., Any],
-        attempt: int,
-        t0: float,
-        is_async: bool,
-    ) -> tuple[BaseException | None, Any]:
-        """One attempt: (its error, None), or (None, the stored result).
-
-        The attempt counts as in flight from before its start is sent (so parallel
-        branches started in the same turn see each other) until it is over.  Its
-        callback counts as running (``Run.callbacks_running``) from its start until
-        its outcome is recorded; for an error that is the caller's job.
-        """
-        self._run.step_begins()
-        counted = error_returned = False
-        try:
-            await self._astart_attempt(st, attempt, t0)  # counts the callback as running
-            counted = True
-            ctx = self._context(callback, st, attempt, cfg)
-            pooled: Future[Any] | None = None
-            inline = not is_async and self._inline(st)
-            limit = None if inline else asyncio.timeout(cfg.timeout)
-            try:
-                if limit is None:
-                    began = time.monotonic()
-                    try:
-                        result = call_inline(callback, ctx, cfg.timeout)
-                    finally:
-                        if time.monotonic() - began > SLOW_INLINE:
-                            _slow_steps.add((self._run.workflow_name, st.name))
-                    if inspect.isawaitable(result):
-                        limit = asyncio.timeout(cfg.timeout)
-                        async with limit:
-                            result = await result
-                else:
-                    async with limit:
-                        if is_async:
-                            result = await (callback(ctx) if ctx is not None else callback())
-                        else:
-                            pooled = _POOL.submit(_call_plain, callback, ctx)
-                            result = await asyncio.wrap_future(pooled)
-                            if inspect.isawaitable(result):
-                                result = await result
-            except (Suspend, FatalRunError, asyncio.CancelledError):
-                raise
-            except _Alarm:
-                error_returned = True
-                return self._timeout_error(st, attempt, cfg), None
-            except BaseException as caught:
-                # a TimeoutError the callback raised itself is its own failure; so is a
-                # SystemExit or KeyboardInterrupt it raised (the worker goes on)
-                error_returned = True
-                if isinstance(caught, TimeoutError) and limit is not None and limit.expired():
-                    if pooled is not None:
-                        _abandon(pooled)
-                    return self._timeout_error(st, attempt, cfg), None
-                self._run.note_callback_error(caught)
-                return caught, None
-            return None, self._succeed(st, result, attempt, t0)
-        finally:
-            if counted and not error_returned:  # recorded (or it raised past us)
-                self._run.callbacks_running -= 1
-            self._run.step_done()
-
-    def _inline(self, st: _Step) -> bool:
-        """Whether a sync callback runs inline (no thread hand-off, which costs more
-        than a trivial step) rather than on the pool.
-
-        Only where a timer can bound it (``can_inline``), and never beside another
-        branch of its own run (``asyncio.gather`` keeps its steps parallel).  Beside
-        other runs of its job it runs inline too, unless this step was seen to take
-        longer than ``SLOW_INLINE``: from then on it goes to the pool so that a
-        batch of slow (say, network) steps overlaps instead of queueing.
-        """
-        if not can_inline():
-            return False
-        own, everyone = self._run.steps_in_flight()
-        if own > 1:
-            return False
-        return everyone <= 1 or (self._run.workflow_name, st.name) not in _slow_steps
+        return self._do_call(name, config_or_callback, callback, config)
 
     async def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.
@@ -799,23 +657,15 @@ class WorkflowStep(_StepBase):
         (which ``run`` may catch) if none arrives within ``timeout``.  Events sent
         earlier are buffered and taken first in, first out.
         """
-        begun = self._event_wait_begin(name, type, timeout)
-        if len(begun) == 1:
-            replayed: dict[str, Any] = begun[0]
-            return replayed
-        st, deadline, t0, seconds = begun
-        got = await self._run.atake_event(st.key, st.name, type, st.index, t0)
-        result: dict[str, Any] = self._event_wait_end(st, type, deadline, t0, seconds, got)
-        return result
-
-
-def _call_plain(callback: Callable[..., Any], ctx: StepContext | None) -> Any:
-    return callback(ctx) if ctx is not None else callback()
+        return await self._wait_for_event(name, type, timeout)
 
 
 class SyncWorkflowStep(_StepBase):
     """The ``step`` a plain ``def run(self, event, step)`` receives: the same methods as
     ``WorkflowStep``, returning values directly instead of awaitables."""
+
+    def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return callbacks.run_blocking(coro)
 
     @overload
     def do(
@@ -856,71 +706,7 @@ class SyncWorkflowStep(_StepBase):
         config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step (see ``WorkflowStep.do``); returns its value."""
-        if callable(name) and config_or_callback is None and callback is None:
-            return self._decorator(None, config)(name)  # bare @step.do
-        name, config, callback = self._parse_do(name, config_or_callback, callback, config)
-        if callback is None:
-            return self._decorator(name, config)
-        if name is None:
-            raise TypeError("step.do needs a name: step.do('fetch user', callback)")
-        st, cfg = self._begin_do(name, config)
-        return self._do_sync(st, cfg, callback)
-
-    def _decorator(
-        self, name: str | None, config: Mapping[str, Any] | None
-    ) -> Callable[[Callable[..., Any]], Callable[[], Any]]:
-        def wrap(func: Callable[..., Any]) -> Callable[[], Any]:
-            step_name = name if name is not None else func.__name__
-
-            def run_step() -> Any:
-                st, cfg = self._begin_do(step_name, config)
-                return self._do_sync(st, cfg, func)
-
-            run_step.__name__ = getattr(func, "__name__", "step")
-            return run_step
-
-        return wrap
-
-    def _do_sync(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
-        done, value = self._replayed(st)
-        if done:
-            return value
-        attempt, wait = self._first_attempt(st, cfg)
-        t0 = float(st.entry["t0"]) if st.entry else _now()
-        if wait > 0:
-            time.sleep(self._wait_before(st, attempt, wait, t0, None))
-        while True:
-            self._start_attempt(st, attempt, t0)
-            ctx = self._context(callback, st, attempt, cfg)
-            future = None
-            try:
-                if can_inline():
-                    result = call_inline(callback, ctx, cfg.timeout)
-                    if inspect.isawaitable(result):
-                        result = asyncio.run(_await(result))
-                else:
-                    future = _POOL.submit(_invoke_blocking, callback, ctx)
-                    result = future.result(timeout=cfg.timeout)
-            except (Suspend, FatalRunError):
-                raise
-            except _Alarm:
-                exc: BaseException = self._timeout_error(st, attempt, cfg)
-            except BaseException as caught:
-                # a TimeoutError the callback raised itself is its own failure; so is a
-                # SystemExit or KeyboardInterrupt it raised (the worker goes on)
-                timed_out = (
-                    isinstance(caught, FutureTimeout) and future is not None and not future.done()
-                )
-                if timed_out and future is not None:
-                    _abandon(future)
-                self._run.note_callback_error(caught)
-                exc = self._timeout_error(st, attempt, cfg) if timed_out else caught
-            else:
-                return self._succeed(st, result, attempt, t0)
-            delay = self._failed(st, cfg, exc, attempt, t0)
-            attempt += 1
-            if delay > 0:
-                time.sleep(delay)
+        return self._do_call(name, config_or_callback, callback, config)
 
     def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably (see ``WorkflowStep.sleep``)."""
@@ -934,28 +720,8 @@ class SyncWorkflowStep(_StepBase):
         self, name: str, type: str, timeout: str | float | timedelta = "24 hours"
     ) -> dict[str, Any]:
         """Wait for an event (see ``WorkflowStep.wait_for_event``)."""
-        begun = self._event_wait_begin(name, type, timeout)
-        if len(begun) == 1:
-            replayed: dict[str, Any] = begun[0]
-            return replayed
-        st, deadline, t0, seconds = begun
-        got = self._run.take_event(st.key, st.name, type, st.index, t0)
-        result: dict[str, Any] = self._event_wait_end(st, type, deadline, t0, seconds, got)
+        result: dict[str, Any] = self._deliver(self._wait_for_event(name, type, timeout))
         return result
 
 
-def event_json(event_type: str, payload: Any) -> str:
-    """The stored form of a sent event, as ``wait_for_event`` returns it."""
-    return codec.encode({"type": event_type, "payload": payload, "timestamp": datetime.now(UTC)})
-
-
-__all__ = [
-    "WorkflowStep",
-    "SyncWorkflowStep",
-    "Suspend",
-    "FatalRunError",
-    "event_json",
-    "error_dict",
-    "rebuild_error",
-    "split_key",
-]
+__all__ = ["WorkflowStep", "SyncWorkflowStep", "StepRun"]

@@ -28,12 +28,10 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
                                 in exactly one, so merging them lists all instances
 
-A step entry is compact JSON (small entries keep the hash in Redis's listpack
-encoding) whose first field is fixed so Lua can read it without decoding the
-(possibly large) result: ``{"s":status,"k":kind,"i":order,...}`` where ``k`` is
-left out for ``do`` steps, ``a`` (attempts) when 1; ``t0`` is the start epoch
-(ms), ``d`` the duration, ``u`` the deadline of a wait, ``ty`` the event type,
-``e`` the error ``{name, message, ...}`` and ``v`` the result (codec JSON).
+A step entry is compact JSON whose first field is fixed so Lua can read it without
+decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
+docstring lists the fields (``t0`` is the start in seconds since the instance's
+creation).
 
 Every status change happens inside one of the scripts below, so a pause, a
 terminate, a step completion and a lease expiry that meet at the same moment
@@ -51,17 +49,7 @@ from typing import Any
 import hiredis
 import redis
 
-FINAL_STATUSES = ("complete", "errored", "terminated")
-STATUSES = (
-    "queued",
-    "running",
-    "waiting",
-    "waitingForPause",
-    "paused",
-    "complete",
-    "errored",
-    "terminated",
-)
+from nbflow.records import FINAL_STATUSES, STATUSES  # noqa: F401  (statuses the scripts set)
 
 
 def clock() -> tuple[float, str]:
@@ -791,11 +779,6 @@ class ScriptStream:
             self._lost()
             raise
         self._owed.extend(calls)
-
-    @property
-    def owed(self) -> int:
-        """How many replies are still to be read."""
-        return len(self._owed)
 
     def poll(self) -> None:
         """Reads the replies that have arrived, without waiting for more."""

@@ -203,38 +203,11 @@ def resolve_step_config(config: Mapping[str, object] | None) -> StepConfig:
         return DEFAULT_CONFIG
     _check_keys(config, _TOP_KEYS, "step config")
 
-    limit = DEFAULT_CONFIG.retry_limit
-    delay = DEFAULT_CONFIG.retry_delay
-    backoff = DEFAULT_CONFIG.backoff
+    d = DEFAULT_CONFIG
+    limit, delay, backoff = d.retry_limit, d.retry_delay, d.backoff
     timeout = DEFAULT_CONFIG.timeout
-
     if "retries" in config:
-        retries = config["retries"]
-        if not isinstance(retries, Mapping):
-            raise ValueError(
-                f"invalid step config 'retries' {retries!r}: it is a {type(retries).__name__}, "
-                'not a mapping; use a dict like {"limit": 3, "delay": "2 seconds", '
-                '"backoff": "exponential"}'
-            )
-        _check_keys(retries, _RETRY_KEYS, "step config 'retries'")
-        if "limit" in retries:
-            raw_limit = retries["limit"]
-            if isinstance(raw_limit, bool) or not isinstance(raw_limit, int) or raw_limit < 0:
-                raise ValueError(
-                    f"step config 'retries.limit': invalid limit {raw_limit!r}; use a "
-                    "non-negative int (0 = no retries, one attempt)"
-                )
-            limit = raw_limit
-        if "delay" in retries:
-            delay = _duration_field(retries["delay"], "retries.delay")
-        if "backoff" in retries:
-            raw_backoff = retries["backoff"]
-            if raw_backoff not in BACKOFFS:
-                raise ValueError(
-                    f"step config 'retries.backoff': invalid backoff {raw_backoff!r}; use one of "
-                    + ", ".join(repr(b) for b in BACKOFFS)
-                )
-            backoff = str(raw_backoff)
+        limit, delay, backoff = _resolve_retries(config["retries"], limit, delay, backoff)
 
     if "timeout" in config:
         timeout = _duration_field(config["timeout"], "timeout")
@@ -245,3 +218,35 @@ def resolve_step_config(config: Mapping[str, object] | None) -> StepConfig:
             )
 
     return StepConfig(retry_limit=limit, retry_delay=delay, backoff=backoff, timeout=timeout)
+
+
+def _resolve_retries(
+    retries: object, limit: int, delay: float, backoff: str
+) -> tuple[int, float, str]:
+    """The ``retries`` part of a step config merged over (limit, delay, backoff)."""
+    if not isinstance(retries, Mapping):
+        raise ValueError(
+            f"invalid step config 'retries' {retries!r}: it is a {type(retries).__name__}, "
+            'not a mapping; use a dict like {"limit": 3, "delay": "2 seconds", '
+            '"backoff": "exponential"}'
+        )
+    _check_keys(retries, _RETRY_KEYS, "step config 'retries'")
+    if "limit" in retries:
+        raw_limit = retries["limit"]
+        if isinstance(raw_limit, bool) or not isinstance(raw_limit, int) or raw_limit < 0:
+            raise ValueError(
+                f"step config 'retries.limit': invalid limit {raw_limit!r}; use a "
+                "non-negative int (0 = no retries, one attempt)"
+            )
+        limit = raw_limit
+    if "delay" in retries:
+        delay = _duration_field(retries["delay"], "retries.delay")
+    if "backoff" in retries:
+        raw_backoff = retries["backoff"]
+        if raw_backoff not in BACKOFFS:
+            raise ValueError(
+                f"step config 'retries.backoff': invalid backoff {raw_backoff!r}; use one of "
+                + ", ".join(repr(b) for b in BACKOFFS)
+            )
+        backoff = str(raw_backoff)
+    return limit, delay, backoff

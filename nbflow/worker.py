@@ -1,5 +1,6 @@
 """Workers: RQ's ``SimpleWorker`` running nbflow jobs inline (no fork per job), plus
-the housekeeping every worker does beside it.
+the housekeeping every worker does beside it.  A worker is given an engine's
+``Backend`` (``engine.backend``), never the engine itself.
 
 * ``NbflowWorker`` dequeues RQ jobs and runs them in its own thread, so a step
   runs in the worker process and a notebook-defined class is reachable.
@@ -7,10 +8,9 @@ the housekeeping every worker does beside it.
   is due, renews the leases of runs in progress, takes back instances whose
   worker died (expired lease), re-dispatches queued instances whose RQ job was
   lost, and deletes instances past their retention.
-* ``StopListener`` (a thread next to each worker) hears ``pause()``,
-  ``terminate()`` and ``restart()`` of the instances the worker advances and
-  promises that no new step of them starts: the stop handshake that lets steps
-  run without waiting a round trip each.
+* a ``StopListener`` (``nbflow.handshake``, a thread next to each worker) hears
+  ``pause()``, ``terminate()`` and ``restart()`` of the instances the worker
+  advances and promises that no new step of them starts.
 * ``ThreadWorker`` is the in-process worker behind ``engine.start_worker()``;
   ``run_foreground`` is ``engine.run_worker()``; ``serve`` is ``nbflow worker``.
 """
@@ -22,12 +22,10 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
-import uuid
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from rq.exceptions import StopRequested
@@ -37,10 +35,9 @@ from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from nbflow import runner
+from nbflow.backend import JOB_FUNCTION, Backend
+from nbflow.handshake import StopListener
 from nbflow.store import clock
-
-if TYPE_CHECKING:
-    from nbflow.engine import Engine
 
 log = logging.getLogger("nbflow")
 
@@ -52,7 +49,7 @@ WORKER_HEARTBEAT = 10.0  # seconds between RQ worker-key heartbeats
 
 
 class NbflowWorker(SimpleWorker):
-    """An RQ worker that runs nbflow jobs inline against one ``Engine``.
+    """An RQ worker that runs nbflow jobs inline against one engine's ``Backend``.
 
     It registers, heartbeats and dies like any RQ worker (``rq info`` lists it,
     with its state), and takes jobs from the RQ queue; but it runs nbflow's jobs
@@ -70,10 +67,11 @@ class NbflowWorker(SimpleWorker):
     death_penalty_class = TimerDeathPenalty  # nbflow jobs have no RQ timeout; never SIGALRM
 
     def __init__(
-        self, engine: Engine, *, in_thread: bool = False, stopping: threading.Event | None = None
+        self, backend: Backend, *, in_thread: bool = False, stopping: threading.Event | None = None
     ) -> None:
-        super().__init__([engine._queue], connection=engine.redis, serializer=JSONSerializer)
-        self.engine = engine
+        super().__init__([backend.queue], connection=backend.redis, serializer=JSONSerializer)
+        self.backend = backend
+        self.listener: StopListener | None = None
         self.in_thread = in_thread
         self.stopping = stopping or threading.Event()
         self.jobs_run = 0
@@ -97,10 +95,9 @@ class NbflowWorker(SimpleWorker):
         """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
         self.bootstrap(logging_level)
         self._install_signal_handlers()
-        listener = StopListener(self.engine)
+        listener = self.listener = StopListener(self.backend)
         listener.start()
-        runner.bind_engine(self.engine, self.stopping, listener)
-        queue_key = self.engine._queue.key
+        queue_key = self.backend.queue.key
         slice_s = 0.2 if self.in_thread else 1.0
         next_beat = 0.0
         backoff = 0.5
@@ -141,7 +138,7 @@ class NbflowWorker(SimpleWorker):
         return self.jobs_run > 0
 
     def _run_job(self, job_id: str) -> None:
-        job_key = self.engine._queue.job_class.key_for(job_id)
+        job_key = self.backend.queue.job_class.key_for(job_id)
         pipe = self.connection.pipeline(transaction=False)
         pipe.hget(job_key, "data")
         pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
@@ -150,13 +147,19 @@ class NbflowWorker(SimpleWorker):
             if data is None:
                 log.warning("nbflow worker: job %s vanished before it ran", job_id)
                 return
-            func, _instance, args, _kwargs = json.loads(zlib.decompress(data))
-            if func != "nbflow.runner.run_job":
+            func, _instance, (prefix, ids), _kwargs = json.loads(zlib.decompress(data))
+            if func != JOB_FUNCTION:
                 log.error(
                     "nbflow worker: job %s calls %s, not an nbflow job; dropped", job_id, func
                 )
                 return
-            runner.run_job(*args)
+            if prefix != self.backend.prefix:
+                raise RuntimeError(
+                    f"job for prefix {prefix!r} reached a worker for prefix "
+                    f"{self.backend.prefix!r}: start workers with the same --prefix and "
+                    "--queue as the Engine"
+                )
+            runner.run_many(self.backend, ids, self.stopping, self.listener)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception:
@@ -171,95 +174,14 @@ class NbflowWorker(SimpleWorker):
             pipe.execute()
 
 
-class StopListener(threading.Thread):
-    """The worker's side of the stop handshake.
-
-    Steps are written to Redis without waiting for a reply, so a worker cannot
-    learn of a ``pause()`` from its writes before the next step starts.  Instead
-    the lifecycle script publishes ``"id ack"`` on this worker's channel (named in
-    the token of every run it claims); this thread counts the request in
-    ``requests[id]``, which runs check before each step, and then answers on the list ``ack``,
-    which the caller of ``pause()`` waits for.  So once ``pause()`` returns, no
-    new step of the instance starts; the one already running finishes and is
-    stored.  It subscribes before the worker claims anything.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(name="nbflow-stop-listener", daemon=True)
-        self.engine = engine
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.channel = engine.keys.stop_channel(self.worker_id)
-        self.requests: dict[str, int] = {}  # instance id -> stop requests heard
-        self._halt = threading.Event()
-        self._pubsub: Any = None
-
-    def start(self) -> None:
-        """Subscribes (waiting for Redis to confirm it) and starts listening; if Redis
-        is away the thread keeps trying, and pauses meanwhile are applied by the
-        scripts themselves (``hardStop``)."""
-        try:
-            self._subscribe()
-        except redis.RedisError as exc:
-            log.warning("nbflow: stop channel not subscribed yet (%s)", exc)
-        super().start()
-
-    def _subscribe(self) -> None:
-        if self._pubsub is not None:
-            self._pubsub.close()
-        self._pubsub = self.engine.redis.pubsub()  # type: ignore[no-untyped-call]
-        self._pubsub.subscribe(self.channel)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            msg = self._pubsub.get_message(timeout=0.5)
-            if msg is not None and msg["type"] == "subscribe":
-                return
-        raise redis.TimeoutError("no confirmation of SUBSCRIBE")
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            try:
-                if self._pubsub is None:
-                    self._subscribe()
-                msg = self._pubsub.get_message(timeout=1.0)
-                if msg is not None and msg["type"] == "message" and msg["data"]:
-                    self._heard(msg["data"].decode())
-            except (redis.RedisError, OSError, ValueError) as exc:
-                if self._halt.is_set():
-                    return
-                log.warning("nbflow: stop listener lost Redis (%s); reconnecting", exc)
-                self._pubsub = None
-                self._halt.wait(0.5)
-
-    def _heard(self, data: str) -> None:
-        iid, _, ack = data.partition(" ")
-        # from here on no new step of iid starts (a count, not a flag: a run that
-        # finds the instance resumed meanwhile must still see a later request)
-        self.requests[iid] = self.requests.get(iid, 0) + 1
-        pipe = self.engine.redis.pipeline(transaction=False)
-        pipe.rpush(ack, "1")
-        pipe.expire(ack, 60)
-        pipe.execute()
-
-    def stop(self) -> None:
-        """Stops listening (wakes the thread with an empty message to itself)."""
-        self._halt.set()
-        try:
-            self.engine.redis.publish(self.channel, "")
-        except redis.RedisError:
-            pass
-        self.join(2.0)
-        if self._pubsub is not None:
-            self._pubsub.close()
-
-
 class Housekeeper(threading.Thread):
     """Timers, lease heartbeats and recovery for one engine (see module docstring)."""
 
     def __init__(
-        self, engine: Engine, stopping: threading.Event, *, beats_only: bool = False
+        self, backend: Backend, stopping: threading.Event, *, beats_only: bool = False
     ) -> None:
         super().__init__(name="nbflow-housekeeper", daemon=True)
-        self.engine = engine
+        self.backend = backend
         self.stopping = stopping
         self.beats_only = beats_only  # a burst worker wakes and sweeps by itself
 
@@ -287,56 +209,57 @@ class Housekeeper(threading.Thread):
     def wake_due(self) -> int:
         """Queue instances whose sleep, event timeout or retry wait is due."""
         now, now_iso = clock()
-        ids = self.engine._scripts.wake_due(args=[self.engine.prefix, f"{now:.6f}", now_iso, 500])
+        b = self.backend
+        ids = b.scripts.wake_due(args=[b.prefix, f"{now:.6f}", now_iso, 500])
         if ids:
-            self.engine._enqueue([i.decode() for i in ids], at_front=True)
+            b.enqueue([i.decode() for i in ids], at_front=True)
         return len(ids)
 
     def heartbeat(self) -> None:
         """Renew the leases of the runs this process is advancing."""
-        runs = dict(self.engine._runs)
+        runs = dict(self.backend.runs)
         by_token: dict[str, list[str]] = {}
         for iid, token in runs.items():
             by_token.setdefault(token, []).append(iid)
         lease = f"{time.time() + runner.LEASE_SECONDS:.6f}"
         for token, ids in by_token.items():
-            self.engine._scripts.heartbeat(args=[self.engine.prefix, token, lease, *ids])
+            self.backend.scripts.heartbeat(args=[self.backend.prefix, token, lease, *ids])
 
     def sweep(self, orphan_age: float) -> int:
         """Recover dead workers' instances, re-dispatch lost jobs, apply retention."""
-        engine = self.engine
+        b = self.backend
         now, now_iso = clock()
         found = 0
-        dead = engine._scripts.reap(args=[engine.prefix, f"{now:.6f}", now_iso, 500])
+        dead = b.scripts.reap(args=[b.prefix, f"{now:.6f}", now_iso, 500])
         if dead:
             log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead))
-            engine._enqueue([i.decode() for i in dead], at_front=True)
+            b.enqueue([i.decode() for i in dead], at_front=True)
             found += len(dead)
-        lost = engine._scripts.orphans(
-            args=[engine.prefix, engine._queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500]
+        lost = b.scripts.orphans(
+            args=[b.prefix, b.queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500]
         )
         if lost:
-            engine._enqueue([i.decode() for i in lost])
+            b.enqueue([i.decode() for i in lost])
             found += len(lost)
-        engine._scripts.purge(args=[engine.prefix, f"{now:.6f}", 500])
+        b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
         # RQ's own tidy-up of workers that died without saying so (what `rq info` lists)
-        clean_worker_registry(engine._queue)
+        clean_worker_registry(b.queue)
         return found
 
 
 class ThreadWorker:
     """The in-process worker of ``engine.start_worker()``: a worker thread and a housekeeper."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self.stopping = threading.Event()
-        self.worker = NbflowWorker(engine, in_thread=True, stopping=self.stopping)
-        self.housekeeper = Housekeeper(engine, self.stopping)
+        self.worker = NbflowWorker(backend, in_thread=True, stopping=self.stopping)
+        self.housekeeper = Housekeeper(backend, self.stopping)
         self.thread = threading.Thread(target=self._work, name="nbflow-worker", daemon=True)
 
     def __repr__(self) -> str:
         state = "running" if self.is_alive() else "stopped"
-        return f"<nbflow ThreadWorker {state} queue={self.engine.queue_name!r}>"
+        return f"<nbflow ThreadWorker {state} queue={self.backend.queue_name!r}>"
 
     def _work(self) -> None:
         try:
@@ -358,11 +281,11 @@ class ThreadWorker:
         self.thread.join(timeout)
 
 
-def run_foreground(engine: Engine, burst: bool = True) -> int:
+def run_foreground(backend: Backend, burst: bool = True) -> int:
     """``engine.run_worker()``: work in this thread; with ``burst`` stop when nothing is due."""
     stopping = threading.Event()
-    worker = NbflowWorker(engine, in_thread=True, stopping=stopping)
-    keeper = Housekeeper(engine, stopping)
+    worker = NbflowWorker(backend, in_thread=True, stopping=stopping)
+    keeper = Housekeeper(backend, stopping)
     if not burst:
         keeper.start()
         try:
@@ -370,32 +293,32 @@ def run_foreground(engine: Engine, burst: bool = True) -> int:
         finally:
             stopping.set()
         return 0
-    beats = Housekeeper(engine, stopping, beats_only=True)  # leases of long steps
+    beats = Housekeeper(backend, stopping, beats_only=True)  # leases of long steps
     beats.start()
     try:
-        return _burst(engine, keeper, stopping)
+        return _burst(backend, keeper, stopping)
     finally:
         stopping.set()
 
 
-def _burst(engine: Engine, keeper: Housekeeper, stopping: threading.Event) -> int:
+def _burst(backend: Backend, keeper: Housekeeper, stopping: threading.Event) -> int:
     jobs = 0
     while True:
         keeper.wake_due()
         keeper.sweep(orphan_age=0.0)
-        if engine._queue.count == 0:
+        if backend.queue.count == 0:
             return jobs
-        worker = NbflowWorker(engine, in_thread=True, stopping=stopping)
+        worker = NbflowWorker(backend, in_thread=True, stopping=stopping)
         worker.work(burst=True, logging_level="WARNING")
         jobs += worker.jobs_run
 
 
-def serve(engine: Engine, burst: bool = False, logging_level: str = "WARNING") -> None:
+def serve(backend: Backend, burst: bool = False, logging_level: str = "WARNING") -> None:
     """``nbflow worker`` in this process: an RQ worker in the main thread plus a housekeeper."""
     stopping = threading.Event()
-    keeper = Housekeeper(engine, stopping)
+    keeper = Housekeeper(backend, stopping)
     keeper.start()
-    worker = NbflowWorker(engine, stopping=stopping)
+    worker = NbflowWorker(backend, stopping=stopping)
     try:
         if burst:
             keeper.wake_due()
@@ -446,4 +369,4 @@ def _child(make_engine: Any, burst: bool, parent: int, logging_level: str) -> No
     logging.basicConfig(
         level=logging_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    serve(make_engine(), burst=burst, logging_level=logging_level)
+    serve(make_engine().backend, burst=burst, logging_level=logging_level)

@@ -100,10 +100,10 @@ def test_worker_with_several_processes_shows_up_in_rq_and_shares_the_work(
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if len(Worker.all(queue=engine._queue)) == 2:
+            if len(Worker.all(queue=engine.backend.queue)) == 2:
                 break
             time.sleep(0.1)
-        assert len(Worker.all(queue=engine._queue)) == 2  # what `rq info` lists
+        assert len(Worker.all(queue=engine.backend.queue)) == 2  # what `rq info` lists
         batch = engine.workflow("Greet").create_batch(
             [{"params": {"name": str(i)}} for i in range(40)]
         )
@@ -130,7 +130,7 @@ def test_unregistered_workflow_errors_with_a_message_naming_it(engine: Engine) -
             return 1
 
     inst = engine.register(Lonely).create()
-    del engine._classes["Lonely"]  # a worker that never imported it
+    del engine.backend.classes["Lonely"]  # a worker that never imported it
     engine.run_worker(burst=True)
     status = inst.status()
     assert status["status"] == "errored"

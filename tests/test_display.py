@@ -9,6 +9,7 @@ changes by itself: memory addresses, widget model ids, uuids and clock times.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,13 +21,13 @@ from support import poll
 from nbflow import Engine, NonRetryableError, WorkflowEntrypoint, WorkflowInstance
 from nbflow.notebook import display
 from nbflow.notebook.display import (
-    StatusDict,
     instance_widget,
     live_card_count,
     status_html,
     stop_live_cards,
     value_summary,
 )
+from nbflow.records import InstanceStatus
 from nbflow.widgets import Dashboard
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -142,7 +143,7 @@ def test_generated_ids_and_missing_instances_stay_stable(
 
 
 def test_status_dict_displays_as_a_table(fmt: Callable[[Any], dict[str, Any]]) -> None:
-    status = StatusDict({"status": "complete", "output": pd.DataFrame({"n": [1, 2]})})
+    status = InstanceStatus({"status": "complete", "output": pd.DataFrame({"n": [1, 2]})})
     assert isinstance(status, dict)
     data = fmt(status)
     assert "text/plain" in data
@@ -220,3 +221,38 @@ def test_live_card_in_a_kernel_refreshes_until_final(
     done = fmt(inst)  # a finished instance needs no live view
     assert set(done) == {"text/plain", "text/html"}
     card.close()
+
+
+def test_the_shared_refresher_logs_failures_and_stops_when_nothing_is_left(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nbflow.notebook.refresher import Refresher
+
+    ticks: list[int] = []
+    reported: list[str] = []
+
+    def tick() -> bool:
+        ticks.append(len(ticks))
+        if len(ticks) == 2:
+            raise RuntimeError("redis went away")
+        return len(ticks) < 4  # the 4th tick finds nothing left to refresh
+
+    def on_error(exc: Exception) -> bool:
+        reported.append(str(exc))
+        return True
+
+    refresher = Refresher(
+        "nbflow-test-refresher", tick, 0.01, what="test refresh", on_error=on_error
+    )
+    with caplog.at_level("WARNING", logger="nbflow"):
+        refresher.start()
+        refresher.start()  # idempotent: still one thread
+        poll(lambda: not refresher.running, what="the refresher to end by itself")
+    assert len(ticks) >= 4 and reported == ["redis went away"]
+    assert "nbflow: test refresh failed: redis went away" in caplog.text
+    names = [t.name for t in threading.enumerate()]
+    assert "nbflow-test-refresher" not in names
+    refresher.start()  # a new thread after the old one ended
+    poll(lambda: not refresher.running, what="the second thread to end")
+    refresher.stop()
+    assert capsys.readouterr() == ("", ""), "a refresh thread printed something"

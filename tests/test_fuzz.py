@@ -611,7 +611,7 @@ def _settle(engine: Engine, iid: str, rounds: int = 3) -> str:
         burst(engine)
         if engine.redis.zscore(engine.keys.leases, iid) is not None:
             engine.redis.zadd(engine.keys.leases, {iid: 0})
-            Housekeeper(engine, threading.Event()).sweep(0)
+            Housekeeper(engine.backend, threading.Event()).sweep(0)
     raw = engine.redis.hget(engine.keys.state(iid), "status")
     return raw.decode() if raw else "unknown"
 

@@ -315,7 +315,7 @@ def test_retention_deletes_finished_instances_and_keeps_unfinished_ones(
     assert held.status() == {"status": "paused"}
     finished_at = time.time()
 
-    keeper = Housekeeper(short, threading.Event())
+    keeper = Housekeeper(short.backend, threading.Event())
     keeper.sweep(0)  # too early: everything is still there
     assert done.status()["status"] == "complete"
 
@@ -351,7 +351,7 @@ def test_restart_of_a_finished_instance_cancels_its_pending_deletion(
     assert inst.status()["status"] == "complete"
     inst.restart()  # no worker runs it: it stays queued
     time.sleep(1.2)
-    Housekeeper(short, threading.Event()).sweep(0)
+    Housekeeper(short.backend, threading.Event()).sweep(0)
     assert inst.status() == {"status": "queued"}
     short.run_worker(burst=True)
     assert inst.status() == {"status": "complete", "output": 3}
@@ -361,7 +361,7 @@ def test_no_retention_keeps_finished_instances(engine: Engine) -> None:
     inst = engine.register(TwoSteps).create()
     engine.run_worker(burst=True)
     assert inst.status() == {"status": "complete", "output": 3}
-    Housekeeper(engine, threading.Event()).sweep(0)
+    Housekeeper(engine.backend, threading.Event()).sweep(0)
     assert inst.status() == {"status": "complete", "output": 3}
     assert list(engine.instances()["id"]) == [inst.id]
 

@@ -584,7 +584,7 @@ from nbflow.worker import serve
 import {module}
 engine = Engine(sys.argv[1], prefix=sys.argv[2], queue=sys.argv[3])
 engine.register({module}.CrashFlow)
-serve(engine)
+serve(engine.backend)
 """
 
 
@@ -656,7 +656,7 @@ def test_worker_killed_mid_step_is_recovered_and_only_that_step_runs_again(
     # Stand-in for 30 s passing: the dead worker's lease has run out.
     assert engine.redis.zscore(engine.keys.leases, inst.id) is not None
     engine.redis.zadd(engine.keys.leases, {inst.id: 0})
-    Housekeeper(engine, threading.Event()).sweep(0)
+    Housekeeper(engine.backend, threading.Event()).sweep(0)
     assert inst.status()["status"] in ("queued", "running")
     engine.run_worker(burst=True)
     _check_recovered(engine, inst, step_one, k)

@@ -25,8 +25,8 @@ from traitlets.config import Config
 
 from nbflow import Engine, WorkflowInstance
 from nbflow.notebook import get_engine, use_engine
-from nbflow.notebook.display import StatusDict
 from nbflow.notebook.magics import USAGE, WorkerState, split_line
+from nbflow.records import InstanceStatus
 from nbflow.widgets import Dashboard
 
 CELL = """
@@ -108,7 +108,7 @@ def test_start_run_and_inspect(shell: InteractiveShell) -> None:
     assert repr(state) == "in-process worker: running"
 
     done = wf(shell, "wait g1 --timeout 10")
-    assert isinstance(done, StatusDict)
+    assert isinstance(done, InstanceStatus)
     assert done == {"status": "complete", "output": "hello ada (3)"}
     assert wf(shell, "status g1") == done
 

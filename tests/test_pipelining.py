@@ -204,7 +204,7 @@ def test_a_pause_no_worker_hears_is_applied_by_the_next_step_write(engine: Engin
     prefix, iid, token = engine.prefix, "unheard", "no-listener-token"
     engine.redis.hset(engine.keys.state(iid), mapping={"status": "queued"})
     engine.redis.hset(engine.keys.metadata(iid), mapping={"workflowName": "X", "payload": "1"})
-    sc = engine._scripts
+    sc = engine.backend.scripts
     claim = sc.claim(args=[prefix, iid, token, "1.0", "2026-01-01T00:00:00.000Z", "9e9"])
     assert claim[0] == b"ok"
     flow.get(iid).pause()  # returns at once: nobody listens on a channel for this token

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from nbflow.definition import WorkflowEntrypoint
-from nbflow.engine import Engine
+from nbflow.engine import Engine, WorkflowInstance
 
-__all__ = ["find_workflow_class", "get_engine", "use_engine"]
+__all__ = ["find_workflow_class", "get_engine", "reregister", "use_engine"]
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -65,3 +65,15 @@ def find_workflow_class(namespace: Mapping[str, Any], name: str) -> type[Any] | 
     ):
         return value
     return None
+
+
+def reregister(engine: Engine, namespace: Mapping[str, Any], inst: WorkflowInstance) -> None:
+    """Before a call that makes ``inst`` run again, register its class from the notebook.
+
+    So fixing a workflow's cell and then resuming, restarting or re-running it (from
+    ``%wf`` or the dashboard) runs the fix.  Nothing happens when the notebook has no
+    class of that name: the one registered on the engine runs.
+    """
+    cls = find_workflow_class(namespace, inst.workflow)
+    if cls is not None:
+        engine.register(cls, name=inst.workflow)

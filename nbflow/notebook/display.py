@@ -14,9 +14,15 @@ tqdm.notebook pattern):
   reaches a final status or the widget is closed.  Front ends that can render
   widgets show the live card, everything else falls back to the static forms.
 
-Everything is read through the public instance API (``info()``).  The refresh
-thread never prints (output of a background thread lands in whatever cell runs
-at that moment); it logs to ``logging.getLogger("nbflow")``.
+Everything is read through the public instance API (``info()``).  The live
+cards share one ``nbflow.notebook.refresher.Refresher`` thread, which never prints
+(output of a background thread lands in whatever cell runs at that moment); it
+logs to ``logging.getLogger("nbflow")``.
+
+Importing this module registers ``instance_mimebundle``, ``instance_html`` and
+``status_html`` with ``nbflow.reprs``, which is how ``WorkflowInstance`` and the
+``InstanceStatus`` dict that ``status()``/``wait()`` return draw themselves
+without the engine knowing this layer (``import nbflow`` imports it).
 """
 
 from __future__ import annotations
@@ -32,14 +38,16 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from nbflow import reprs
+from nbflow.notebook.refresher import Refresher
+from nbflow.records import FINAL_STATUSES, make_key
+
 if TYPE_CHECKING:
     from nbflow.engine import WorkflowInstance
 
 __all__ = [
-    "FINAL_STATUSES",
     "STATUS_COLOURS",
     "InstanceSummary",
-    "StatusDict",
     "instance_html",
     "instance_mimebundle",
     "instance_text",
@@ -47,6 +55,7 @@ __all__ = [
     "live_card_count",
     "status_badge",
     "status_html",
+    "step_label",
     "stop_live_cards",
     "summarize",
     "value_html",
@@ -55,9 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("nbflow")
-
-#: Statuses after which nothing changes any more (no refresh needed).
-FINAL_STATUSES = ("complete", "errored", "terminated")
 
 #: Badge colours per status (``unknown``: deleted or never existed).
 STATUS_COLOURS: dict[str, str] = {
@@ -90,7 +96,8 @@ def widgets_available() -> bool:
     """
     from IPython.core.getipython import get_ipython
 
-    shell: Any = get_ipython()  # type: ignore[no-untyped-call]
+    # IPython >= 9 ships type hints, older ones do not: the ignore must hold both ways.
+    shell: Any = get_ipython()  # type: ignore[no-untyped-call, unused-ignore]
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
@@ -167,15 +174,11 @@ def status_html(status: Mapping[str, Any]) -> str:
     return f'<table class="nbflow-status">{body}</table>'
 
 
-class StatusDict(dict[str, Any]):
-    """A ``status()`` result that a notebook shows as a small table.
-
-    It *is* the dict (equal to it, same keys), so code that compares or indexes
-    it does not notice; only its notebook display differs.
-    """
-
-    def _repr_html_(self) -> str:
-        return status_html(self)
+def step_label(name: Any, count: Any) -> str:
+    """A step as a user names it (``step_output``, ``restart(from_step=)``, ``%wf output``):
+    ``name`` for its first call, else its key ``name#count`` (a missing count is 1)."""
+    n = int(count) if pd.notna(count) else 1
+    return str(name) if n <= 1 else make_key(name, n)
 
 
 # -- instances ---------------------------------------------------------------------
@@ -289,7 +292,7 @@ def instance_mimebundle(
 
 
 class _LiveCards:
-    """One daemon thread refreshing every displayed live card (not one thread per card).
+    """Every displayed live card, refreshed by one shared thread (not one per card).
 
     A card leaves the set when its instance is final or its widget was closed;
     the thread ends when the set is empty and starts again with the next card.
@@ -298,22 +301,17 @@ class _LiveCards:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cards: dict[int, tuple[Any, WorkflowInstance]] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()  # belongs to the current thread; a new one per thread
-        self._interval = 1.0
+        self._refresher = Refresher(
+            "nbflow-live-cards", self._tick, 1.0, what="live card refresh", delay_first=True
+        )
 
     def add(self, widget: Any, inst: WorkflowInstance, interval: float) -> None:
         with self._lock:
+            first = not self._cards
             self._cards[id(widget)] = (widget, inst)
-            if self._thread is None:
-                self._interval = interval
-                self._stop = threading.Event()
-                self._thread = threading.Thread(
-                    target=self._run, args=(self._stop,), name="nbflow-live-cards", daemon=True
-                )
-                self._thread.start()
-            else:
-                self._interval = min(self._interval, interval)
+            current = self._refresher.interval
+            self._refresher.interval = interval if first else min(current, interval)
+        self._refresher.start()
 
     def count(self) -> int:
         with self._lock:
@@ -321,25 +319,18 @@ class _LiveCards:
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
-            thread, self._thread = self._thread, None
             self._cards.clear()
-            self._stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        self._refresher.stop(timeout)
 
-    def _run(self, stop: threading.Event) -> None:
-        while not stop.wait(self._interval):
-            with self._lock:
-                cards = list(self._cards.items())
-                if stop.is_set():
-                    return
-                if not cards:
-                    self._thread = None
-                    return
-            done = [key for key, (widget, inst) in cards if not self._refresh(widget, inst)]
-            with self._lock:
-                for key in done:
-                    self._cards.pop(key, None)
+    def _tick(self) -> bool:
+        """Refresh every card once; False when none is left to refresh."""
+        with self._lock:
+            cards = list(self._cards.items())
+        done = [key for key, (widget, inst) in cards if not self._refresh(widget, inst)]
+        with self._lock:
+            for key in done:
+                self._cards.pop(key, None)
+            return bool(self._cards)
 
     @staticmethod
     def _refresh(widget: Any, inst: WorkflowInstance) -> bool:
@@ -386,3 +377,9 @@ def live_card_count() -> int:
 def stop_live_cards(timeout: float = 5.0) -> None:
     """Stop refreshing every live card (they keep showing their last state)."""
     _LIVE.stop(timeout)
+
+
+# What WorkflowInstance and InstanceStatus draw in a notebook (see nbflow.reprs).
+reprs.register("instance_mimebundle", instance_mimebundle)
+reprs.register("instance_html", instance_html)
+reprs.register("status_html", status_html)

@@ -51,8 +51,9 @@ from nbflow.errors import (
     RedisUnavailableError,
     WorkflowError,
 )
-from nbflow.notebook import find_workflow_class, get_engine
-from nbflow.notebook.display import StatusDict
+from nbflow.notebook import find_workflow_class, get_engine, reregister
+from nbflow.notebook.display import step_label
+from nbflow.records import InstanceStatus
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
@@ -275,7 +276,8 @@ class WorkflowMagics(Magics):
     """The ``%wf`` magic.  Holds the dashboard it opened last (closed when a new one opens)."""
 
     def __init__(self, shell: InteractiveShell | None = None, **kwargs: Any) -> None:
-        super().__init__(shell, **kwargs)  # type: ignore[no-untyped-call]
+        # IPython >= 9 ships type hints, older ones do not: each ignore holds both ways.
+        super().__init__(shell, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         self._parsers = _parsers()
         self._dashboard: Dashboard | None = None
         self._commands: dict[str, Callable[[argparse.Namespace], Any]] = {
@@ -295,8 +297,8 @@ class WorkflowMagics(Magics):
             "help": lambda _args: _Help(),
         }
 
-    @no_var_expand  # type: ignore[untyped-decorator]
-    @line_magic  # type: ignore[untyped-decorator]
+    @no_var_expand  # type: ignore[untyped-decorator, unused-ignore]
+    @line_magic  # type: ignore[untyped-decorator, unused-ignore]
     def wf(self, line: str = "") -> Any:
         """Durable workflows from a notebook.
 
@@ -380,9 +382,7 @@ class WorkflowMagics(Magics):
 
         So fixing a workflow's cell and then ``%wf restart ID --from STEP`` runs the fix.
         """
-        cls = find_workflow_class(self.namespace, inst.workflow)
-        if cls is not None:
-            self.engine.register(cls, name=inst.workflow)
+        reregister(self.engine, self.namespace, inst)
 
     # -- subcommands ------------------------------------------------------------------
 
@@ -398,10 +398,10 @@ class WorkflowMagics(Magics):
                 workflow=args.workflow, status=args.status, limit=args.limit
             )
 
-    def _status(self, args: argparse.Namespace) -> StatusDict:
+    def _status(self, args: argparse.Namespace) -> InstanceStatus:
         inst = self._instance("status", args.id)
         with _as_usage("status"):
-            return StatusDict(inst.status())
+            return InstanceStatus(inst.status())
 
     def _lifecycle(self, command: str, args: argparse.Namespace) -> WorkflowInstance:
         inst = self._instance(command, args.id)
@@ -452,18 +452,17 @@ class WorkflowMagics(Magics):
                 with _as_usage("output"):
                     steps = inst.steps()
                 names = [
-                    n if c <= 1 else f"{n}#{c}"
-                    for n, c in zip(steps["step"], steps["count"], strict=True)
+                    step_label(n, c) for n, c in zip(steps["step"], steps["count"], strict=True)
                 ]
                 problem += f" (its steps: {', '.join(names) or 'none yet'})"
             raise _fail("output", problem) from None
         except (WorkflowError, ValueError, TypeError) as exc:
             raise _fail("output", str(exc)) from None
 
-    def _wait(self, args: argparse.Namespace) -> StatusDict:
+    def _wait(self, args: argparse.Namespace) -> InstanceStatus:
         inst = self._instance("wait", args.id)
         try:
-            return StatusDict(inst.wait(timeout=args.timeout))
+            return InstanceStatus(inst.wait(timeout=args.timeout))
         except TimeoutError as exc:
             raise _fail("wait", f"{exc} (is a worker running? %wf worker start)") from None
 
@@ -488,4 +487,4 @@ class WorkflowMagics(Magics):
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """``%load_ext nbflow``: register ``%wf`` on this shell."""
-    ipython.register_magics(WorkflowMagics)  # type: ignore[no-untyped-call]
+    ipython.register_magics(WorkflowMagics)  # type: ignore[no-untyped-call, unused-ignore]

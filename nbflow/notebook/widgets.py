@@ -18,11 +18,14 @@ Why it is built this way:
 * Button handlers only call the public instance API (one Redis write) and
   return; they never wait for a run.  Any error lands in ``message``: an
   exception escaping a click handler would be printed into whatever cell runs.
-* A background thread (started when the dashboard is displayed in a kernel, or
-  by ``start()``; stopped by ``stop()``/``close()``) calls ``refresh()`` every
-  ``refresh_interval`` seconds.  It never prints; problems go to
-  ``logging.getLogger("nbflow")``.  One re-entrant lock serialises it with the
-  handlers, so a refresh never interleaves with a selection change.
+* A background thread (a ``nbflow.notebook.refresher.Refresher``, started when
+  the dashboard is displayed in a kernel, or by ``start()``; stopped by
+  ``stop()``/``close()``) calls ``refresh()`` every ``refresh_interval`` seconds.
+  It never prints; problems go to ``logging.getLogger("nbflow")``.  One
+  re-entrant lock serialises it with the handlers, so a refresh never
+  interleaves with a selection change.
+* The parts (instance table, step view, controls) are small classes in
+  ``nbflow.notebook.panels``; the dashboard reads Redis and acts on instances.
 * Its ``text/plain`` form is ``Dashboard(engine prefix 'workflow')`` -- no
   counts, ids or times that change between runs -- and its ``text/html`` a
   static table (without ages), so stored notebook outputs stay comparable.
@@ -43,52 +46,28 @@ import pandas as pd
 
 from nbflow.engine import Engine, WorkflowInstance
 from nbflow.errors import WorkflowError
-from nbflow.notebook import find_workflow_class
-from nbflow.notebook.display import (
-    WIDGET_MIMETYPE,
-    status_badge,
-    value_html,
-    value_summary,
-    widgets_available,
+from nbflow.notebook import reregister
+from nbflow.notebook.display import WIDGET_MIMETYPE, widgets_available
+from nbflow.notebook.panels import (
+    TABLE_COLUMNS,
+    Controls,
+    InstanceTable,
+    Quiet,
+    StepView,
+    set_options,
 )
+from nbflow.notebook.refresher import Refresher
 
 __all__ = ["Dashboard"]
 
 log = logging.getLogger("nbflow")
 
-_TABLE_COLUMNS = ["id", "workflow", "status", "current_step", "steps_done", "age"]
-_STEP_COLUMNS = ["step", "kind", "count", "status", "attempts", "duration_s", "output", "error"]
-_ERROR_COLOUR = "#dc3545"
 _DONE = {
     "pause": "paused {id!r} (a step already running finishes first)",
     "resume": "resumed {id!r}",
     "terminate": "terminated {id!r}",
     "restart": "restarted {id!r} from the beginning",
 }
-
-
-def _age(seconds: float) -> str:
-    """``12s``, ``5m 3s``, ``2h 5m``, ``3d 4h``: short enough for a table cell."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def _step_key(name: Any, count: Any) -> str:
-    """The form ``step_output`` and ``restart(from_step=)`` take: ``name`` or ``name#n``."""
-    n = int(count) if pd.notna(count) else 1
-    return str(name) if n <= 1 else f"{name}#{n}"
-
-
-def _cell(value: Any) -> str:
-    if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)):
-        return "–"
-    return html.escape(str(value))
 
 
 def _describe(exc: BaseException) -> str:
@@ -98,6 +77,24 @@ def _describe(exc: BaseException) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
+
+
+def _check_arguments(engine: Any, refresh_interval: Any, limit: Any) -> None:
+    if not isinstance(engine, Engine):
+        raise TypeError(f"Dashboard() takes an nbflow.Engine, not {engine!r}")
+    if not refresh_interval > 0:
+        raise ValueError(f"refresh_interval must be > 0 seconds, not {refresh_interval!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive int, not {limit!r}")
+
+
+def _event_payload(text: str) -> Any:
+    """The event sender's payload field as JSON (empty: no payload)."""
+    text = text.strip()
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the payload is not valid JSON ({exc.msg}): {text!r}") from None
 
 
 class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no type hints
@@ -118,86 +115,68 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
         limit: int = 100,
         namespace: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(engine, Engine):
-            raise TypeError(f"Dashboard() takes an nbflow.Engine, not {engine!r}")
-        if not refresh_interval > 0:
-            raise ValueError(f"refresh_interval must be > 0 seconds, not {refresh_interval!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        _check_arguments(engine, refresh_interval, limit)
         self.engine = engine
-        self.refresh_interval = float(refresh_interval)
         self.limit = limit
         self.namespace = namespace
         self._lock = threading.RLock()
-        self._quiet = False  # True while code (not a user) changes a selection
-        self._instances = pd.DataFrame(columns=[*_TABLE_COLUMNS, "created_at"])
-        self._steps: pd.DataFrame | None = None
-        self._output: Any = None
+        self._quiet = Quiet()  # on while code (not a user) changes a selection
         self._refreshed = False
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-
-        self.title = ipywidgets.HTML(
-            f"<b>nbflow</b> &nbsp; instances under prefix <code>{html.escape(engine.prefix)}</code>"
+        self._refresher = Refresher(
+            "nbflow-dashboard",
+            self._tick,
+            float(refresh_interval),
+            what="dashboard refresh",
+            on_error=self._on_refresh_error,
         )
-        self.table = ipywidgets.HTML("<i>not refreshed yet</i>")
-        self.instance_select = ipywidgets.Select(
-            options=(), rows=8, description="instance", layout=ipywidgets.Layout(width="320px")
-        )
-        self.step_select = ipywidgets.Dropdown(options=(), description="step")
-        self.steps_html = ipywidgets.HTML()
-        self.output_html = ipywidgets.HTML()
-        self.pause_button = ipywidgets.Button(description="pause", icon="pause")
-        self.resume_button = ipywidgets.Button(description="resume", icon="play")
-        self.terminate_button = ipywidgets.Button(
-            description="terminate", icon="stop", button_style="danger"
-        )
-        self.restart_button = ipywidgets.Button(description="restart", icon="repeat")
-        self.rerun_button = ipywidgets.Button(
-            description="re-run from step", icon="step-forward", tooltip="restart(from_step=step)"
-        )
-        self.refresh_button = ipywidgets.Button(description="refresh", icon="refresh")
-        self.event_type = ipywidgets.Text(description="event", placeholder="type, e.g. approved")
-        self.event_payload = ipywidgets.Text(placeholder='JSON payload, e.g. {"ok": true}')
-        self.send_event_button = ipywidgets.Button(description="send event", icon="paper-plane")
-        self.message = ipywidgets.Label("")
-
-        self.instance_select.observe(self._on_instance_change, names="value")
-        self.step_select.observe(self._on_step_change, names="value")
-        self.pause_button.on_click(self._handler("pause"))
-        self.resume_button.on_click(self._handler("resume"))
-        self.terminate_button.on_click(self._handler("terminate"))
-        self.restart_button.on_click(self._handler("restart"))
-        self.rerun_button.on_click(self._on_rerun)
-        self.send_event_button.on_click(self._on_send_event)
-        self.refresh_button.on_click(self._on_refresh)
-
-        controls = ipywidgets.VBox(
-            [
-                ipywidgets.HBox(
-                    [
-                        self.pause_button,
-                        self.resume_button,
-                        self.terminate_button,
-                        self.restart_button,
-                        self.refresh_button,
-                    ]
-                ),
-                ipywidgets.HBox([self.step_select, self.rerun_button]),
-                ipywidgets.HBox([self.event_type, self.event_payload, self.send_event_button]),
-                self.message,
-            ]
-        )
+        self._table = InstanceTable()
+        self._step_view = StepView(self._quiet)
+        self._controls = Controls()
+        self._expose_parts()
+        self._wire()
         super().__init__(
             [
                 self.title,
                 self.table,
-                ipywidgets.HBox([self.instance_select, controls]),
+                ipywidgets.HBox([self.instance_select, self._controls.box(self.step_select)]),
                 self.steps_html,
                 self.output_html,
             ]
         )
+
+    def _expose_parts(self) -> None:
+        """The parts' widgets as the dashboard's public attributes (what code drives)."""
+        self.title = ipywidgets.HTML(
+            "<b>nbflow</b> &nbsp; instances under prefix "
+            f"<code>{html.escape(self.engine.prefix)}</code>"
+        )
+        self.table = self._table.widget
+        self.instance_select = ipywidgets.Select(
+            options=(), rows=8, description="instance", layout=ipywidgets.Layout(width="320px")
+        )
+        view, controls = self._step_view, self._controls
+        self.step_select = view.select
+        self.steps_html = view.steps_html
+        self.output_html = view.output_html
+        self.pause_button = controls.pause_button
+        self.resume_button = controls.resume_button
+        self.terminate_button = controls.terminate_button
+        self.restart_button = controls.restart_button
+        self.rerun_button = controls.rerun_button
+        self.refresh_button = controls.refresh_button
+        self.event_type = controls.event_type
+        self.event_payload = controls.event_payload
+        self.send_event_button = controls.send_event_button
+        self.message = controls.message
+
+    def _wire(self) -> None:
+        self.instance_select.observe(self._on_instance_change, names="value")
+        self.step_select.observe(self._on_step_change, names="value")
+        for what in ("pause", "resume", "terminate", "restart"):
+            getattr(self, f"{what}_button").on_click(self._handler(what))
+        self.rerun_button.on_click(self._on_rerun)
+        self.send_event_button.on_click(self._on_send_event)
+        self.refresh_button.on_click(self._on_refresh)
 
     # -- stable representations ----------------------------------------------------
 
@@ -227,7 +206,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
     def static_html(self) -> str:
         """The instance table without ages or times (stable across runs of a notebook)."""
         with self._lock:
-            return self._table_html(self._instances, with_age=False)
+            return self._table.html(with_age=False)
 
     # -- state ------------------------------------------------------------------------
 
@@ -238,7 +217,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
         Columns: id, workflow, status, current_step, steps_done, age.
         """
         with self._lock:
-            return self._instances[_TABLE_COLUMNS].copy()
+            return self._table.frame[TABLE_COLUMNS].copy()
 
     @property
     def selected(self) -> str | None:
@@ -249,25 +228,33 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
     @property
     def selected_step(self) -> str | None:
         """The selected step (``name`` or ``name#n``), if any."""
-        value = self.step_select.value
-        return None if value is None else str(value)
+        return self._step_view.selected
 
     @property
     def steps(self) -> pd.DataFrame | None:
         """``steps()`` of the selected instance as of the last refresh or selection."""
         with self._lock:
-            return None if self._steps is None else self._steps.copy()
+            steps = self._step_view.steps
+            return None if steps is None else steps.copy()
 
     @property
     def output(self) -> Any:
         """The stored result of the selected step (None if none is selected or it has none)."""
-        return self._output
+        return self._step_view.output
 
     @property
     def running(self) -> bool:
         """Whether the background refresh thread runs."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return self._refresher.running
+
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between background refreshes (a change applies from the next one)."""
+        return self._refresher.interval
+
+    @refresh_interval.setter
+    def refresh_interval(self, seconds: float) -> None:
+        self._refresher.interval = float(seconds)
 
     # -- refreshing ---------------------------------------------------------------------
 
@@ -282,40 +269,24 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
         frame = self.engine.instances(limit=self.limit)
         steps = self._read_steps(selected)
         now = time.time()
-        frame["age"] = [_age(now - ts.timestamp()) for ts in frame["created_at"]]
         with self._lock:
-            self._instances = frame
+            self._table.show(frame, now, self.selected)
             self._refreshed = True
-            html_table = self._table_html(frame, with_age=True)
-            if self.table.value != html_table:
-                self.table.value = html_table
             self._sync_instance_options(keep=selected if steps is not None else None)
             if self.selected == selected:  # else a selection meanwhile showed its own steps
-                self._apply_steps(selected, steps)
+                self._step_view.show(selected, steps)
 
     def start(self) -> None:
         """Refresh in a background thread every ``refresh_interval`` seconds until ``stop()``."""
-        with self._lock:
-            if self.running:
-                return
-            self._stop = threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, args=(self._stop,), name="nbflow-dashboard", daemon=True
-            )
-            self._thread.start()
+        self._refresher.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the background refresh (the widget keeps showing its last state)."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-            self._stop.set()
-            self._wake.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        self._refresher.stop(timeout)
 
     def close(self) -> None:
         """Stop refreshing and close the widget and its parts (their views disappear)."""
-        if getattr(self, "_lock", None) is not None:  # ipywidgets' __del__ may call this
+        if getattr(self, "_refresher", None) is not None:  # ipywidgets' __del__ may call this
             self.stop()  # on an instance whose __init__ raised before setting anything up
             for widget in self._parts():
                 widget.close()
@@ -330,22 +301,15 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
             todo.extend(getattr(widget, "children", ()))
         return seen
 
-    def _run(self, stop: threading.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            try:
-                self.refresh()
-            except Exception as exc:  # keep going: Redis may come back; never print
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "nbflow: dashboard refresh failed: %s", exc)
-                self._say(f"refresh failed: {_describe(exc)}", error=True)
-            else:
-                failures = 0
-            if self.comm is None:  # the widget was closed
-                return
-            self._wake.wait(self.refresh_interval * min(1 + failures, 10))
-            self._wake.clear()
+    def _tick(self) -> bool:
+        """One round of the background refresh; False once the widget was closed."""
+        self.refresh()
+        return self.comm is not None
+
+    def _on_refresh_error(self, exc: Exception) -> bool:
+        """A failed background refresh: say so, and go on while the widget is open."""
+        self._say(f"refresh failed: {_describe(exc)}", error=True)
+        return self.comm is not None
 
     # -- selection -----------------------------------------------------------------------
 
@@ -360,12 +324,9 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
                 self.engine.instance(instance_id)  # raises for unknown or invalid ids
                 options = list(self.instance_select.options)
                 if instance_id not in options:
-                    self._set_options(self.instance_select, [*options, instance_id])
-            self._quiet = True
-            try:
+                    self._set_instance_options([*options, instance_id])
+            with self._quiet:
                 self.instance_select.value = instance_id
-            finally:
-                self._quiet = False
             self._show_instance()
 
     def select_step(self, name: str | None) -> None:
@@ -380,49 +341,38 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
                     raise ValueError("select an instance first: dash.select(instance_id)")
                 key = name[:-2] if name.endswith("#1") else name
                 self._load_steps()  # fresh: the step may have finished since the last refresh
-                options = list(self.step_select.options)
-                if key not in options:
+                keys = self._step_view.keys
+                if key not in keys:
                     raise LookupError(
                         f"instance {self.selected!r} has no step {name!r} "
-                        f"(its steps: {', '.join(options) or 'none yet'})"
+                        f"(its steps: {', '.join(keys) or 'none yet'})"
                     )
                 name = key
-            self._quiet = True
-            try:
-                self.step_select.value = name
-            finally:
-                self._quiet = False
-            self._show_output()
+            self._step_view.choose(name)
 
     def _on_instance_change(self, change: Mapping[str, Any]) -> None:
         """A user picked an instance in the front end (or code set the selector's value)."""
+        self._on_user_choice(self._show_instance)
+
+    def _on_step_change(self, change: Mapping[str, Any]) -> None:
+        self._on_user_choice(self._step_view.show_output)
+
+    def _on_user_choice(self, show: Callable[[], None]) -> None:
         try:
-            with self._lock:  # checked under the lock: only the thread holding it sets _quiet
-                if self._quiet:
+            with self._lock:  # checked under the lock: only the thread holding it is quiet
+                if self._quiet.on:
                     return
-                self._show_instance()
+                show()
         except Exception as exc:  # from a front-end event: report, never raise
             self._say(_describe(exc), error=True)
 
-    def _on_step_change(self, change: Mapping[str, Any]) -> None:
-        try:
-            with self._lock:
-                if self._quiet:
-                    return
-                self._show_output()
-        except Exception as exc:
-            self._say(_describe(exc), error=True)
-
     def _show_instance(self) -> None:
-        self._quiet = True
-        try:
+        with self._quiet:
             self.step_select.value = None
-        finally:
-            self._quiet = False
         self._load_steps()
 
     def _load_steps(self) -> None:
-        self._apply_steps(self.selected, self._read_steps(self.selected))
+        self._step_view.show(self.selected, self._read_steps(self.selected))
 
     def _read_steps(self, iid: str | None) -> pd.DataFrame | None:
         """``steps()`` of instance ``iid``; None if there is no such instance (any more)."""
@@ -434,108 +384,20 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
             return None
         return inst.steps()
 
-    def _apply_steps(self, iid: str | None, steps: pd.DataFrame | None) -> None:
-        """Show ``steps`` of ``iid``; keep the selected step if it is still there."""
-        self._steps = steps
-        if iid is None:
-            self._set_options(self.step_select, [])
-            self.steps_html.value = ""
-        else:
-            keys = [] if steps is None else [_step_key(r.step, r.count) for r in steps.itertuples()]
-            self._set_options(self.step_select, keys)
-            self.steps_html.value = self._steps_html(iid, steps)
-        self._show_output()
-
-    def _show_output(self) -> None:
-        key, steps = self.selected_step, self._steps
-        self._output = None
-        if key is None or steps is None:
-            self.output_html.value = ""
-            return
-        row = next((r for r in steps.itertuples() if _step_key(r.step, r.count) == key), None)
-        title = f"<b>output of step</b> <code>{html.escape(key)}</code><br>"
-        if row is None:
-            self.output_html.value = title + "<i>no such step any more</i>"
-        elif row.status == "complete":
-            self._output = row.output
-            self.output_html.value = title + value_html(row.output)
-        elif row.status == "errored" and isinstance(row.error, Mapping):
-            text = f"{row.error.get('name')}: {row.error.get('message')}"
-            self.output_html.value = (
-                title + f'<span style="color:{_ERROR_COLOUR}">{html.escape(text)}</span>'
-            )
-        else:
-            self.output_html.value = (
-                title + f"<i>no result yet ({html.escape(str(row.status))})</i>"
-            )
-
-    def _set_options(self, select: Any, values: list[str]) -> None:
-        """Replace a selector's options without losing (or announcing) the current choice."""
-        if tuple(select.options) == tuple(values):
-            return
-        current = select.value
-        self._quiet = True
-        try:
-            select.index = None  # so new options do not select their first entry
-            select.options = values
-            select.value = current if current in values else None
-        finally:
-            self._quiet = False
+    def _set_instance_options(self, ids: list[str]) -> None:
+        set_options(self.instance_select, ids, self._quiet)
 
     def _sync_instance_options(self, keep: str | None) -> None:
         """Offer the listed ids, plus ``keep`` (a selected instance older than the listing)."""
-        ids = list(self._instances["id"])
+        ids = self._table.ids
         if keep is not None and keep not in ids:
             ids.append(keep)
-        self._set_options(self.instance_select, ids)
-
-    # -- rendering -----------------------------------------------------------------------
-
-    def _table_html(self, frame: pd.DataFrame, with_age: bool) -> str:
-        columns = _TABLE_COLUMNS if with_age else _TABLE_COLUMNS[:-1]
-        head = "".join(f'<th style="text-align:left">{c.replace("_", " ")}</th>' for c in columns)
-        rows = []
-        selected = self.selected
-        for rec in frame.to_dict("records"):
-            cells = []
-            for c in columns:
-                value = rec.get(c)
-                cells.append(status_badge(str(value)) if c == "status" else _cell(value))
-            style = ' style="background:#e7f1ff"' if with_age and rec["id"] == selected else ""
-            rows.append(
-                f"<tr{style}>"
-                + "".join(f'<td style="text-align:left">{x}</td>' for x in cells)
-                + "</tr>"
-            )
-        if not rows:
-            rows.append(f'<tr><td colspan="{len(columns)}"><i>no instances</i></td></tr>')
-        return (
-            f'<table class="nbflow-dashboard"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>"
-        )
-
-    def _steps_html(self, iid: str, steps: pd.DataFrame | None) -> str:
-        title = f"<b>steps of</b> <code>{html.escape(iid)}</code>"
-        if steps is None:
-            return title + " <i>(instance not found)</i>"
-        if not len(steps):
-            return title + " <i>(no steps yet)</i>"
-        shown = steps[_STEP_COLUMNS].copy()
-        shown["output"] = [
-            value_summary(v, 60) if s == "complete" else ""
-            for v, s in zip(steps["output"], steps["status"], strict=True)
-        ]
-        shown["error"] = [
-            f"{e.get('name')}: {e.get('message')}" if isinstance(e, Mapping) else ""
-            for e in steps["error"]
-        ]
-        return title + shown.to_html(index=False, border=0, na_rep="–")
+        self._set_instance_options(ids)
 
     # -- actions -----------------------------------------------------------------------------
 
     def _say(self, text: str, error: bool = False) -> None:
-        self.message.value = text
-        self.message.style.text_color = _ERROR_COLOUR if error else None
+        self._controls.say(text, error)
 
     def _target(self) -> WorkflowInstance | None:
         iid = self.selected
@@ -543,12 +405,6 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
             self._say("select an instance first", error=True)
             return None
         return self.engine.instance(iid)
-
-    def _reregister(self, inst: WorkflowInstance) -> None:
-        if self.namespace is not None:
-            cls = find_workflow_class(self.namespace, inst.workflow)
-            if cls is not None:
-                self.engine.register(cls, name=inst.workflow)
 
     def _act(self, what: str, action: Callable[[WorkflowInstance], str], runs: bool) -> None:
         """Run one call on the selected instance; report in ``message``, never raise.
@@ -561,15 +417,15 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
                 inst = self._target()
                 if inst is None:
                     return
-                if runs:
-                    self._reregister(inst)
+                if runs and self.namespace is not None:
+                    reregister(self.engine, self.namespace, inst)
                 done = action(inst)
             self._say(done)
         except Exception as exc:  # a click handler must not raise into the kernel
             log.debug("nbflow: dashboard %s failed", what, exc_info=True)
             self._say(_describe(exc), error=True)
             return
-        self._wake.set()  # let the refresh thread show the effect soon
+        self._refresher.wake()  # let the refresh thread show the effect soon
 
     def _handler(self, what: str) -> Callable[[Any], None]:
         """The click handler of a lifecycle button (``pause``, ``resume``, ...)."""
@@ -598,12 +454,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
             etype = self.event_type.value.strip()
             if not etype:
                 raise ValueError("type an event type first")
-            text = self.event_payload.value.strip()
-            try:
-                payload = json.loads(text) if text else None
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"the payload is not valid JSON ({exc.msg}): {text!r}") from None
-            inst.send_event(etype, payload)
+            inst.send_event(etype, _event_payload(self.event_payload.value))
             return f"sent event {etype!r} to {inst.id!r}"
 
         self._act("send event", send, True)
