@@ -348,8 +348,11 @@ class Run:
         self._send_start(key, name, entry, attempt)
         self.callbacks_running += 1
         try:
-            await self._sent()
             assert self.batch is not None
+            if self.blocking:  # no coroutine for it: this is on every step's path
+                self.batch.written(True)
+            else:
+                await self._sent()
             self.batch.confirm()
             self._raise_refused()
         except BaseException:
@@ -476,9 +479,9 @@ class Run:
     async def _sent(self) -> None:
         """Lets the records queued so far go out before a callback starts: with other
         runs or branches going, at the end of this loop turn (they join the write);
-        alone (or blocking), at once."""
+        alone, at once."""
         assert self.batch is not None
-        written = self.batch.written(self.blocking or self._alone())
+        written = self.batch.written(self._alone())
         if written is not None:
             await written
 

@@ -205,7 +205,7 @@ class _StepBase:
         t0 = float(st.entry["t0"]) if st.entry else _now()
         if wait > 0:
             await self._wait(self._wait_before(st, attempt, wait, t0, None))
-        is_async = inspect.iscoroutinefunction(callback)
+        is_async = not self._run.blocking and inspect.iscoroutinefunction(callback)
         while True:
             exc, result = await self._attempt(st, cfg, callback, attempt, t0, is_async)
             if exc is None:
