@@ -35,6 +35,7 @@ from nbflow.records import (
     INSTANCE_COLUMNS,
     STATUSES,
     STEP_COLUMNS,
+    InstanceStatus,
     decode_entry,
     event_json,
     instance_status,
@@ -519,7 +520,7 @@ class WorkflowInstance:
         html: str | None = reprs.render("instance_html", self)
         return html
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> InstanceStatus:
         """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
         st, output, error = self.engine.redis.hmget(
             self.engine.keys.state(self.id), "status", "output", "error"
@@ -644,7 +645,7 @@ class WorkflowInstance:
         if res == "woken":
             self.engine.backend.enqueue([self.id], at_front=True)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Block until complete, errored or terminated; returns ``status()``.
 
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.

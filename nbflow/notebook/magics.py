@@ -401,7 +401,7 @@ class WorkflowMagics(Magics):
     def _status(self, args: argparse.Namespace) -> InstanceStatus:
         inst = self._instance("status", args.id)
         with _as_usage("status"):
-            return InstanceStatus(inst.status())
+            return inst.status()
 
     def _lifecycle(self, command: str, args: argparse.Namespace) -> WorkflowInstance:
         inst = self._instance(command, args.id)
@@ -462,7 +462,7 @@ class WorkflowMagics(Magics):
     def _wait(self, args: argparse.Namespace) -> InstanceStatus:
         inst = self._instance("wait", args.id)
         try:
-            return InstanceStatus(inst.wait(timeout=args.timeout))
+            return inst.wait(timeout=args.timeout)
         except TimeoutError as exc:
             raise _fail("wait", f"{exc} (is a worker running? %wf worker start)") from None
 
