@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import importlib
 import inspect
@@ -21,13 +22,15 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
+
+import redis as redis_lib
 
 from nbflow import server
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.engine import Engine
-from nbflow.errors import InstanceNotFoundError, WorkflowError
+from nbflow.errors import InstanceNotFoundError, RedisUnavailableError, WorkflowError
 
 
 def import_workflows(engine: Engine, modules: Sequence[str]) -> list[str]:
@@ -98,10 +101,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nbflow`` command; returns the exit code."""
+    """Entry point of the ``nbflow`` command; returns the exit code.
+
+    Expected failures (a Redis that cannot be reached or used, bad arguments, a module that
+    does not import) print one line naming the command and exit 2: a traceback would bury
+    the line that says what to fix.
+    """
     args = _parser().parse_args(argv)
     try:
         return int(_COMMANDS[args.command](args) or 0)
+    except RedisUnavailableError as exc:
+        # Already says what was tried and why it failed (server.connect builds it).
+        print(f"nbflow {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except redis_lib.exceptions.RedisError as exc:
+        # Redis went away or refused a command after connect() had checked it.
+        print(f"nbflow {args.command}: Redis failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except (WorkflowError, ValueError, TypeError, ImportError) as exc:
         print(f"nbflow {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -179,24 +195,44 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  created instance {inst.id} of workflow {flow.name}")
         started = time.monotonic()
         _wait_for(inst, "waiting", 30)
-        print("  it sleeps in Redis (status 'waiting'), then waits for a 'approved' event ...")
+        print("  it sleeps in Redis (status 'waiting'), then waits for an 'approved' event ...")
         _wait_for_step(inst, "manager approval", 30)
         inst.send_event("approved", {"by": "manager"})
         print("  sent event 'approved'")
         result = inst.wait(timeout=60)
         took = time.monotonic() - started
         for row in inst.steps().to_dict("records"):
-            attempts = int(row["attempts"])
-            tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
-            shown = row["output"]
-            out = "" if shown is None else f"-> {json.dumps(shown, default=str)}"
-            print(f"    {row['status']:9} {row['kind']:6} {row['step']:17} {tries:11} {out}")
+            print(_demo_step_line(row))
         print(f"  instance {inst.id} is {result['status']} after {took:.1f} s:")
         print(f"    {json.dumps(result.get('output') or result.get('error'))}")
         print("Next: `nbflow list --prefix nbflow-demo`, or open notebooks/ in Jupyter.")
         return 0 if result["status"] == "complete" else 1
     finally:
         engine.stop_worker()
+
+
+def _demo_step_line(row: Mapping[Hashable, Any]) -> str:
+    """One row of the demo's step table.
+
+    Attempts are shown for ``do`` steps only: a sleep or an event wait is not retried, so
+    "1 attempt" there would suggest a retry policy it does not have.  No trailing blanks
+    when a step has no output (a sleep).
+    """
+    tries = ""
+    if row["kind"] == "do":
+        attempts = int(row["attempts"])
+        tries = f"{attempts} attempts" if attempts != 1 else "1 attempt"
+    shown = row["output"]
+    out = "" if shown is None else f"-> {json.dumps(shown, default=_json_text)}"
+    return f"    {row['status']:9} {row['kind']:6} {row['step']:17} {tries:11} {out}".rstrip()
+
+
+def _json_text(value: object) -> str:
+    """JSON fallback for the demo's output: ISO 8601 for datetimes (an event's timestamp),
+    the usual text form of a time in JSON, rather than ``str``'s space-separated one."""
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def _wait_for(inst: Any, status: str, timeout: float) -> None:

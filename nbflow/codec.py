@@ -54,9 +54,13 @@ _STORABLE: Final = (
 class UnstorableValueError(TypeError):
     """A value nbflow cannot store as JSON (a set, an arbitrary object, a dict with int keys...).
 
-    A ``TypeError`` because the problem is the value's type; its own class lets
-    the engine tell "this result can never be stored" (fail the instance at
-    once, no retries) from a ``TypeError`` raised by user code.
+    A ``TypeError`` because the problem is the value's type, and that is what the
+    engine catches: the step protocol, the runner and ``Workflow.create`` /
+    ``send_event`` wrap only their ``codec.encode`` call in ``except TypeError``
+    (fail the step or instance at once, no retries; reject params or payloads),
+    so no ``TypeError`` from user code can reach those handlers.  The subclass
+    is there for callers who want to name this case precisely, e.g.
+    ``pytest.raises(UnstorableValueError)``.
     """
 
 

