@@ -241,7 +241,9 @@ class _StepBase:
         callback counts as running (``StepRun.callbacks_running``) from its start until
         its outcome is recorded; for an error that is the caller's job.
         """
-        self._run.step_begins()
+        blocking = self._run.blocking
+        if not blocking:  # what steps_in_flight counts is only read by async runs
+            self._run.step_begins()
         counted = error_returned = False
         try:
             await self._run.start_step(
@@ -250,7 +252,7 @@ class _StepBase:
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
             try:
-                if self._run.blocking:
+                if blocking:
                     result = self._call_blocking(callback, ctx, cfg)
                 else:
                     result = await self._call_async(st, callback, ctx, cfg, is_async)
@@ -269,7 +271,8 @@ class _StepBase:
         finally:
             if counted and not error_returned:  # recorded (or it raised past us)
                 self._run.callbacks_running -= 1
-            self._run.step_done()
+            if not blocking:
+                self._run.step_done()
 
     @staticmethod
     def _call_blocking(
