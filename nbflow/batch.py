@@ -20,14 +20,14 @@ import redis
 
 from nbflow.backend import Backend
 from nbflow.errors import StoreUnavailable
-from nbflow.store import ScriptStream
+from nbflow.store import LEASE_SECONDS, ScriptStream
 
 log = logging.getLogger("nbflow")
 
 #: A step whose run has had no word from Redis for this long (seconds) waits for the
-#: reply to its start before its callback runs.  Far below the lease (30 s), so a run
-#: cut off from Redis (whose lease may be taken over) starts no step unconfirmed.
-CONFIRM_AFTER = 1.0
+#: reply to its start before its callback runs.  Far below the lease, so a run cut off
+#: from Redis (whose lease may be taken over) starts no step unconfirmed.
+CONFIRM_AFTER = LEASE_SECONDS / 30
 
 
 def unreachable(reply: Any) -> bool:

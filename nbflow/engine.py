@@ -62,9 +62,6 @@ BATCH_CHUNK = 500
 #: still cut into at least two jobs (of 25 or more) so two workers can share it.
 JOB_SIZE = 100
 MIN_JOB_SIZE = 25
-#: How long pause()/terminate()/restart() wait for the worker running the instance
-#: to confirm that it starts no new step of it (see ``nbflow.handshake``).
-STOP_ACK_TIMEOUT = handshake.STOP_ACK_TIMEOUT
 
 
 def _now() -> tuple[str, str]:
@@ -577,8 +574,8 @@ class WorkflowInstance:
         Works from queued, running or waiting; afterwards the status is
         ``waitingForPause`` (a step is finishing) or ``paused``.  For a running
         instance it returns once the worker running it has promised to start no
-        new step (the stop handshake; at most ``STOP_ACK_TIMEOUT`` seconds, after
-        which the step scripts enforce the pause themselves).
+        new step (the stop handshake; at most ``handshake.STOP_ACK_TIMEOUT``
+        seconds, after which the step scripts enforce the pause themselves).
         """
         self._call("pause", "queued, running or waiting")
 

@@ -45,16 +45,12 @@ from nbflow.callbacks import run_blocking
 from nbflow.definition import WorkflowEvent
 from nbflow.errors import FatalRunError, StoreUnavailable, Suspend, error_dict, rebuild_error
 from nbflow.step import SyncWorkflowStep, WorkflowStep
-from nbflow.store import clock
+from nbflow.store import LEASE_SECONDS, clock
 
 if TYPE_CHECKING:
     from nbflow.handshake import StopListener
 
 log = logging.getLogger("nbflow")
-
-#: How long a claim or a step write keeps an instance leased to its run; the
-#: worker's heartbeat renews leases of runs in progress every third of this.
-LEASE_SECONDS = 30.0
 
 # Which of several reasons to stop wins when parallel steps meet different ones.
 _REASON_RANK = {"wait": 1, "stopping": 2, "paused": 3}
@@ -683,4 +679,4 @@ class Run:
         return "suspend", [*self._args(), wake, types, f'"until":{wake or "null"}', *flat]
 
 
-__all__ = ["run_job", "run_many", "LEASE_SECONDS"]
+__all__ = ["run_job", "run_many"]

@@ -281,7 +281,8 @@ class _StepBase:
         """Calls a callback of a blocking run: inline under a timer where one can bound
         it, else on the pool, waiting for it at most its timeout."""
         if callbacks.can_inline():
-            return callbacks.finish_blocking(callbacks.call_inline(callback, ctx, cfg.timeout))
+            result = callbacks.call_inline(callback, ctx, cfg.timeout)
+            return callbacks.finish_blocking(result) if inspect.isawaitable(result) else result
         future = callbacks.submit(callback, ctx, blocking=True)
         try:
             return future.result(timeout=cfg.timeout)

@@ -51,6 +51,10 @@ import redis
 
 from nbflow.records import FINAL_STATUSES, STATUSES  # noqa: F401  (statuses the scripts set)
 
+#: How long a claim or a step write keeps an instance leased to its run (``{p}:leases``);
+#: the worker's heartbeat renews leases of runs in progress every third of this.
+LEASE_SECONDS = 30.0
+
 
 def clock() -> tuple[float, str]:
     """Now, as epoch seconds and as the ISO 8601 UTC text stored in state

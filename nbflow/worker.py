@@ -37,12 +37,12 @@ from rq.worker_registration import clean_worker_registry
 from nbflow import runner
 from nbflow.backend import JOB_FUNCTION, Backend
 from nbflow.handshake import StopListener
-from nbflow.store import clock
+from nbflow.store import LEASE_SECONDS, clock
 
 log = logging.getLogger("nbflow")
 
 WAKE_INTERVAL = 0.05  # how often due timers are looked for
-HEARTBEAT_INTERVAL = runner.LEASE_SECONDS / 3
+HEARTBEAT_INTERVAL = LEASE_SECONDS / 3
 SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
 ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
 WORKER_HEARTBEAT = 10.0  # seconds between RQ worker-key heartbeats
@@ -221,7 +221,7 @@ class Housekeeper(threading.Thread):
         by_token: dict[str, list[str]] = {}
         for iid, token in runs.items():
             by_token.setdefault(token, []).append(iid)
-        lease = f"{time.time() + runner.LEASE_SECONDS:.6f}"
+        lease = f"{time.time() + LEASE_SECONDS:.6f}"
         for token, ids in by_token.items():
             self.backend.scripts.heartbeat(args=[self.backend.prefix, token, lease, *ids])
 
