@@ -23,6 +23,7 @@ from nbflow.errors import (
     WorkflowTimeoutError,
 )
 from nbflow.notebook import display as _display  # noqa: F401  (registers the notebook displays)
+from nbflow.schedules import Schedule
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Engine",
     "Workflow",
     "WorkflowInstance",
+    "Schedule",
     "WorkflowEntrypoint",
     "WorkflowEvent",
     "WorkflowStep",

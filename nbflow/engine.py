@@ -20,6 +20,7 @@ import pandas as pd
 import redis as redis_lib
 
 from nbflow import codec, handshake, reprs, server
+from nbflow import schedules as _schedules
 from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
@@ -46,6 +47,7 @@ from nbflow.records import (
     text,
     text_or_none,
 )
+from nbflow.schedules import Schedule
 from nbflow.store import Keys, clock
 from nbflow.validate import check_event_type, check_instance_id
 from nbflow.worker import ThreadWorker, run_foreground
@@ -287,6 +289,72 @@ class Engine:
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
             }
+
+    # -- schedules (nbflow.schedules) ---------------------------------------------
+
+    def schedule(
+        self,
+        workflow: Workflow[Any] | str,
+        cron: str,
+        *,
+        name: str | None = None,
+        params: Any = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+    ) -> Schedule[WorkflowInstance]:
+        """Start ``workflow`` on every tick of ``cron`` (croniter syntax, in ``timezone``).
+
+        Each tick creates one instance, id ``{name}-{tick in UTC as YYYYMMDDTHHMMSS}``,
+        however many engines and workers run; any worker on this prefix fires the
+        ticks.  ``name`` defaults to the workflow's name; calling this again with the
+        same name updates that schedule.  ``overlap="skip"`` skips a tick while the
+        schedule's previous instance is unfinished, ``"allow"`` does not.  Ticks missed
+        while nothing ran are not made up (``Schedule.backfill`` does that on request).
+        Details and the choices made: ``nbflow.schedules``.
+        """
+        if isinstance(workflow, Workflow):
+            if workflow.engine.prefix != self.prefix:
+                raise ValueError(
+                    f"workflow {workflow.name!r} belongs to an engine with prefix "
+                    f"{workflow.engine.prefix!r}, not {self.prefix!r}"
+                )
+            wf_name = workflow.name
+        elif isinstance(workflow, str):
+            wf_name = workflow
+        else:
+            raise TypeError(
+                f"schedule() takes a Workflow or the name of a registered one, not {workflow!r}"
+            )
+        if wf_name not in self.backend.classes:
+            known = ", ".join(sorted(self.backend.classes)) or "none"
+            raise ValueError(
+                f"cannot schedule unknown workflow {wf_name!r}: register it on this engine "
+                f"first (registered: {known})"
+            )
+        return _schedules.put(
+            self.backend,
+            wf_name,
+            cron,
+            self._instance_handle,
+            name=name,
+            params=params,
+            timezone=timezone,
+            overlap=overlap,
+        )
+
+    def get_schedule(self, name: str) -> Schedule[WorkflowInstance]:
+        """The schedule called ``name`` (made by any engine on this prefix); ``LookupError``
+        if there is none."""
+        return _schedules.get(self.backend, name, self._instance_handle)
+
+    def schedules(self) -> pd.DataFrame:
+        """Every schedule, by name: name, workflow, cron, timezone, overlap, paused,
+        next_run, last_run (UTC timestamps), last_instance, and the counters fired,
+        skipped, missed, triggered, backfilled."""
+        return _schedules.listing(self.backend)
+
+    def _instance_handle(self, iid: str, workflow: str) -> WorkflowInstance:
+        return WorkflowInstance(self, iid, workflow)
 
     # -- workers ------------------------------------------------------------------
 

@@ -27,6 +27,14 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:index:wf:{name}   zset  instances of a workflow -> creation epoch (newest first)
     {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
                                 in exactly one, so merging them lists all instances
+    {p}:schedules         zset  schedule name -> when the firing loop looks at it next: its
+                                next tick (epoch), a claim's expiry while a housekeeper
+                                fires it, +inf while paused (``nbflow.schedules``)
+    {p}:schedule:{name}   hash  workflow, cron, timezone, overlap, params (JSON), retention,
+                                paused, nextTick, lastTick, lastInstance, claim (token of
+                                the housekeeper firing it), counters fired / skipped /
+                                missed / triggered / backfilled, createdAt, updatedAt
+    {p}:schedule:{name}:history  list  JSON events of the schedule (newest last, capped)
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -78,6 +86,7 @@ class Keys:
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
+        self.schedules = f"{prefix}:schedules"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -108,6 +117,12 @@ class Keys:
 
     def ack(self, nonce: str) -> str:
         return f"{self.prefix}:ack:{nonce}"
+
+    def schedule(self, name: str) -> str:
+        return f"{self.prefix}:schedule:{name}"
+
+    def schedule_history(self, name: str) -> str:
+        return f"{self.prefix}:schedule:{name}:history"
 
 
 # Shared Lua prelude: key helpers and the one function that changes a status
@@ -676,6 +691,227 @@ _SOURCES = {
     "restart": _RESTART,
     "purge": _PURGE,
 }
+
+
+# -- schedules (``nbflow.schedules``) --------------------------------------------------
+# A tick is fired by whichever housekeeper claims it: `schedule_due` hands each due
+# schedule to one caller (a claim token, and its score moved to the claim's expiry, so
+# other housekeepers skip it meanwhile); `schedule_fire` then advances the schedule to
+# its next tick and creates the tick's instance, in one script, only while the claim
+# holds (a pause, update or delete in between drops the claim).  The instance is written
+# by the very `create` script above (wrapped as a function), so a scheduled instance is
+# created exactly as `Workflow.create` creates one; the caller sends the RQ job in the
+# same MULTI/EXEC.  Its id is derived from the tick, so even a claim that expired
+# (a housekeeper stalled for CLAIM_SECONDS) cannot create a second instance.
+_SCHEDULE_FUNCTIONS = (
+    r"""
+local function k_sched(name) return P .. ':schedule:' .. name end
+local function sched_hist(name, now, ev, extra)
+  local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
+  if extra and extra ~= '' then e = e .. ',' .. extra end
+  local hk = k_sched(name) .. ':history'
+  redis.call('RPUSH', hk, e .. '}')
+  redis.call('LTRIM', hk, -200, -1)
+end
+local function create_script(ARGV)
+"""
+    + _CREATE
+    + r"""
+end
+-- creates instance `iid` of the schedule's workflow with its params: 1, or 0 if it exists
+local function sched_create(key, iid, now, now_iso)
+  local f = redis.call('HMGET', key, 'workflow', 'params', 'retention')
+  return create_script({P, now, now_iso, f[1], f[3] or '', iid, f[2] or 'null'})[1]
+end
+"""
+)
+
+# ARGV: prefix, name, workflow, cron, timezone, overlap, params, retention, next_tick,
+# now, now_iso.  Creates or updates a schedule; an update that keeps cron and time zone
+# keeps the tick it waits for (re-running a notebook cell loses no tick).  A paused
+# schedule stays paused.  Returns 'created' or 'updated'.
+_SCHEDULE_PUT = r"""
+local name, wf, cron, tz, overlap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local params, retention, nxt, now, now_iso = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local key = k_sched(name)
+local old = redis.call('HMGET', key, 'cron', 'timezone', 'nextTick', 'paused')
+local result = 'created'
+if old[1] then
+  result = 'updated'
+  if old[1] == cron and old[2] == tz and old[3] then nxt = old[3] end
+else
+  redis.call('HSET', key, 'createdAt', now_iso, 'paused', '0', 'fired', 0, 'skipped', 0,
+             'missed', 0, 'triggered', 0, 'backfilled', 0)
+end
+redis.call('HSET', key, 'workflow', wf, 'cron', cron, 'timezone', tz, 'overlap', overlap,
+           'params', params, 'retention', retention, 'nextTick', nxt, 'updatedAt', now_iso)
+redis.call('HDEL', key, 'claim')
+if old[4] == '1' then
+  redis.call('ZADD', P .. ':schedules', '+inf', name)
+else
+  redis.call('ZADD', P .. ':schedules', nxt, name)
+end
+sched_hist(name, now, result, '"cron":' .. cjson.encode(cron) .. ',"timezone":' .. cjson.encode(tz))
+return result
+"""
+
+# ARGV: prefix, now, token, claim_until, limit.  Claims the schedules whose tick is due
+# for the caller and returns {earliest score or '', {name, workflow, cron, timezone,
+# overlap, nextTick, lastInstance, its status}, ...}.  With no schedule at all it reads
+# two empty keys: what every housekeeper pays for schedules nobody uses.
+_SCHEDULE_DUE = r"""
+local now, token, claim_until, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local zk = P .. ':schedules'
+local due = redis.call('ZRANGEBYSCORE', zk, '-inf', now, 'LIMIT', 0, limit)
+local out = {''}
+for _, name in ipairs(due) do
+  local key = k_sched(name)
+  local f = redis.call('HMGET', key, 'workflow', 'cron', 'timezone', 'overlap', 'nextTick',
+                       'lastInstance', 'paused')
+  if not f[1] or not f[5] then
+    redis.call('ZREM', zk, name)
+  elseif f[7] == '1' then
+    redis.call('ZADD', zk, '+inf', name)
+  else
+    redis.call('ZADD', zk, claim_until, name)
+    redis.call('HSET', key, 'claim', token)
+    local last = ''
+    if f[6] then last = redis.call('HGET', k_state(f[6]), 'status') or '' end
+    out[#out + 1] = {name, f[1], f[2], f[3], f[4], f[5], f[6] or '', last}
+  end
+end
+local first = redis.call('ZRANGE', zk, 0, 0, 'WITHSCORES')
+if first[2] then out[1] = first[2] end
+return out
+"""
+
+# ARGV: prefix, name, token, action ('fire' | 'miss'), tick, next_tick, instance id, now,
+# now_iso, may_create ('1' when the caller sends the RQ job in the same transaction).
+# While the caller's claim holds: 'miss' records a tick nobody fired in time; 'fire'
+# skips the tick if overlap is 'skip' and the last instance is not finished, else
+# creates the tick's instance (or finds it made already, by a backfill).  Either way
+# the schedule moves on to next_tick.  Returns 'created', 'exists', 'skipped',
+# 'missed', 'lost' (no claim: nothing written) or 'retry' (it would create, but
+# may_create is '0': nothing written).
+_SCHEDULE_FIRE = r"""
+local name, token, action, tick, nxt, iid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local now, now_iso, may_create = ARGV[8], ARGV[9], ARGV[10]
+local key = k_sched(name)
+local f = redis.call('HMGET', key, 'claim', 'overlap', 'lastInstance')
+if f[1] ~= token then return 'lost' end
+local result
+if action == 'miss' then
+  redis.call('HINCRBY', key, 'missed', 1)
+  sched_hist(name, now, 'missed', '"tick":' .. tick .. ',"next":' .. nxt)
+  result = 'missed'
+else
+  local blocked = false
+  if f[2] == 'skip' and f[3] then
+    local s = redis.call('HGET', k_state(f[3]), 'status')
+    blocked = s and s ~= 'complete' and s ~= 'errored' and s ~= 'terminated'
+  end
+  if blocked then
+    redis.call('HINCRBY', key, 'skipped', 1)
+    sched_hist(name, now, 'skipped', '"tick":' .. tick .. ',"running":' .. cjson.encode(f[3]))
+    result = 'skipped'
+  elseif may_create ~= '1' then
+    return 'retry'
+  else
+    local made = sched_create(key, iid, now, now_iso)
+    local extra = ''
+    if made == 1 then
+      result = 'created'
+      redis.call('HINCRBY', key, 'fired', 1)
+    else
+      result = 'exists'
+      extra = ',"existed":true'
+    end
+    redis.call('HSET', key, 'lastTick', tick, 'lastInstance', iid)
+    sched_hist(name, now, 'fired', '"tick":' .. tick .. ',"instance":"' .. iid .. '"' .. extra)
+  end
+end
+redis.call('HSET', key, 'nextTick', nxt)
+redis.call('HDEL', key, 'claim')
+redis.call('ZADD', P .. ':schedules', nxt, name)
+return result
+"""
+
+# ARGV: prefix, name, instance id, now, now_iso.  One instance now (`trigger()`).
+# Returns 'created', 'exists' (that id is taken) or 'unknown' (no such schedule).
+_SCHEDULE_TRIGGER = r"""
+local name, iid, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if sched_create(key, iid, now, now_iso) ~= 1 then return 'exists' end
+redis.call('HINCRBY', key, 'triggered', 1)
+redis.call('HSET', key, 'lastInstance', iid)
+sched_hist(name, now, 'triggered', '"instance":"' .. iid .. '"')
+return 'created'
+"""
+
+# ARGV: prefix, name, now, now_iso, then instance ids.  Creates the instances of past
+# ticks (`backfill()`): {'ok', flag per id (1 created, 0 existed)} or {'unknown'}.
+_SCHEDULE_BACKFILL = r"""
+local name, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return {'unknown'} end
+local flags, made = {}, 0
+for i = 5, #ARGV do
+  flags[#flags + 1] = sched_create(key, ARGV[i], now, now_iso)
+  made = made + flags[#flags]
+end
+redis.call('HINCRBY', key, 'backfilled', made)
+sched_hist(name, now, 'backfilled', '"created":' .. made)
+return {'ok', flags}
+"""
+
+# ARGV: prefix, name, now. Returns 'paused' or 'unknown'.
+_SCHEDULE_PAUSE = r"""
+local name, now = ARGV[2], ARGV[3]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if redis.call('HGET', key, 'paused') ~= '1' then
+  redis.call('HSET', key, 'paused', '1')
+  redis.call('HDEL', key, 'claim')
+  redis.call('ZADD', P .. ':schedules', '+inf', name)
+  sched_hist(name, now, 'paused', '')
+end
+return 'paused'
+"""
+
+# ARGV: prefix, name, next_tick, now.  A paused schedule waits for its next tick from
+# now on (the ticks it slept through are not made up).  Returns 'active' or 'unknown'.
+_SCHEDULE_RESUME = r"""
+local name, nxt, now = ARGV[2], ARGV[3], ARGV[4]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if redis.call('HGET', key, 'paused') == '1' then
+  redis.call('HSET', key, 'paused', '0', 'nextTick', nxt)
+  redis.call('HDEL', key, 'claim')
+  redis.call('ZADD', P .. ':schedules', nxt, name)
+  sched_hist(name, now, 'resumed', '')
+end
+return 'active'
+"""
+
+# ARGV: prefix, name. Returns 1 if it existed. Its instances are left alone.
+_SCHEDULE_DELETE = r"""
+local key = k_sched(ARGV[2])
+redis.call('ZREM', P .. ':schedules', ARGV[2])
+return redis.call('DEL', key, key .. ':history') > 0 and 1 or 0
+"""
+
+_SCHEDULE_SOURCES = {
+    "schedule_put": _SCHEDULE_PUT,
+    "schedule_due": _SCHEDULE_DUE,
+    "schedule_fire": _SCHEDULE_FIRE,
+    "schedule_trigger": _SCHEDULE_TRIGGER,
+    "schedule_backfill": _SCHEDULE_BACKFILL,
+    "schedule_pause": _SCHEDULE_PAUSE,
+    "schedule_resume": _SCHEDULE_RESUME,
+    "schedule_delete": _SCHEDULE_DELETE,
+}
+_SOURCES.update({name: _SCHEDULE_FUNCTIONS + body for name, body in _SCHEDULE_SOURCES.items()})
 
 
 class Scripts:
