@@ -14,6 +14,7 @@ in the JupySQL / sparkmagic style::
     %wf wait ID [--timeout SECONDS]
     %wf worker start|stop|status
     %wf dashboard [--refresh SECONDS]
+    %wf schedule list|pause|resume|delete|trigger|next [NAME] [-n N]
     %wf help
 
 Every user mistake -- an unknown subcommand, a missing argument, bad JSON, an
@@ -77,10 +78,14 @@ USAGE: dict[str, str] = {
     "wait": "%wf wait ID [--timeout SECONDS]",
     "worker": "%wf worker start|stop|status",
     "dashboard": "%wf dashboard [--refresh SECONDS]",
+    "schedule": "%wf schedule list | %wf schedule pause|resume|delete|trigger NAME | "
+    "%wf schedule next NAME [-n N]",
     "help": "%wf help",
 }
 
 _OVERVIEW = "%wf " + "|".join(USAGE) + " ..."
+#: What ``%wf schedule`` does (all but ``list`` name a schedule).
+SCHEDULE_ACTIONS = ("list", "pause", "resume", "delete", "trigger", "next")
 
 
 def _one_line(text: str) -> str:
@@ -159,6 +164,10 @@ def _parsers() -> dict[str, _Parser]:
     p.add_argument("action", choices=["start", "stop", "status"], metavar="start|stop|status")
     p = parsers["dashboard"]
     p.add_argument("--refresh", type=_positive_float, default=1.0, metavar="SECONDS")
+    p = parsers["schedule"]
+    p.add_argument("action", choices=SCHEDULE_ACTIONS, metavar="|".join(SCHEDULE_ACTIONS))
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-n", dest="n", type=_limit, default=5, metavar="N")
     return parsers
 
 
@@ -294,6 +303,7 @@ class WorkflowMagics(Magics):
             "wait": self._wait,
             "worker": self._worker,
             "dashboard": self._open_dashboard,
+            "schedule": self._schedule,
             "help": lambda _args: _Help(),
         }
 
@@ -313,6 +323,10 @@ class WorkflowMagics(Magics):
         %wf wait ID [--timeout SECONDS]            block until it finishes
         %wf worker start|stop|status               the worker inside this kernel
         %wf dashboard [--refresh SECONDS]          the live dashboard
+        %wf schedule list                          cron schedules (DataFrame)
+        %wf schedule pause|resume|delete NAME      steer a schedule
+        %wf schedule trigger NAME                  one instance now (returns it)
+        %wf schedule next NAME [-n N]              its next N run times
         """
         try:
             tokens = split_line(line)
@@ -473,6 +487,34 @@ class WorkflowMagics(Magics):
         elif args.action == "stop":
             engine.stop_worker()
         return WorkerState(engine.worker_running)
+
+    def _schedule(self, args: argparse.Namespace) -> Any:
+        """``%wf schedule ...``: list returns the DataFrame, trigger the new instance,
+        next the run times, and pause/resume/delete the schedule's info afterwards
+        (delete: the list that is left)."""
+        engine = self.engine
+        if args.action == "list":
+            with _as_usage("schedule"):
+                return engine.schedules()
+        if args.name is None:
+            raise _fail("schedule", f"%wf schedule {args.action} needs a schedule NAME")
+        with _as_usage("schedule"):
+            try:
+                sched = engine.get_schedule(args.name)
+            except LookupError:
+                known = ", ".join(engine.schedules()["name"]) or "none"
+                raise _fail(
+                    "schedule", f"unknown schedule {args.name!r} (schedules: {known})"
+                ) from None
+            if args.action == "trigger":
+                return sched.trigger()
+            if args.action == "next":
+                return [t.isoformat() for t in sched.next_runs(args.n)]
+            if args.action == "delete":
+                sched.delete()
+                return engine.schedules()
+            getattr(sched, args.action)()
+            return sched.info()
 
     def _open_dashboard(self, args: argparse.Namespace) -> Dashboard:
         from nbflow.notebook.widgets import Dashboard
