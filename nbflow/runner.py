@@ -378,14 +378,15 @@ class Run:
             self.batch.flush()
 
     async def take_event(
-        self, key: str, event_type: str, index: int, t0: float, pos: int
+        self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
         self._stop_if_halted()
         self._raise_refused()
         self._flush_pending()
         rel = f"{t0 - self.created_ts:.3f}"
-        args = [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}", str(pos)]
+        where = "" if pos is None else str(pos)
+        args = [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}", where]
         res = await self._reply("take_event", args)  # replies come in order
         self._raise_refused()
         if isinstance(res, Exception):

@@ -27,6 +27,7 @@ they await completes without suspending (sleeps block, calls wait for their repl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -44,6 +45,12 @@ from nbflow.validate import StepConfig, check_event_type, check_step_name, resol
 log = logging.getLogger("nbflow")
 
 T = TypeVar("T")
+
+#: Whether the running code is a step callback of an async run (its task's context):
+#: steps it calls are nested steps, which take no position in the run's sequence.
+_in_callback: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nbflow_in_callback", default=False
+)
 
 #: Retry waits up to this long are slept inline; longer ones park the instance
 #: in Redis (status ``waiting``) so the worker is free meanwhile.
@@ -81,7 +88,7 @@ class StepRun(Protocol):
     ) -> NoReturn: ...
 
     async def take_event(
-        self, key: str, event_type: str, index: int, t0: float, pos: int
+        self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None: ...
 
     def parallel(self) -> bool: ...
@@ -124,8 +131,13 @@ class _Step:
         self.count = run.counts.get(name, 0) + 1
         run.counts[name] = self.count
         self.key = records.make_key(name, self.count)
-        self.pos = run.calls
-        run.calls += 1
+        # a step called from inside another step's callback has no position of its own:
+        # a replay that returns the outer step's stored result never calls it
+        if run.callbacks_running > 0 if run.blocking else _in_callback.get():
+            self.pos: int | None = None
+        else:
+            self.pos = run.calls
+            run.calls += 1
         self.entry: dict[str, Any] | None = run.cache.get(self.key)
         if run.cache:  # a replay (a first run has nothing to compare with)
             _check_replay(run, self, kind)
@@ -156,9 +168,9 @@ def _check_replay(run: StepRun, st: _Step, kind: str) -> None:
                 st.pos, _describe(st.key, recorded_kind), _describe(st.key, kind), run.iid
             )
         n = e.get("n")
-        if n is None or n == st.pos or run.parallel():
+        if n is None or n == st.pos or st.pos is None or run.parallel():
             return
-    elif run.parallel():
+    elif st.pos is None or run.parallel():
         return
     positions = run.positions
     if positions is None:
@@ -181,7 +193,7 @@ def _check_replay(run: StepRun, st: _Step, kind: str) -> None:
         _nondeterministic(st.pos, _describe(*there), _describe(st.key, kind), run.iid)
 
 
-def _nondeterministic(pos: int, recorded: str, asked: str, iid: str) -> NoReturn:
+def _nondeterministic(pos: int | None, recorded: str, asked: str, iid: str) -> NoReturn:
     message = (
         f"instance {iid!r} is not deterministic: at step position {pos} the run asked for "
         f"{asked} where {recorded} was recorded; restart it (from that step or earlier) "
@@ -340,7 +352,11 @@ class _StepBase:
                 if blocking:
                     result = self._call_blocking(callback, ctx, cfg)
                 else:
-                    result = await self._call_async(st, callback, ctx, cfg, is_async)
+                    inside = _in_callback.set(True)  # (see _Step: nested steps)
+                    try:
+                        result = await self._call_async(st, callback, ctx, cfg, is_async)
+                    finally:
+                        _in_callback.reset(inside)
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except (callbacks.Alarm, _Overran):

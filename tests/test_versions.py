@@ -32,7 +32,7 @@ from nbflow.fingerprint import (
 
 RUNS: Counter[tuple[str, str]] = Counter()
 
-SOURCE = '''
+SOURCE = """
 from nbflow import WorkflowEntrypoint
 
 RUNS = globals().get("RUNS")  # the test's counter, set after the first exec
@@ -53,7 +53,7 @@ class Cleaning(WorkflowEntrypoint):
         cleaned = await step.do("clean", lambda: RUNS.update([(iid, "clean")]) or clean(raw))
         await step.wait_for_event("go", "go", timeout="1 hour")
         return await step.do("report", lambda: RUNS.update([(iid, "report")]) or cleaned + 1)
-'''
+"""
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_rerun_stale_of_an_unknown_instance_raises_not_found(
         ghost.rerun_stale()
 
 
-PARTIAL_SOURCE = '''
+PARTIAL_SOURCE = """
 import functools
 from nbflow import WorkflowEntrypoint
 
@@ -206,7 +206,7 @@ class Partial(WorkflowEntrypoint):
         a = await step.do("scaled", functools.partial(scale, 3))
         await step.wait_for_event("go", "go", timeout="1 hour")
         return await step.do("after", lambda: a + 1)
-'''
+"""
 
 
 def test_a_step_not_found_by_name_is_stale_once_a_run_passed_it_with_new_code(
@@ -417,3 +417,20 @@ def test_stale_steps_without_a_fingerprint_or_a_class_are_not_stale() -> None:
     entries = [("a#1", {"s": "complete", "i": 0}), ("b#1", {"s": "complete", "i": 1, "f": "x"})]
     assert stale_steps(None, entries) == [False, False]
     assert stale_steps(None, entries, {"b#1": "y"}) == [False, True]
+
+
+class NestedThenWait(WorkflowEntrypoint[Any, Any]):
+    """A step called inside another step's callback, then a wait: on the replay the
+    outer step returns its stored result and the inner one is never asked for."""
+
+    def run(self, event: Any, step: Any) -> int:
+        outer = step.do("outer", lambda: step.do("inner", lambda: 5) + 1)
+        step.wait_for_event("go", "go", timeout="1 hour")
+        return int(step.do("after", lambda: outer * 10))
+
+
+def test_nested_steps_do_not_upset_the_replay_order(worker_engine: Engine) -> None:
+    inst = worker_engine.register(NestedThenWait).create(id="nest")
+    wait_status(inst, "waiting", timeout=10)
+    inst.send_event("go")
+    assert inst.wait(timeout=10) == {"status": "complete", "output": 60}
