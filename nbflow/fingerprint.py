@@ -65,7 +65,7 @@ _USER_MODULES: dict[str | None, bool] = {}
 _CLASS_VERSIONS: dict[int, tuple[type, str]] = {}
 _CLASS_CODES: dict[int, tuple[type, dict[str, list[_Found]], dict[int, str]]] = {}
 _SIMPLE: dict[int, tuple[types.CodeType, type | None, str, str | None]] = {}
-_NAMES: dict[tuple[int, int], tuple[types.CodeType, str]] = {}
+_NAMES: dict[tuple[int, int], tuple[types.CodeType, type | None, str]] = {}
 _LIBRARY_ROOTS: tuple[str, ...] | None = None
 
 _Found = tuple[types.CodeType, Mapping[str, Any], "types.FunctionType | None"]
@@ -388,7 +388,7 @@ def class_version(cls: type) -> str:
         return got[1]
     try:
         version = _hash("source", inspect.getsource(cls))
-    except (OSError, TypeError):
+    except Exception:  # no source (exec, some notebooks), or a file changed meanwhile
         version = _code_version(cls)
     _CLASS_VERSIONS[id(cls)] = (cls, version)
     return version
@@ -440,8 +440,8 @@ def callback_name(cls: type | None, fn: Any) -> str | None:
     code = target.__code__
     key = (id(cls), id(code))
     got = _NAMES.get(key)
-    if got is not None and got[0] is code:
-        return got[1]
+    if got is not None and got[0] is code and got[1] is cls:
+        return got[2]
     name: str | None = None
     if cls is not None:
         try:
@@ -450,7 +450,7 @@ def callback_name(cls: type | None, fn: Any) -> str | None:
             name = None
     if name is None:
         name = _compact(target.__qualname__, cls.__qualname__ if cls is not None else "\0")
-    _NAMES[key] = (code, name)
+    _NAMES[key] = (code, cls, name)
     return name
 
 
