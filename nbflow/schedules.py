@@ -62,6 +62,7 @@ from croniter import croniter
 
 from nbflow import codec
 from nbflow.backend import Backend
+from nbflow.fingerprint import class_version
 from nbflow.records import FINAL_STATUSES, text, text_or_none
 from nbflow.store import clock
 from nbflow.validate import check_instance_id
@@ -462,7 +463,9 @@ def put(
         raise ValueError(f"cron expression {cron!r} never fires after now") from None
     retention = "" if backend.retention is None else f"{backend.retention:.6f}"
     args = [backend.prefix, sname, workflow, expr, zone.key, mode, payload, retention]
-    backend.scripts.schedule_put(args=[*args, f"{nxt:.0f}", now, now_iso])
+    cls = backend.classes.get(workflow)
+    version = "" if cls is None else class_version(cls)
+    backend.scripts.schedule_put(args=[*args, f"{nxt:.0f}", now, now_iso, version])
     return Schedule(backend, sname, handle)
 
 

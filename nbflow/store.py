@@ -35,6 +35,13 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 the housekeeper firing it), counters fired / skipped /
                                 missed / triggered / backfilled, createdAt, updatedAt
     {p}:schedule:{name}:history  list  JSON events of the schedule (newest last, capped)
+    {p}:fp:{wf}:{version} hash  step key -> the callback fingerprint a run of workflow wf
+                                with class version `version` found on replay, where it
+                                differed from the recorded one (``steps()``'s ``stale``
+                                for callbacks not found by name; written rarely, never
+                                scanned)
+
+The metadata hash also holds ``version``, the workflow code version at creation.
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -124,6 +131,9 @@ class Keys:
     def schedule_history(self, name: str) -> str:
         return f"{self.prefix}:schedule:{name}:history"
 
+    def fingerprints(self, workflow: str, version: str) -> str:
+        return f"{self.prefix}:fp:{workflow}:{version}"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -212,12 +222,12 @@ local function entry_status(entry)
 end
 """
 
-# ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), then id, payload pairs.
-# Returns one flag per id: 1 created, 0 already existed.
+# ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), code version, then
+# id, payload pairs. Returns one flag per id: 1 created, 0 already existed.
 _CREATE = r"""
-local now, now_iso, wf, retention = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local out = {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, payload = ARGV[i], ARGV[i + 1]
   local st = k_state(id)
   if redis.call('EXISTS', st) == 1 then
@@ -225,7 +235,8 @@ for i = 6, #ARGV, 2 do
   else
     redis.call('HSET', st, 'createdAt', now_iso)
     if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
-    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '')
+    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
+               'version', version)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     make_queued(id, now, now_iso)
     out[#out + 1] = 1
@@ -233,6 +244,60 @@ for i = 6, #ARGV, 2 do
 end
 return out
 """
+
+# ARGV: prefix, source id, new id, now, now_iso, from_key ('' = every completed step),
+# payload JSON ('' = the source's), retention ('' = keep), version ('' = the source's).
+# A new queued instance of the source's workflow holding copies of the source's
+# completed steps that started before from_key (by their order field), their start
+# times kept (moved relative to the new creation time). The source is not touched.
+# Returns {'ok', copied} or {'bad', 'unknown'} / {'exists'} / {'nostep', from_key}.
+_FORK = r"""
+local src, id, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local from_key, payload, retention, version = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+if redis.call('EXISTS', k_state(src)) == 0 then return {'bad', 'unknown'} end
+if redis.call('EXISTS', k_state(id)) == 1 then return {'exists'} end
+local sk = k_steps(src)
+local cut = nil
+if from_key ~= '' then
+  local target = redis.call('HGET', sk, from_key)
+  if not target then return {'nostep', from_key} end
+  cut = tonumber(string.match(target, '"i":(%d+)'))
+end
+local meta = redis.call('HMGET', k_meta(src), 'workflowName', 'payload', 'version')
+local wf = meta[1] or ''
+if payload == '' then payload = meta[2] or 'null' end
+if version == '' then version = meta[3] or '' end
+local created = tonumber(redis.call('ZSCORE', P .. ':index:wf:' .. wf, src) or now)
+local shift = created - tonumber(now)
+local all = redis.call('HGETALL', sk)
+local copied = 0
+local dst = k_steps(id)
+for i = 1, #all, 2 do
+  local e = all[i + 1]
+  local idx = tonumber(string.match(e, '"i":(%d+)'))
+  if entry_status(e) == 'complete' and (cut == nil or idx < cut) then
+    -- t0 comes before the result in an entry, so the first match is the field
+    e = string.gsub(e, '"t0":(%-?[%d%.]+)', function(t)
+      return '"t0":' .. string.format('%.3f', tonumber(t) + shift)
+    end, 1)
+    redis.call('HSET', dst, all[i], e)
+    copied = copied + 1
+  end
+end
+local st = k_state(id)
+redis.call('HSET', st, 'createdAt', now_iso)
+if copied > 0 then redis.call('HSET', st, 'stepsDone', copied) end
+if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
+redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
+           'version', version)
+redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+make_queued(id, now, now_iso)
+hist(id, now, 'forked', '"from":' .. cjson.encode(src) .. ',"step":' .. cjson.encode(from_key))
+return {'ok', copied}
+"""
+
+# ARGV: prefix, fingerprints key, step key, fingerprint (see Keys.fingerprints).
+_NOTE_FINGERPRINT = "return redis.call('HSET', ARGV[2], ARGV[3], ARGV[4])"
 
 # ARGV: prefix, id, token, now, now_iso, lease_until.
 # Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
@@ -381,8 +446,9 @@ hist(id, now, 'waiting', ARGV[8])
 return 'waiting'
 """
 
-# ARGV: prefix, id, token, now, now_iso, key, type, index, t0 (since creation), t0 epoch.
-# Takes the oldest buffered event of the type into the step's entry, if any.
+# ARGV: prefix, id, token, now, now_iso, key, type, index, t0 (since creation), t0 epoch,
+# position in the run ('' = none). Takes the oldest buffered event of the type into the
+# step's entry, if any.
 _TAKE_EVENT = r"""
 local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key, etype, idx, t0, t0_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -396,7 +462,9 @@ local ev = redis.call('LPOP', P .. ':' .. id .. ':events:' .. etype)
 if not ev then return {'none'} end
 local st = k_state(id)
 local d = string.format('%.3f', tonumber(now) - tonumber(t0_epoch))
-local e = '{"s":"complete","k":"event","i":' .. idx .. ',"t0":' .. t0 .. ',"d":' .. d ..
+local pos = ''
+if ARGV[11] and ARGV[11] ~= '' then pos = ',"n":' .. ARGV[11] end
+local e = '{"s":"complete","k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 .. ',"d":' .. d ..
           ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
@@ -668,6 +736,8 @@ return #ids
 
 _SOURCES = {
     "create": _CREATE,
+    "fork": _FORK,
+    "note_fingerprint": _NOTE_FINGERPRINT,
     "claim": _CLAIM,
     "step_start": _STEP_START,
     "step_finish": _STEP_FINISH,
@@ -720,19 +790,21 @@ local function create_script(ARGV)
 end
 -- creates instance `iid` of the schedule's workflow with its params: 1, or 0 if it exists
 local function sched_create(key, iid, now, now_iso)
-  local f = redis.call('HMGET', key, 'workflow', 'params', 'retention')
-  return create_script({P, now, now_iso, f[1], f[3] or '', iid, f[2] or 'null'})[1]
+  local f = redis.call('HMGET', key, 'workflow', 'params', 'retention', 'version')
+  return create_script({P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'})[1]
 end
 """
 )
 
 # ARGV: prefix, name, workflow, cron, timezone, overlap, params, retention, next_tick,
-# now, now_iso.  Creates or updates a schedule; an update that keeps cron and time zone
+# now, now_iso, version (of the workflow's class where it is scheduled, for its
+# instances' metadata).  Creates or updates a schedule; an update that keeps cron and time zone
 # keeps the tick it waits for (re-running a notebook cell loses no tick).  A paused
 # schedule stays paused.  Returns 'created' or 'updated'.
 _SCHEDULE_PUT = r"""
 local name, wf, cron, tz, overlap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local params, retention, nxt, now, now_iso = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local version = ARGV[12] or ''
 local key = k_sched(name)
 local old = redis.call('HMGET', key, 'cron', 'timezone', 'nextTick', 'paused')
 local result = 'created'
@@ -744,7 +816,8 @@ else
              'missed', 0, 'triggered', 0, 'backfilled', 0)
 end
 redis.call('HSET', key, 'workflow', wf, 'cron', cron, 'timezone', tz, 'overlap', overlap,
-           'params', params, 'retention', retention, 'nextTick', nxt, 'updatedAt', now_iso)
+           'params', params, 'retention', retention, 'nextTick', nxt, 'updatedAt', now_iso,
+           'version', version)
 redis.call('HDEL', key, 'claim')
 if old[4] == '1' then
   redis.call('ZADD', P .. ':schedules', '+inf', name)

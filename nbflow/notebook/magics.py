@@ -8,6 +8,8 @@ in the JupySQL / sparkmagic style::
     %wf status ID
     %wf pause|resume|terminate ID
     %wf restart ID [--from STEP]
+    %wf rerun ID --stale | --from STEP
+    %wf fork ID [--from STEP] [--id NEW]
     %wf event ID TYPE [JSON]
     %wf steps ID
     %wf output ID STEP
@@ -72,6 +74,8 @@ USAGE: dict[str, str] = {
     "resume": "%wf resume ID",
     "terminate": "%wf terminate ID",
     "restart": "%wf restart ID [--from STEP]",
+    "rerun": "%wf rerun ID --stale | --from STEP",
+    "fork": "%wf fork ID [--from STEP] [--id NEW]",
     "event": "%wf event ID TYPE [JSON]",
     "steps": "%wf steps ID",
     "output": "%wf output ID STEP",
@@ -150,6 +154,14 @@ def _parsers() -> dict[str, _Parser]:
     p = parsers["restart"]
     p.add_argument("id", metavar="ID")
     p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p = parsers["rerun"]
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--stale", action="store_true")
+    p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p = parsers["fork"]
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p.add_argument("--id", dest="new_id", metavar="NEW")
     p = parsers["event"]
     p.add_argument("id", metavar="ID")
     p.add_argument("type", metavar="TYPE")
@@ -297,6 +309,8 @@ class WorkflowMagics(Magics):
             "resume": self._resume,
             "terminate": self._terminate,
             "restart": self._restart,
+            "rerun": self._rerun,
+            "fork": self._fork,
             "event": self._event,
             "steps": self._steps,
             "output": self._output,
@@ -317,6 +331,8 @@ class WorkflowMagics(Magics):
         %wf status ID                              its status dict
         %wf pause|resume|terminate ID              lifecycle calls
         %wf restart ID [--from STEP]               run again (from a step)
+        %wf rerun ID --stale | --from STEP         re-run from the first stale step (or a step)
+        %wf fork ID [--from STEP] [--id NEW]       a new instance reusing earlier results
         %wf event ID TYPE [JSON]                   send an event
         %wf steps ID                               its steps (DataFrame)
         %wf output ID STEP                         a step's stored result
@@ -441,6 +457,27 @@ class WorkflowMagics(Magics):
         with _as_usage("restart"):
             inst.restart(from_step=from_step)
         return inst
+
+    def _rerun(self, args: argparse.Namespace) -> WorkflowInstance:
+        """``--stale``: from the first step whose code changed (``rerun_stale``), with the
+        class as the notebook defines it now; ``--from STEP``: as ``restart --from``."""
+        if args.stale == (args.from_step is not None):
+            raise _fail("rerun", "give either --stale or --from STEP")
+        inst = self._instance("rerun", args.id)
+        self._reregister(inst)
+        with _as_usage("rerun"):
+            if args.stale:
+                inst.rerun_stale()
+            else:
+                inst.restart(from_step=" ".join(args.from_step))
+        return inst
+
+    def _fork(self, args: argparse.Namespace) -> WorkflowInstance:
+        inst = self._instance("fork", args.id)
+        from_step = None if args.from_step is None else " ".join(args.from_step)
+        self._reregister(inst)
+        with _as_usage("fork"):
+            return inst.fork(from_step, id=args.new_id)
 
     def _event(self, args: argparse.Namespace) -> WorkflowInstance:
         inst = self._instance("event", args.id)
