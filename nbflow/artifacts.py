@@ -96,6 +96,12 @@ def _is_pandas(value: object) -> bool:
     return isinstance(value, pd.DataFrame | pd.Series)
 
 
+def _memory(value: Any, deep: bool) -> int:
+    """Bytes a DataFrame or Series takes in memory (``deep``: counting Python objects)."""
+    usage = value.memory_usage(index=True, deep=deep)
+    return int(usage.sum() if hasattr(usage, "sum") else usage)
+
+
 def _local_path(url: str) -> str | None:
     """The local path of a ``file://`` URL, else None."""
     parts = urlsplit(url)
@@ -187,8 +193,7 @@ class ArtifactStore:
         would be larger still, and slow to make)."""
         if self.threshold is None or not _is_pandas(value):
             return False
-        usage = value.memory_usage(index=True, deep=False)  # type: ignore[attr-defined]
-        return int(usage.sum() if hasattr(usage, "sum") else usage) > self.threshold
+        return _memory(value, deep=False) > self.threshold
 
     def over_threshold(self, size: int) -> bool:
         """Whether an encoding of ``size`` bytes goes to an artifact."""
@@ -215,7 +220,7 @@ class ArtifactStore:
             meta["rows"] = int(value.shape[0])
             if value.ndim == 2:
                 meta["columns"] = int(value.shape[1])
-            meta["mem"] = int(value.memory_usage(index=True, deep=True).sum())
+            meta["mem"] = _memory(value, deep=True)
             data = _parquet_parts(value)
         if data is None and text is None:
             text = codec.encode(value)
@@ -338,8 +343,7 @@ class ArtifactStore:
             if ref.format == "parquet":
                 value = _read_parquet(data)
                 del data
-                mem = int(value.memory_usage(index=True, deep=True).sum())
-                self._remember(ref.url, value, mem)
+                self._remember(ref.url, value, _memory(value, deep=True))
                 return _fresh(value)
             text = bytes(data).decode("utf-8")
         except Exception as exc:

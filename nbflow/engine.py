@@ -742,15 +742,24 @@ class WorkflowInstance:
         """One row per step in the order they first started.
 
         Columns: step, kind, count, status, attempts, started_at, finished_at,
-        duration_s, output, error.
+        duration_s, output, error.  A result stored as an artifact is not loaded: its
+        ``output`` is a summary such as ``DataFrame 1,000,000 × 12 (96 MB)``
+        (``step_output`` loads it).
         """
         rows = [step_row(key, e) for key, e in self._entries()]
-        return pd.DataFrame(rows, columns=STEP_COLUMNS)
+        frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+        outputs = [row["output"] for row in rows]
+        if any(isinstance(v, codec.ArtifactSummary) for v in outputs):
+            # as objects: a str column would drop the summaries' ``.ref``
+            frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+        return frame
 
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).
 
-        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.
+        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.  A
+        result stored as an artifact is read here (checked against its sha256);
+        ``ArtifactError`` naming the step and the URL if it is missing or corrupt.
         """
         key = step_key(name)
         raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
