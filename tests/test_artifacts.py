@@ -247,9 +247,7 @@ def test_max_step_bytes_no_longer_caps_what_goes_to_an_artifact_but_max_artifact
         inst = e.register(Returns).create()
         out = run_to_end(e, inst)
         assert out["status"] == "complete" and out["output"] == blob
-    with make_engine(
-        redis_url, names, artifacts=str(store_dir), max_artifact_bytes=MiB
-    ) as e:
+    with make_engine(redis_url, names, artifacts=str(store_dir), max_artifact_bytes=MiB) as e:
         e.env = {"value": blob}
         inst = e.register(Returns).create()
         out = run_to_end(e, inst)
@@ -384,9 +382,7 @@ class ShrinksOnRetry(WorkflowEntrypoint):
             rows = 400_000 if ctx.attempt == 1 else 20_000
             return pd.DataFrame({"f": np.random.default_rng(1).random(rows)})
 
-        frame = await step.do(
-            "make", {"retries": {"limit": 1, "delay": "10 milliseconds"}}, make
-        )
+        frame = await step.do("make", {"retries": {"limit": 1, "delay": "10 milliseconds"}}, make)
         return len(frame)
 
 
@@ -430,7 +426,8 @@ def test_an_object_store_filling_up_mid_write_leaves_nothing_referenced(
             return super()._open(path, mode, **kw)
 
     fsspec.register_implementation("nbflowfull", FullFS, clobber=True)
-    with make_engine(redis_url, names, artifacts="nbflowfull://bucket", artifact_threshold=1000) as e:
+    full = "nbflowfull://bucket"
+    with make_engine(redis_url, names, artifacts=full, artifact_threshold=1000) as e:
         inst = e.register(ShrinksOnRetry).create()
         out = run_to_end(e, inst)
         assert out == {"status": "complete", "output": 20_000}
