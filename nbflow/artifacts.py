@@ -50,6 +50,7 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -277,7 +278,7 @@ class ArtifactStore:
             except OSError:
                 pass
             raise
-        return out.size, out.hash.hexdigest()
+        return out.size, out.hexdigest()
 
     def _put_remote(self, url: str, write: Any) -> tuple[int, str]:
         fs, path = self._filesystem(url)
@@ -305,7 +306,7 @@ class ArtifactStore:
                 except Exception:
                     pass
             raise
-        return out.size, out.hash.hexdigest()
+        return out.size, out.hexdigest()
 
     def _filesystem(self, url: str) -> tuple[Any, str]:
         """The fsspec filesystem for ``url`` (this store's options for its own protocol)."""
@@ -482,14 +483,27 @@ def _why(exc: BaseException) -> str:
 
 
 class _HashingWriter:
-    """A write-only file that hashes what passes through it and stops at ``limit``."""
+    """A write-only file that hashes what passes through it and stops at ``limit``.
+
+    The hashing runs on a thread of its own (hashlib lets go of the GIL), so it overlaps
+    with pyarrow encoding the next row group instead of adding to the write's time.
+    """
 
     def __init__(self, raw: Any, limit: int | None) -> None:
         self.raw = raw
         self.limit = limit
-        self.hash = hashlib.sha256()
+        self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self._todo: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._thread: threading.Thread | None = None
+
+    def _hash_all(self) -> None:
+        while True:
+            chunk = self._todo.get()
+            if chunk is None:
+                return
+            self._hash.update(chunk)
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -497,9 +511,23 @@ class _HashingWriter:
         if self.limit is not None and self.size + n > self.limit:
             raise ArtifactTooLarge(f"more than max_artifact_bytes={self.limit} bytes when stored")
         self.raw.write(view)
-        self.hash.update(view)
+        if n < 65536 and self._thread is None:
+            self._hash.update(view)
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._hash_all, daemon=True)
+                self._thread.start()
+            self._todo.put(bytes(view))  # the writer may reuse its buffer once we return
         self.size += n
         return n
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written (waits for the hashing thread)."""
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+        return self._hash.hexdigest()
 
     def tell(self) -> int:
         return self.size
@@ -518,6 +546,10 @@ class _HashingWriter:
 
     def close(self) -> None:
         self.closed = True
+
+    def __del__(self) -> None:
+        if self._thread is not None:  # a write that failed: let the thread end
+            self._todo.put(None)
 
 
 # -- Parquet ---------------------------------------------------------------------------
@@ -577,14 +609,24 @@ def _flatten(value: Any) -> tuple[Any, bytes]:
     return flat, json.dumps(meta).encode()
 
 
+#: Rows converted to Arrow and written at a time: one Parquet row group (pyarrow's own
+#: default size), so a write holds one group in Arrow form, not a copy of the frame.
+_ROW_GROUP: Final = 1024 * 1024
+
+
 def _write_parquet(parts: tuple[Any, bytes], sink: Any) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
 
     flat, meta = parts
-    table = pa.Table.from_pandas(flat, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"nbflow": meta})
-    pq.write_table(table, sink)
+    first = pa.Table.from_pandas(flat.iloc[:_ROW_GROUP], preserve_index=False)
+    schema = first.schema.with_metadata({**(first.schema.metadata or {}), b"nbflow": meta})
+    with pq.ParquetWriter(sink, schema) as writer:
+        writer.write_table(first.replace_schema_metadata(schema.metadata))
+        del first
+        for start in range(_ROW_GROUP, len(flat), _ROW_GROUP):
+            chunk = flat.iloc[start : start + _ROW_GROUP]
+            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
 
 
 def _read_parquet(data: Any) -> Any:
