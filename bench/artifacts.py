@@ -146,8 +146,15 @@ def worker_figures(rows: int, directory: str) -> dict[str, Any]:
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--dir",
-         directory],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--rows",
+            str(rows),
+            "--dir",
+            directory,
+        ],
         env=env,
         capture_output=True,
         text=True,

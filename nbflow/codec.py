@@ -154,19 +154,27 @@ def _tz_from_spec(spec: dict[str, Any]) -> datetime.tzinfo:
     if "dateutil" in spec or "dateutil_offset" in spec:
         from dateutil import tz as dateutil_tz  # type: ignore[import-untyped, unused-ignore]
 
+        made: datetime.tzinfo | None
+        key = str(spec.get("dateutil", ""))
         if "dateutil_offset" in spec:
-            return dateutil_tz.tzoffset(spec.get("name"), spec["dateutil_offset"])
-        key = str(spec["dateutil"])
-        if key == "UTC":
-            return dateutil_tz.tzutc()
-        if key == "local":
-            return dateutil_tz.tzlocal()
-        found = dateutil_tz.gettz(key)
-        if found is None:
+            made = dateutil_tz.tzoffset(spec.get("name"), spec["dateutil_offset"])
+        elif key == "UTC":
+            made = dateutil_tz.tzutc()
+        elif key == "local":
+            made = dateutil_tz.tzlocal()
+        else:
+            made = dateutil_tz.gettz(key)
+        if made is None:
             raise ValueError(f"dateutil knows no time zone {key!r} on this machine")
-        return found
-    # written by an older nbflow: {"name": str(tz)}
-    raise ValueError(f"time zone {spec.get('name')!r} cannot be rebuilt")
+        return made
+    # written by an older nbflow as {"name": str(tz)}: dateutil zones are readable again
+    name = str(spec.get("name"))
+    if name.startswith("tzfile(") and _DATEUTIL_ZONES in name:
+        key = name.rpartition(_DATEUTIL_ZONES)[2].rstrip("')\"")
+        return _tz_from_spec({"dateutil": key})
+    if name == "tzutc()":
+        return _tz_from_spec({"dateutil": "UTC"})
+    raise ValueError(f"time zone {name!r} cannot be rebuilt")
 
 
 def _encode_datetime(value: datetime.datetime) -> dict[str, object]:

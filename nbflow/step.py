@@ -416,7 +416,6 @@ class _StepBase:
         (a failed attempt).  A step that stores nothing large pays one comparison.
         """
         store = self._run.artifacts
-        what = f"step {st.name!r} of instance {self._run.iid!r}"
         text: str | None = None
         try:
             if not store.large_frame(value):
@@ -435,6 +434,7 @@ class _StepBase:
                             "a reference",
                         )
                     return text, None, None
+            what = f"step {st.name!r} of instance {self._run.iid!r}"
             ref_json, url, text = store.write(value, self._run.iid, what, text)
         except TypeError as exc:
             message = f"the result of step {st.name!r} cannot be stored: {exc}"

@@ -746,3 +746,13 @@ def test_a_time_zone_that_cannot_be_rebuilt_is_refused_at_store_time() -> None:
     assert "dateutil" in str(info.value) and "zoneinfo.ZoneInfo" in str(info.value)
     with pytest.raises(UnstorableValueError, match="tzstr"):
         encode(datetime.datetime(2024, 1, 1, tzinfo=dateutil.tz.tzstr("EST5EDT")))
+
+
+def test_dateutil_values_stored_by_an_earlier_version_are_readable_again() -> None:
+    old = (
+        '{"$nbflow":"timestamp","iso":"2024-07-01T12:00:00+02:00","unit":"us",'
+        '"tz":{"name":"tzfile(\'/usr/share/zoneinfo/Europe/Paris\')"}}'
+    )
+    value = decode(old)
+    assert value == pd.Timestamp("2024-07-01 12:00", tz="dateutil/Europe/Paris")
+    assert str(value.tz) == str(dateutil.tz.gettz("Europe/Paris"))
