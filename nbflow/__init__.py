@@ -11,6 +11,7 @@ from typing import Any
 from nbflow.definition import StepContext, WorkflowEntrypoint, WorkflowEvent
 from nbflow.engine import Engine, Workflow, WorkflowInstance
 from nbflow.errors import (
+    ArtifactError,
     EventTimeoutError,
     InstanceExistsError,
     InstanceNotFoundError,
@@ -63,6 +64,7 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "NonDeterminismError",
     "RedisUnavailableError",
+    "ArtifactError",
     "load_ipython_extension",
     "__version__",
 ]

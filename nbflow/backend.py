@@ -16,6 +16,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from nbflow.artifacts import ArtifactStore
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.store import Keys, Scripts
 
@@ -37,6 +38,7 @@ class Backend:
         ctx: Any,
         max_step_bytes: int,
         retention: float | None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.redis = client
         self.prefix = prefix
@@ -45,6 +47,8 @@ class Backend:
         self.ctx = ctx
         self.max_step_bytes = max_step_bytes
         self.retention = retention
+        #: where results too large for Redis go (``nbflow.artifacts``)
+        self.artifacts = artifacts if artifacts is not None else ArtifactStore(None, prefix=prefix)
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
         self.queue = Queue(queue, connection=client, serializer=JSONSerializer, default_timeout=-1)

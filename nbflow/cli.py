@@ -3,10 +3,11 @@
 ::
 
     nbflow worker [--redis URL] [--prefix P] [--queue Q] [--import MODULE ...]
-                  [--processes N] [--burst]
+                  [--processes N] [--burst] [--artifacts URL]
     nbflow list [--status S] [--workflow NAME] [--limit N]
     nbflow status ID
     nbflow schedules [--redis URL] [--prefix P]
+    nbflow gc [--artifacts URL] [--min-age DURATION] [--dry-run]
     nbflow demo
     nbflow server start|stop|status
 """
@@ -50,10 +51,16 @@ def import_workflows(engine: Engine, modules: Sequence[str]) -> list[str]:
     return names
 
 
-def make_engine(redis: str | None, prefix: str, queue: str, imports: Sequence[str]) -> Engine:
+def make_engine(
+    redis: str | None,
+    prefix: str,
+    queue: str,
+    imports: Sequence[str],
+    artifacts: str | None = None,
+) -> Engine:
     """An engine with the imported workflows registered (picklable via partial for spawn)."""
     sys.path.insert(0, ".")  # `--import mymodule` finds modules in the working directory
-    engine = Engine(redis, prefix=prefix, queue=queue)
+    engine = Engine(redis, prefix=prefix, queue=queue, artifacts=artifacts)
     import_workflows(engine, imports)
     return engine
 
@@ -81,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)",
     )
     w.add_argument("--processes", type=int, default=1, help="worker processes to start (default 1)")
+    w.add_argument(
+        "--artifacts",
+        metavar="URL",
+        help="where results too large for Redis go: a directory or an fsspec URL "
+        "(s3://bucket/path ...) that every engine and worker reaches "
+        "(default: $NBFLOW_HOME/artifacts)",
+    )
     w.add_argument("--burst", action="store_true", help="exit when nothing is due")
     w.add_argument("-v", "--verbose", action="store_true", help="log at INFO instead of WARNING")
 
@@ -96,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("schedules", help="list the cron schedules (engine.schedule)")
     _engine_args(sc)
+    gc = sub.add_parser("gc", help="delete artifacts that no instance refers to any more (orphans)")
+    _engine_args(gc)
+    gc.add_argument(
+        "--artifacts", metavar="URL", help="artifact location (default: $NBFLOW_HOME/artifacts)"
+    )
+    gc.add_argument(
+        "--min-age",
+        default="1 hour",
+        help="leave files younger than this alone: one may be being written (default 1 hour)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
 
     sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
 
@@ -139,17 +164,20 @@ def _worker(args: argparse.Namespace) -> int:
     )
     if args.processes < 1:
         raise ValueError(f"--processes must be at least 1, not {args.processes}")
-    engine = make_engine(args.redis, args.prefix, args.queue, args.imports)
+    engine = make_engine(args.redis, args.prefix, args.queue, args.imports, args.artifacts)
     names = sorted(engine.workflows)
     print(
         f"nbflow worker: {server.describe(engine.redis)} prefix={args.prefix!r} "
-        f"queue={args.queue!r} processes={args.processes} workflows: {', '.join(names) or 'none'}",
+        f"queue={args.queue!r} processes={args.processes} artifacts={engine.artifacts} "
+        f"workflows: {', '.join(names) or 'none'}",
         flush=True,
     )
     if args.processes == 1:
         serve(engine.backend, burst=args.burst, logging_level=level)
     else:
-        factory = functools.partial(make_engine, args.redis, args.prefix, args.queue, args.imports)
+        factory = functools.partial(
+            make_engine, args.redis, args.prefix, args.queue, args.imports, args.artifacts
+        )
         serve_many(factory, args.processes, burst=args.burst, logging_level=level)
     return 0
 
@@ -206,6 +234,26 @@ def _utc_text(stamp: Any) -> str:
     if stamp is None or stamp != stamp:  # None or NaT
         return "-"
     return str(stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from nbflow.artifacts import collect_garbage
+    from nbflow.durations import parse_duration
+
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue, artifacts=args.artifacts)
+    store = engine.backend.artifacts
+    orphans = collect_garbage(
+        store,
+        engine.redis,
+        engine.keys.artifacts,
+        min_age=parse_duration(args.min_age),
+        dry_run=args.dry_run,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    for url in orphans:
+        print(f"{verb} {url}")
+    print(f"nbflow gc: {verb} {len(orphans)} orphaned artifact(s) under {store.root}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -295,6 +343,7 @@ _COMMANDS = {
     "list": _list,
     "status": _status,
     "schedules": _schedules,
+    "gc": _gc,
     "demo": _demo,
     "server": _server,
 }

@@ -9,6 +9,7 @@ Lua script each (``nbflow.store``) and change the status before they return.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -21,6 +22,7 @@ import redis as redis_lib
 
 from nbflow import codec, handshake, reprs, server
 from nbflow import schedules as _schedules
+from nbflow.artifacts import DEFAULT_THRESHOLD, ArtifactStore
 from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
@@ -46,6 +48,7 @@ from nbflow.records import (
     split_key,
     step_key,
     step_row,
+    summarized,
     text,
     text_or_none,
 )
@@ -81,6 +84,14 @@ class Engine:
     independent engines share one Redis; workers must use the same two.  ``env`` and
     ``ctx`` are handed to every workflow instance as ``self.env`` / ``self.ctx``.
     ``retention`` (a duration) deletes finished instances that long after they finish.
+
+    Results of any size (spec 11): a step result, run output or event payload whose
+    encoding is over ``artifact_threshold`` bytes (``None``: never) is stored as an
+    artifact under ``artifacts`` (a directory or an fsspec URL such as
+    ``s3://bucket/path``; default ``$NBFLOW_HOME/artifacts``; ``artifact_options`` are
+    the fsspec storage options, e.g. credentials or ``endpoint_url``), DataFrames and
+    Series as Parquet; Redis keeps a small reference.  ``max_step_bytes`` caps what goes
+    to Redis, ``max_artifact_bytes`` (default no limit) what goes to an artifact.
     """
 
     def __init__(
@@ -93,6 +104,10 @@ class Engine:
         ctx: Any = None,
         max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
         retention: str | float | timedelta | None = None,
+        artifacts: str | os.PathLike[str] | None = None,
+        artifact_threshold: int | None = DEFAULT_THRESHOLD,
+        max_artifact_bytes: int | None = None,
+        artifact_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \t\r\n"):
             raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
@@ -105,6 +120,13 @@ class Engine:
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
         kept = None if retention is None else parse_duration(retention)
+        store = ArtifactStore(
+            artifacts,
+            prefix=prefix,
+            threshold=artifact_threshold,
+            max_bytes=max_artifact_bytes,
+            options=artifact_options,
+        )
         client = server.connect(redis)
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
@@ -120,6 +142,7 @@ class Engine:
             ctx=ctx,
             max_step_bytes=max_step_bytes,
             retention=kept,
+            artifacts=store,
         )
         self._worker: ThreadWorker | None = None
         self._worker_lock = threading.Lock()
@@ -149,6 +172,11 @@ class Engine:
     def max_step_bytes(self) -> int:
         """The largest step result, params or event payload stored, in bytes."""
         return self.backend.max_step_bytes
+
+    @property
+    def artifacts(self) -> str:
+        """The URL of the artifact location (where results too large for Redis go)."""
+        return self.backend.artifacts.url
 
     @property
     def retention(self) -> float | None:
@@ -427,6 +455,8 @@ class Engine:
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
+            if len(res) > 3:  # artifacts no reference names any more (restart, terminate)
+                self.backend.artifacts.delete(res[3:])
             if len(res) > 2 and int(res[2]) > 0:
                 handshake.await_stop(self.backend, iid, script, ack)
             return value
@@ -596,7 +626,14 @@ class WorkflowInstance:
         st, output, error = self.engine.redis.hmget(
             self.engine.keys.state(self.id), "status", "output", "error"
         )
-        return instance_status(st, output, error)
+        return self._loaded(instance_status(st, output, error))
+
+    def _loaded(self, status: InstanceStatus) -> InstanceStatus:
+        """The status with an output stored as an artifact read back (checked)."""
+        if isinstance(status.get("output"), codec.ArtifactRef):
+            what = f"the output of instance {self.id!r}"
+            status["output"] = self.engine.backend.artifacts.load(status["output"], what)
+        return status
 
     def info(self) -> dict[str, Any]:
         """A cheap summary in one round trip (what listings and live cards show).
@@ -630,7 +667,7 @@ class WorkflowInstance:
             version=text_or_none(version) or None,
         )
         ended = instance_status(status, output, error)
-        info.update((k, v) for k, v in ended.items() if k != "status")
+        info.update((k, summarized(v)) for k, v in ended.items() if k != "status")
         return info
 
     def _call(
@@ -692,20 +729,36 @@ class WorkflowInstance:
         ``InvalidStateError`` if the instance is complete, errored or terminated.
         """
         check_event_type(type)
+        store = self.engine.backend.artifacts
+        written: str | None = None
         try:
-            event = event_json(type, payload)
+            if store.large_frame(payload):
+                event = ""
+            else:
+                event = event_json(type, payload)
+            if not event or store.over_threshold(len(event.encode())):
+                what = f"an event {type!r} sent to instance {self.id!r}"
+                ref_json, written, _ = store.write(payload, self.id, what)
+                event = event_json(type, codec.decode(ref_json))
         except TypeError as exc:
             raise TypeError(f"event payload: {exc}") from None
-        if len(event.encode()) > self.engine.max_step_bytes:
+        if written is None and len(event.encode()) > self.engine.max_step_bytes:
             raise ValueError(
                 f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}"
             )
         now, now_iso = _now()
-        res = text(
-            self.engine.backend.scripts.send_event(
-                args=[self.engine.prefix, self.id, type, event, now, now_iso]
+        try:
+            res = text(
+                self.engine.backend.scripts.send_event(
+                    args=[self.engine.prefix, self.id, type, event, now, now_iso]
+                )
             )
-        )
+        except BaseException:
+            if written is not None:
+                store.delete([written])
+            raise
+        if written is not None and res not in ("woken", "buffered"):
+            store.delete([written])  # refused: nothing refers to it
         if res == "unknown":
             raise InstanceNotFoundError(
                 f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
@@ -742,7 +795,8 @@ class WorkflowInstance:
                 if msg is None:
                     status = self.status()
                 elif msg["type"] == "message" and msg["channel"] == channel:
-                    status = published_status(msg["data"]) or self.status()
+                    published = published_status(msg["data"])
+                    status = self.status() if published is None else self._loaded(published)
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise
@@ -779,7 +833,9 @@ class WorkflowInstance:
         in the class registered on this engine now from when it ran: found from the
         class's methods and the current globals by name, else from what a run with the
         current class saw when it passed the step (``nbflow.fingerprint``).  Without
-        the class registered here, or when unknown, it is False.
+        the class registered here, or when unknown, it is False.  A result stored as an
+        artifact is not loaded: its ``output`` is a summary such as ``DataFrame 1,000,000 ×
+        12 (96 MB)`` (``step_output`` loads it).
         """
         cls = self.engine.backend.classes.get(self.workflow)
         seen_key = None
@@ -789,7 +845,12 @@ class WorkflowInstance:
         rows = [step_row(key, e) for key, e in entries]
         for row, stale in zip(rows, stale_steps(cls, entries, seen), strict=True):
             row["stale"] = stale
-        return pd.DataFrame(rows, columns=STEP_COLUMNS)
+        frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+        outputs = [row["output"] for row in rows]
+        if any(isinstance(v, codec.ArtifactSummary) for v in outputs):
+            # as objects: a str column would drop the summaries' ``.ref``
+            frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+        return frame
 
     def rerun_stale(self) -> None:
         """Restart from the first stale step (see ``steps()``), keeping the results of
@@ -838,7 +899,9 @@ class WorkflowInstance:
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).
 
-        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.
+        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.  A
+        result stored as an artifact is read here (checked against its sha256);
+        ``ArtifactError`` naming the step and the URL if it is missing or corrupt.
         """
         key = step_key(name)
         raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
@@ -859,7 +922,8 @@ class WorkflowInstance:
             raise LookupError(
                 f"step {name!r} of instance {self.id!r} has no result yet ({entry['s']})"
             )
-        return entry.get("v")
+        what = f"step {name!r} of instance {self.id!r}"
+        return self.engine.backend.artifacts.resolve(entry.get("v"), what)
 
     def history(self) -> list[dict[str, Any]]:
         """The instance's events in time order: created, step started / finished /

@@ -14,6 +14,8 @@
           +-- WorkflowNotRegisteredError    an instance names a workflow nobody registered
           +-- NonDeterminismError           a replay asked for another step than the recorded one
           +-- RedisUnavailableError         (also a ConnectionError) no Redis server answered
+          +-- ArtifactError                 a large result stored outside Redis (an artifact)
+                                            could not be written or read back
 
 Bad arguments are plain ``ValueError`` / ``TypeError`` with a message that says
 what was wrong and what is allowed.
@@ -44,6 +46,14 @@ from nbflow import codec
 
 class WorkflowError(Exception):
     """Base class of every error nbflow raises on purpose."""
+
+
+class ArtifactError(WorkflowError):
+    """An artifact (a result too large for Redis, stored as a file: ``nbflow.artifacts``)
+    could not be written (a full disk, a location this worker cannot reach, missing
+    credentials) or read back (missing, or its sha256 does not match).  The message
+    names the step or instance and the artifact's URL.  A write failure fails the step
+    attempt, so the step's retries apply; a read failure is never a silent None."""
 
 
 class NonRetryableError(WorkflowError):

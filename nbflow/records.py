@@ -15,7 +15,9 @@ type, ``e`` the error ``{name, message, ...}`` and ``v`` the result (codec JSON)
 ``n`` is the step's position in its run's sequence of step calls (0 for the first
 call of ``run``; what the determinism check of a replay compares); a completed ``do``
 step also has ``f``, its callback's fingerprint, and ``q``, the name its callback is
-found by again (``nbflow.fingerprint``).
+found by again (``nbflow.fingerprint``).  A result stored as an artifact
+(``nbflow.artifacts``) has its reference as ``v`` and the artifact's URL as ``r``, right
+after ``s`` (the scripts count references by it).
 """
 
 from __future__ import annotations
@@ -124,13 +126,17 @@ def entry(
     n: int | None = None,
     f: str | None = None,
     q: str | None = None,
+    ref: str | None = None,
 ) -> str:
     """A step entry as compact JSON; ``s`` stays first (see the module docstring).
 
     ``t0`` and ``t1`` are epochs; ``t0`` is stored relative to ``base`` (the instance's
-    creation) and ``t1`` as the duration ``d``.
+    creation) and ``t1`` as the duration ``d``.  ``ref``: the URL of the artifact that
+    ``value_json`` refers to (it holds no quote or backslash: ``nbflow.artifacts``).
     """
     parts = [f'{{"s":"{status}"']
+    if ref is not None:
+        parts.append(f',"r":"{ref}"')
     if kind != "do":
         parts.append(f',"k":"{kind}"')
     parts.append(f',"i":{index}')
@@ -183,17 +189,28 @@ def step_row(key: str, e: Mapping[str, Any]) -> dict[str, Any]:
         "started_at": epoch_datetime(t0),
         "finished_at": epoch_datetime(t1),
         "duration_s": None if d is None else float(d),
-        "output": e.get("v"),
+        "output": summarized(e.get("v")),
         "error": {"name": err["name"], "message": err["message"]} if err else None,
         "stale": False,  # the engine knows the current code (nbflow.fingerprint)
     }
+
+
+def summarized(value: Any) -> Any:
+    """A stored value as listings show it: an artifact reference (the value itself, or
+    an event's payload) as its one-line summary, never loaded."""
+    if isinstance(value, codec.ArtifactRef):
+        return codec.ArtifactSummary(value)
+    if isinstance(value, dict) and isinstance(value.get("payload"), codec.ArtifactRef):
+        return {**value, "payload": codec.ArtifactSummary(value["payload"])}
+    return value
 
 
 # -- events and statuses ---------------------------------------------------------------
 
 
 def event_json(event_type: str, payload: Any) -> str:
-    """The stored form of a sent event, as ``wait_for_event`` returns it."""
+    """The stored form of a sent event, as ``wait_for_event`` returns it.  ``type`` comes
+    first and ``payload`` second (the scripts find an artifact payload by its place)."""
     return codec.encode({"type": event_type, "payload": payload, "timestamp": datetime.now(UTC)})
 
 

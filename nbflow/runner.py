@@ -43,7 +43,14 @@ from nbflow.backend import Backend
 from nbflow.batch import Batch, unreachable
 from nbflow.callbacks import run_blocking
 from nbflow.definition import WorkflowEvent
-from nbflow.errors import FatalRunError, StoreUnavailable, Suspend, error_dict, rebuild_error
+from nbflow.errors import (
+    ArtifactError,
+    FatalRunError,
+    StoreUnavailable,
+    Suspend,
+    error_dict,
+    rebuild_error,
+)
 from nbflow.fingerprint import class_version
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 from nbflow.store import LEASE_SECONDS, clock
@@ -265,6 +272,8 @@ class Run:
         self._next = top + 1
         self.counts: dict[str, int] = {}
         self.max_step_bytes = backend.max_step_bytes
+        self.artifacts = backend.artifacts
+        self.artifact_values: dict[int, tuple[Any, str]] = {}
         self.suspending = False
         self.reason = ""
         self.waits: list[tuple[str, str]] = []
@@ -602,12 +611,33 @@ class Run:
         if self.suspending:  # the workflow swallowed a Suspend; the run still stops
             return "park", None
         try:
-            return "complete", codec.encode(output)
+            return "complete", self._output_json(output)
         except TypeError as exc:
             return "errored", {
                 "name": "TypeError",
                 "message": f"the output of run() cannot be stored: {exc}",
             }
+        except (ValueError, ArtifactError) as exc:  # over max_artifact_bytes, or unwritable
+            return "errored", {"name": type(exc).__name__, "message": str(exc)}
+
+    def _output_json(self, output: Any) -> str:
+        """What ``output`` is stored as: its JSON, or a reference to an artifact (the one
+        a step of this run got it from, when ``run`` returns that very value)."""
+        held = self.artifact_values.get(id(output))
+        if held is not None and held[0] is output:
+            return held[1]
+        store = self.artifacts
+        if not store.large_frame(output):
+            text = codec.encode(output)
+            # (characters * 4 bounds the UTF-8 size: most outputs skip encoding it)
+            if len(text) * 4 <= (store.threshold or 0) or not store.over_threshold(
+                len(text.encode())
+            ):
+                return text
+        else:
+            text = None
+        what = f"the output of instance {self.iid!r}"
+        return store.write(output, self.iid, what, text)[0]
 
     def execute_sync(self) -> str:
         """Runs a plain ``def run`` (or an instance that cannot run), without a loop."""

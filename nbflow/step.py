@@ -34,13 +34,16 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from nbflow import callbacks, codec, errors, fingerprint, records
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
 from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
 from nbflow.validate import StepConfig, check_event_type, check_step_name, resolve_step_config
+
+if TYPE_CHECKING:
+    from nbflow.artifacts import ArtifactStore
 
 log = logging.getLogger("nbflow")
 
@@ -64,6 +67,11 @@ class StepRun(Protocol):
     workflow_name: str
     created_ts: float
     max_step_bytes: int
+    #: where results larger than its threshold go, and are read back from
+    artifacts: ArtifactStore
+    #: id(value) -> (value, reference JSON) for the values this run got from artifacts,
+    #: so ``run`` returning one of them stores the same reference, not a second copy
+    artifact_values: dict[int, tuple[Any, str]]
     #: plain ``def run``: everything the protocol awaits must complete at once
     blocking: bool
     counts: dict[str, int]
@@ -357,6 +365,9 @@ class _StepBase:
                         result = await self._call_async(st, callback, ctx, cfg, is_async)
                     finally:
                         _in_callback.reset(inside)
+                # inside the attempt: an artifact that cannot be written (a full disk)
+                # fails the attempt, and the step's retries apply
+                stored = self._encode(st, result, attempt, t0)
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except (callbacks.Alarm, _Overran):
@@ -368,7 +379,7 @@ class _StepBase:
                 error_returned = True
                 self._run.note_callback_error(caught)
                 return caught, None
-            return None, self._succeed(st, result, attempt, t0, callback)
+            return None, self._succeed(st, result, stored, attempt, t0, callback)
         finally:
             if counted and not error_returned:  # recorded (or it raised past us)
                 self._run.callbacks_running -= 1
@@ -447,10 +458,20 @@ class _StepBase:
         if e is None:
             return False, None
         if e["s"] == "complete":
-            return True, e.get("v")
+            value = e.get("v")
+            if isinstance(value, codec.ArtifactRef):
+                value = self._load(st, value)
+            return True, value
         if e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
         return False, None
+
+    def _load(self, st: _Step, ref: codec.ArtifactRef) -> Any:
+        """A stored result held in an artifact (the worker's cache, else read and checked);
+        a missing or corrupt one raises ``ArtifactError`` here, at the step."""
+        value = self._run.artifacts.load(ref, f"step {st.name!r} of instance {self._run.iid!r}")
+        self._run.artifact_values[id(value)] = (value, codec.encode(ref))
+        return value
 
     def _first_attempt(self, st: _Step, cfg: StepConfig) -> tuple[int, float]:
         """The attempt to run next and how long to wait before it (pending entries)."""
@@ -484,33 +505,72 @@ class _StepBase:
             )
         return wait
 
-    def _succeed(
-        self, st: _Step, value: Any, attempt: int, t0: float, callback: Callable[..., Any]
-    ) -> Any:
+    def _encode(
+        self, st: _Step, value: Any, attempt: int, t0: float
+    ) -> tuple[str, str | None, str | None]:
+        """What is stored for a result: its codec JSON, or (over the artifact threshold) a
+        reference to the artifact just written, with that artifact's URL and (for a JSON
+        artifact) the value's JSON.
+
+        An unstorable value or one over ``max_step_bytes`` / ``max_artifact_bytes`` fails
+        the instance at once; an artifact that cannot be written raises ``ArtifactError``
+        (a failed attempt).  A step that stores nothing large pays one comparison.
+        """
+        store = self._run.artifacts
+        text: str | None = None
         try:
-            text = codec.encode(value)
+            if not store.large_frame(value):
+                text = codec.encode(value)
+                size = len(text.encode())
+                if not store.over_threshold(size):
+                    limit = self._run.max_step_bytes
+                    if size > limit:
+                        self._fatal(
+                            st,
+                            attempt,
+                            t0,
+                            "ValueError",
+                            f"step {st.name!r} returned {size} bytes, more than "
+                            f"max_step_bytes={limit}; store large data elsewhere and return "
+                            "a reference",
+                        )
+                    return text, None, None
+            what = f"step {st.name!r} of instance {self._run.iid!r}"
+            ref_json, url, text = store.write(value, self._run.iid, what, text)
         except TypeError as exc:
             message = f"the result of step {st.name!r} cannot be stored: {exc}"
             self._fatal(st, attempt, t0, "TypeError", message)
-        size = len(text.encode())
-        limit = self._run.max_step_bytes
-        if size > limit:
-            self._fatal(
-                st,
-                attempt,
-                t0,
-                "ValueError",
-                f"step {st.name!r} returned {size} bytes, more than max_step_bytes={limit}; "
-                "store large data elsewhere and return a reference",
-            )
+        except ValueError as exc:  # ArtifactTooLarge
+            self._fatal(st, attempt, t0, "ValueError", str(exc))
+        return ref_json, url, text
+
+    def _succeed(
+        self,
+        st: _Step,
+        value: Any,
+        stored: tuple[str, str | None, str | None],
+        attempt: int,
+        t0: float,
+        callback: Callable[..., Any],
+    ) -> Any:
+        text, url, value_json = stored
         f, q = fingerprint.step_identity(self._run.cls, callback)
         self._run.record(
             st.key,
-            self._e("complete", "do", st, attempt, t0, t1=_now(), value_json=text, f=f, q=q),
+            self._e(
+                "complete", "do", st, attempt, t0, t1=_now(), value_json=text, ref=url, f=f, q=q
+            ),
             final=True,
             event="step.finished",
             attempt=attempt,
         )
+        if url is not None:
+            # what a replay would read: a frame as it is (Parquet round trips were checked
+            # before writing), anything else decoded as from Redis
+            if value_json is not None:
+                value = codec.decode(value_json)
+            self._run.artifact_values[id(value)] = (value, text)
+            return value
         return codec.decode(text) if _needs_roundtrip(value) else value
 
     def _fatal(self, st: _Step, attempt: int, t0: float, name: str, message: str) -> NoReturn:
@@ -614,8 +674,9 @@ class _StepBase:
         seconds = parse_duration(timeout)
         st = _Step(self._run, name, "event")
         e = st.entry
+        what = f"the event of step {st.name!r} of instance {self._run.iid!r}"
         if e is not None and e["s"] == "complete":
-            replayed: dict[str, Any] = cast(dict[str, Any], e.get("v"))
+            replayed: dict[str, Any] = self._run.artifacts.resolve(e.get("v"), what)
             return replayed
         if e is not None and e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
@@ -626,7 +687,7 @@ class _StepBase:
             deadline = t0 + seconds
         got = await self._run.take_event(st.key, event_type, st.index, t0, st.pos)
         if got is not None:
-            taken: dict[str, Any] = cast(dict[str, Any], got.get("v"))
+            taken: dict[str, Any] = self._run.artifacts.resolve(got.get("v"), what)
             return taken
         now = _now()
         if now < deadline:

@@ -42,6 +42,17 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 scanned)
 
 The metadata hash also holds ``version``, the workflow code version at creation.
+    {p}:artifacts         hash  artifact URL -> how many references Redis holds to it
+                                (``nbflow.artifacts``; what ``nbflow gc`` keeps)
+    {p}:{id}:artifacts    hash  the same, for the references of one instance (only
+                                while it has any), so retention needs no scan
+
+A reference to an artifact sits where the value would: a step entry's ``v`` (and
+its URL as ``"r"`` right after ``"s"``, so the scripts find it with an anchored
+match and a step without one pays nothing), the ``output`` field, or an event's
+``payload``.  The scripts that write or drop references count them in the two
+hashes above and return the URLs no reference names any more; the caller deletes
+those files after the script (Redis state first, files after).
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -134,6 +145,14 @@ class Keys:
     def fingerprints(self, workflow: str, version: str) -> str:
         return f"{self.prefix}:fp:{workflow}:{version}"
 
+    @property
+    def artifacts(self) -> str:
+        """URL -> number of references (``nbflow gc`` keeps what is here)."""
+        return f"{self.prefix}:artifacts"
+
+    def instance_artifacts(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:artifacts"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -220,6 +239,50 @@ local function entry_status(entry)
   if not entry then return nil end
   return string.match(entry, '^{"s":"(%a+)"')
 end
+-- Artifact references (see the module docstring): anchored matches, so a value
+-- without one costs one failed comparison near its start.
+local function entry_ref(entry)
+  if not entry then return nil end
+  return string.match(entry, '^{"s":"%a+","r":"([^"]+)"')
+end
+local function value_ref(value)
+  if not value then return nil end
+  return string.match(value, '^{"%$nbflow":"artifact","url":"([^"]+)"')
+end
+local function event_ref(ev)
+  if not ev then return nil end
+  return string.match(ev, '^{"type":"[%w_-]+","payload":{"%$nbflow":"artifact","url":"([^"]+)"')
+end
+local function ref_add(id, url)
+  if not url then return end
+  redis.call('HINCRBY', P .. ':' .. id .. ':artifacts', url, 1)
+  redis.call('HINCRBY', P .. ':artifacts', url, 1)
+end
+-- one reference of instance `id` to `url` is gone; `gone` collects the URLs that
+-- no reference names any more (their files are deleted by the caller)
+local function ref_drop(id, url, gone)
+  if not url then return end
+  local mine = P .. ':' .. id .. ':artifacts'
+  if redis.call('HINCRBY', mine, url, -1) <= 0 then redis.call('HDEL', mine, url) end
+  local all = P .. ':artifacts'
+  if redis.call('HINCRBY', all, url, -1) <= 0 then
+    redis.call('HDEL', all, url)
+    gone[#gone + 1] = url
+  end
+end
+-- every reference of instance `id` is gone (it is being deleted)
+local function refs_drop_all(id, gone)
+  local mine = P .. ':' .. id .. ':artifacts'
+  local held = redis.call('HGETALL', mine)
+  local all = P .. ':artifacts'
+  for i = 1, #held, 2 do
+    if redis.call('HINCRBY', all, held[i], -tonumber(held[i + 1])) <= 0 then
+      redis.call('HDEL', all, held[i])
+      gone[#gone + 1] = held[i]
+    end
+  end
+  redis.call('DEL', mine)
+end
 """
 
 # ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), code version, then
@@ -281,6 +344,7 @@ for i = 1, #all, 2 do
       return '"t0":' .. string.format('%.3f', tonumber(t) + shift)
     end, 1)
     redis.call('HSET', dst, all[i], e)
+    ref_add(id, entry_ref(e))  -- the copy refers to the same artifact file
     copied = copied + 1
   end
 end
@@ -366,6 +430,7 @@ local function step_finish(o)
   redis.call('HSET', sk, key, entry)
   if final == '1' and entry_status(entry) == 'complete' then
     redis.call('HINCRBY', st, 'stepsDone', 1)
+    ref_add(id, entry_ref(entry))
   end
   redis.call('HSET', st, 'updatedAt', now_iso)
   if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[o + 8]) end
@@ -388,6 +453,7 @@ local function finish_run(o)
   release(id)
   if outcome == 'complete' then
     redis.call('HSET', st, 'output', value)
+    ref_add(id, value_ref(value))
   else
     redis.call('HSET', st, 'error', value)
   end
@@ -464,8 +530,11 @@ local st = k_state(id)
 local d = string.format('%.3f', tonumber(now) - tonumber(t0_epoch))
 local pos = ''
 if ARGV[11] and ARGV[11] ~= '' then pos = ',"n":' .. ARGV[11] end
-local e = '{"s":"complete","k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 .. ',"d":' .. d ..
-          ',"ty":"' .. etype .. '","v":' .. ev .. '}'
+-- an artifact payload moves from the buffer into the entry: still one reference
+local url = event_ref(ev)
+local r = url and (',"r":"' .. url .. '"') or ''
+local e = '{"s":"complete"' .. r .. ',"k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 ..
+          ',"d":' .. d .. ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
 redis.call('HSET', st, 'updatedAt', now_iso)
@@ -481,6 +550,7 @@ if not status then return 'unknown' end
 if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
 redis.call('RPUSH', P .. ':' .. id .. ':events:' .. etype, ev)
 redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
+ref_add(id, event_ref(ev))
 hist(id, now, 'event.sent', '"type":"' .. etype .. '"')
 local waits = redis.call('HGET', st, 'waitType')
 if status == 'waiting' and waits and string.find(waits, ',' .. etype .. ',', 1, true) then
@@ -662,12 +732,20 @@ release(id)
 finish_bookkeeping(id, now, 'terminated')
 redis.call('HSET', k_meta(id), 'currentStep', '')
 local types = P .. ':' .. id .. ':evtypes'
+local gone = {}
+local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
 for _, t in ipairs(redis.call('SMEMBERS', types)) do
-  redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
+  local ek = P .. ':' .. id .. ':events:' .. t
+  if arts then
+    for _, ev in ipairs(redis.call('LRANGE', ek, 0, -1)) do ref_drop(id, event_ref(ev), gone) end
+  end
+  redis.call('DEL', ek)
 end
 redis.call('DEL', types)
 hist(id, now, 'terminated', '')
-return {'ok', 'terminated', heard}
+local out = {'ok', 'terminated', heard}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
 """
 
 # ARGV: prefix, id, now, now_iso, from_key ('' = all), ack key. Keeps the entries of
@@ -679,7 +757,13 @@ local status = redis.call('HGET', st, 'status')
 if not status then return {'bad', 'unknown'} end
 local sk = k_steps(id)
 local done = 0
+local gone = {}
+local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
 if from_key == '' then
+  if arts then
+    local all = redis.call('HVALS', sk)
+    for i = 1, #all do ref_drop(id, entry_ref(all[i]), gone) end
+  end
   redis.call('DEL', sk)
 else
   local target = redis.call('HGET', sk, from_key)
@@ -690,12 +774,14 @@ else
     local s = entry_status(all[i + 1])
     local idx = string.match(all[i + 1], '"i":(%d+)')
     if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
+      if arts then ref_drop(id, entry_ref(all[i + 1]), gone) end
       redis.call('HDEL', sk, all[i])
     elseif s == 'complete' then
       done = done + 1
     end
   end
 end
+if arts then ref_drop(id, value_ref(redis.call('HGET', st, 'output')), gone) end
 local heard = tell_owner(id, ack)
 release(id)
 redis.call('HINCRBY', st, 'gen', 1)
@@ -710,14 +796,19 @@ redis.call('ZREM', P .. ':timers', id)
 redis.call('ZREM', P .. ':expiry', id)
 make_queued(id, now, now_iso)
 hist(id, now, 'restarted', '"from":' .. cjson.encode(from_key))
-return {'ok', 'queued', heard}
+local out = {'ok', 'queued', heard}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
 """
 
 # ARGV: prefix, now, limit. Deletes finished instances whose retention ran out.
+# Returns {how many, URL of each artifact no reference names any more...}.
 _PURGE = r"""
 local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[2],
                       'LIMIT', 0, tonumber(ARGV[3]))
+local gone = {}
 for _, id in ipairs(ids) do
+  refs_drop_all(id, gone)
   local st = k_state(id)
   local status = redis.call('HGET', st, 'status')
   local wf = redis.call('HGET', k_meta(id), 'workflowName')
@@ -731,7 +822,9 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', P .. ':expiry', id)
   redis.call('ZREM', P .. ':ready', id)
 end
-return #ids
+local out = {#ids}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
 """
 
 _SOURCES = {

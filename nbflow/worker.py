@@ -244,7 +244,9 @@ class Housekeeper(threading.Thread):
         if lost:
             b.enqueue([i.decode() for i in lost])
             found += len(lost)
-        b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
+        purged = b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
+        if len(purged) > 1:  # artifacts no reference names any more: files after the script
+            b.artifacts.delete(purged[1:])
         # RQ's own tidy-up of workers that died without saying so (what `rq info` lists)
         clean_worker_registry(b.queue)
         return found
