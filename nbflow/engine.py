@@ -232,7 +232,8 @@ class Engine:
         """Instances newest first, as a DataFrame (read from indexes, never a key scan).
 
         Columns: id, workflow, status, created_at, updated_at, current_step,
-        steps_done, error, version (the workflow's code version at creation).
+        steps_done, error, version (the workflow's code version at creation), parent
+        (the id of the instance that started it as a child with ``step.run_workflow``).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
@@ -276,7 +277,7 @@ class Engine:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
-            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version")
+            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version", "parent")
         res = pipe.execute()
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
@@ -292,6 +293,7 @@ class Engine:
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
                 "version": text_or_none(meta[2]) or None,
+                "parent": text_or_none(meta[3]),
             }
 
     # -- schedules (nbflow.schedules) ---------------------------------------------
@@ -427,6 +429,8 @@ class Engine:
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
+            if len(res) > 3 and res[3]:  # a child ended: its waiting parent is queued
+                self.backend.enqueue([text(res[3])], at_front=True)
             if len(res) > 2 and int(res[2]) > 0:
                 handshake.await_stop(self.backend, iid, script, ack)
             return value
@@ -592,11 +596,12 @@ class WorkflowInstance:
         return html
 
     def status(self) -> InstanceStatus:
-        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
-        st, output, error = self.engine.redis.hmget(
-            self.engine.keys.state(self.id), "status", "output", "error"
+        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored
+        (and ``rollback``, ``{"status", "steps"}``, when its rollbacks ran)."""
+        st, output, error, rollback = self.engine.redis.hmget(
+            self.engine.keys.state(self.id), "status", "output", "error", "rollback"
         )
-        return instance_status(st, output, error)
+        return instance_status(st, output, error, rollback)
 
     def info(self) -> dict[str, Any]:
         """A cheap summary in one round trip (what listings and live cards show).
@@ -743,6 +748,8 @@ class WorkflowInstance:
                     status = self.status()
                 elif msg["type"] == "message" and msg["channel"] == channel:
                     status = published_status(msg["data"]) or self.status()
+                    if status["status"] == "errored":  # with its rollback report, if any
+                        status = self.status()
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise
