@@ -141,11 +141,10 @@ def eng(worker_engine: Engine) -> Engine:
     return worker_engine
 
 
-def _fx(eng: Engine) -> dict[str, Any]:
+@pytest.fixture
+def fx(eng: Engine, redis_url: str) -> dict[str, Any]:
     """Payload keys that make ``_bump`` count in this test's Redis."""
-    kwargs = eng.redis.connection_pool.connection_kwargs
-    url = f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-    return {"url": url, "fx": f"{eng.prefix}:fx"}
+    return {"url": redis_url, "fx": f"{eng.prefix}:fx"}
 
 
 def _child(eng: Engine, workflow: str, cid: str) -> Any:
@@ -182,8 +181,8 @@ def test_run_workflow_returns_the_child_output_while_the_parent_waits_without_a_
     assert parent.step_output("kid") == {"got": {"ok": True}, "x": 7}
 
 
-def test_instances_lists_the_parent_of_each_child(eng: Engine) -> None:
-    parent = eng.workflow("FanOut").create(id="fan", params={"n": 3, **_fx(eng)})
+def test_instances_lists_the_parent_of_each_child(eng: Engine, fx: dict[str, Any]) -> None:
+    parent = eng.workflow("FanOut").create(id="fan", params={"n": 3, **fx})
     assert parent.wait(timeout=15) == {"status": "complete", "output": [0, 2, 4]}
     frame = eng.instances().set_index("id")
     assert "parent" in frame.columns
@@ -194,7 +193,7 @@ def test_instances_lists_the_parent_of_each_child(eng: Engine) -> None:
         assert frame.loc[cid, "workflow"] == "Double"
 
 
-def test_wf_list_shows_the_parent_column(eng: Engine) -> None:
+def test_wf_list_shows_the_parent_column(eng: Engine, fx: dict[str, Any]) -> None:
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
@@ -206,24 +205,26 @@ def test_wf_list_shows_the_parent_column(eng: Engine) -> None:
     shell.run_line_magic("load_ext", "nbflow")
     use_engine(eng)
     try:
-        eng.workflow("FanOut").create(id="fan", params={"n": 1, **_fx(eng)}).wait(timeout=15)
+        eng.workflow("FanOut").create(id="fan", params={"n": 1, **fx}).wait(timeout=15)
         listed = shell.run_line_magic("wf", "list").set_index("id")
         assert listed.loc["fan-part", "parent"] == "fan"
     finally:
         use_engine(None)
 
 
-def test_default_child_ids_replace_characters_an_id_cannot_hold(eng: Engine) -> None:
+def test_default_child_ids_replace_characters_an_id_cannot_hold(
+    eng: Engine, fx: dict[str, Any]
+) -> None:
     parent = eng.workflow("Parent").create(
         id="p2",
-        params={"child": "Double", "step": "make it double", "params": {"x": 1, **_fx(eng)}},
+        params={"child": "Double", "step": "make it double", "params": {"x": 1, **fx}},
     )
     assert parent.wait(timeout=10) == {"status": "complete", "output": 2}
     assert eng.workflow("Double").get("p2-make_it_double").status()["status"] == "complete"
 
 
-def test_a_plain_def_run_gets_children_outputs_directly(eng: Engine) -> None:
-    parent = eng.workflow("SyncParent").create(id="sp", params=_fx(eng))
+def test_a_plain_def_run_gets_children_outputs_directly(eng: Engine, fx: dict[str, Any]) -> None:
+    parent = eng.workflow("SyncParent").create(id="sp", params=fx)
     assert parent.wait(timeout=15) == {"status": "complete", "output": [10, 20]}
     assert list(parent.steps()["kind"]) == ["workflow", "workflow"]
 
@@ -306,8 +307,10 @@ def test_a_child_with_an_ancestors_id_is_a_cycle(eng: Engine) -> None:
     assert eng.workflow("Loops").get("top-down").steps().empty
 
 
-def test_an_id_of_another_instance_raises_instance_exists_error(eng: Engine) -> None:
-    eng.workflow("Double").create(id="taken", params={"x": 1, **_fx(eng)}).wait(timeout=10)
+def test_an_id_of_another_instance_raises_instance_exists_error(
+    eng: Engine, fx: dict[str, Any]
+) -> None:
+    eng.workflow("Double").create(id="taken", params={"x": 1, **fx}).wait(timeout=10)
 
     class Taker(WorkflowEntrypoint):
         async def run(self, event: Any, step: Any) -> Any:
@@ -323,9 +326,10 @@ def test_an_id_of_another_instance_raises_instance_exists_error(eng: Engine) -> 
 
 def test_a_replay_returns_the_stored_output_and_never_starts_a_second_child(
     eng: Engine,
+    fx: dict[str, Any],
 ) -> None:
     parent = eng.workflow("Parent").create(
-        id="rp", params={"child": "Double", "params": {"x": 4, **_fx(eng)}, "then_wait": True}
+        id="rp", params={"child": "Double", "params": {"x": 4, **fx}, "then_wait": True}
     )
     wait_status(parent, "waiting")
     poll(lambda: parent.steps()["status"].tolist() == ["complete", "waiting"], 10, "child done")
@@ -348,8 +352,9 @@ def test_terminating_a_parent_terminates_its_children_and_theirs(eng: Engine) ->
         grandchild.send_event("go")
 
 
-def test_restart_from_a_step_before_the_child_starts_a_fresh_child(eng: Engine) -> None:
-    fx = _fx(eng)
+def test_restart_from_a_step_before_the_child_starts_a_fresh_child(
+    eng: Engine, fx: dict[str, Any]
+) -> None:
     parent = eng.workflow("Restartable").create(id="rs", params=fx)
     assert parent.wait(timeout=10) == {"status": "complete", "output": 2}
     assert _counts(eng) == {"before": 1, "rs-kid": 1, "after": 1}
@@ -377,6 +382,8 @@ def test_restarting_a_parent_whose_child_still_runs_terminates_it_and_starts_it_
     wait_status(parent, "waiting")
     child.send_event("go", 2)
     assert parent.wait(timeout=10) == {"status": "complete", "output": {"got": 2, "x": 1}}
+    events = [e["ev"] for e in child.history()]
+    assert events.index("terminated") < events.index("restarted")
 
 
 # -- real worker processes: one SIGKILLed in the middle of a fan-out ----------------------------
