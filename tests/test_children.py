@@ -449,8 +449,9 @@ def test_worker_killed_mid_fan_out_every_child_runs_once(
     assert parent.status() == {"status": "waiting"}
     procs.kill(a)
     r.delete(fx + ":hold")
-    for iid in r.zrange(engine.keys.leases, 0, -1):  # stand-in for the 30 s lease running out
-        r.zadd(engine.keys.leases, {iid: 0})
+    for cid, pid in where.items():  # stand-in for the dead worker's 30 s leases running out
+        if pid == a.pid:
+            r.zadd(engine.keys.leases, {cid: 0}, xx=True)
     status = parent.wait(timeout=60)
     assert status == {"status": "complete", "output": [i * 10 for i in range(n)]}, procs.logs()
     assert b.poll() is None
