@@ -118,7 +118,7 @@ class ComposeSteps:
     """``run_workflow``, ``map`` and rollbacks, as methods of the step API (see the
     module docstring).  The step base class provides the hooks below."""
 
-    _run: Any  # a StepRun (nbflow.step), which is a ComposeRun too
+    _run: ComposeRun  # the step base narrows it to its StepRun
     _rollbacks: list[_Rollback] | None = None
 
     # -- hooks the step protocol provides -----------------------------------------------
@@ -158,9 +158,9 @@ class ComposeSteps:
                 f"step.run_workflow: class {workflow.__name__} is not registered; "
                 "register it with engine.register() first"
             )
-        name = getattr(workflow, "name", None)
-        if isinstance(name, str) and callable(getattr(workflow, "create", None)):
-            return name  # a Workflow handle
+        handle_name = getattr(workflow, "name", None)
+        if isinstance(handle_name, str) and callable(getattr(workflow, "create", None)):
+            return handle_name  # a Workflow handle
         raise TypeError(
             "step.run_workflow(name, workflow, ...): workflow must be a Workflow (from "
             f"engine.register), a registered workflow name or class, not {workflow!r}"

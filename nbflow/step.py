@@ -231,6 +231,8 @@ class _StepBase(ComposeSteps):
     await, ``SyncWorkflowStep`` runs it to its end at once.
     """
 
+    _run: StepRun
+
     def __init__(self, run: StepRun) -> None:
         self._run = run
 
