@@ -894,7 +894,10 @@ class WorkflowInstance:
             start = "step.started" if kind == "do" else f"{kind}.started"
             middle.append({"t": float(t0), "ev": start, "step": key})
             if e["s"] == "complete" and e.get("d") is not None:
-                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}[kind]
+                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}.get(
+                    kind,
+                    f"{kind}.finished",  # a child's end (workflow), a rollback
+                )
                 entry: dict[str, Any] = {"t": float(t0) + float(e["d"]), "ev": done, "step": key}
                 if int(e.get("a", 1)) != 1:
                     entry["attempt"] = int(e["a"])

@@ -369,9 +369,8 @@ local function notify_parent(id, status, value, now, now_iso)
   local pst = k_state(pid)
   local p = redis.call('HMGET', pst, 'status', 'gen')
   if not p[1] or is_final(p[1]) or (p[2] or '0') ~= (m[3] or '0') then return nil end
+  -- (history() shows the child's end from the entry: "workflow.finished")
   if not record_child(pid, m[2], id, status, value, m[4], now, now_iso) then return nil end
-  hist(pid, now, 'child.finished', '"step":' .. cjson.encode(m[2]) .. ',"child":' ..
-       cjson.encode(id) .. ',"status":"' .. status .. '"')
   if p[1] == 'waiting' then
     redis.call('HDEL', pst, 'waitType')
     redis.call('ZREM', P .. ':timers', pid)
