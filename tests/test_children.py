@@ -179,6 +179,22 @@ def test_run_workflow_returns_the_child_output_while_the_parent_waits_without_a_
     assert (row.step, row.kind, row["count"], row.status) == ("kid", "workflow", 1, "complete")
     assert row.output == {"got": {"ok": True}, "x": 7}
     assert parent.step_output("kid") == {"got": {"ok": True}, "x": 7}
+    events = [e["ev"] for e in parent.history()]
+    assert events.index("workflow.started") < events.index("workflow.finished")
+
+
+def test_a_paused_parent_keeps_its_childs_output_for_when_it_resumes(eng: Engine) -> None:
+    parent = eng.workflow("Parent").create(id="pp", params={"child": "Gated", "params": {"x": 3}})
+    child = _child(eng, "Gated", "pp-kid")
+    wait_status(child, "waiting")
+    wait_status(parent, "waiting")
+    parent.pause()
+    child.send_event("go", "late")
+    assert child.wait(timeout=10)["status"] == "complete"
+    assert parent.status() == {"status": "paused"}
+    assert parent.steps().iloc[0]["status"] == "complete"
+    parent.resume()
+    assert parent.wait(timeout=10) == {"status": "complete", "output": {"got": "late", "x": 3}}
 
 
 def test_instances_lists_the_parent_of_each_child(eng: Engine, fx: dict[str, Any]) -> None:
