@@ -49,6 +49,7 @@ from nbflow.errors import (
     WorkflowNotRegisteredError,
     rebuild_error,
 )
+from nbflow.fingerprint import class_version
 from nbflow.validate import StepConfig, check_instance_id, check_step_name, resolve_step_config
 
 _ID_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
@@ -74,6 +75,7 @@ class ComposeRun(Protocol):
         payload: str,
         entry: str,
         t0: float,
+        version: str,
     ) -> tuple[str, Any]: ...
 
     def wait_for_child(self, key: str) -> NoReturn: ...
@@ -199,7 +201,9 @@ class ComposeSteps:
         t0 = time.time()
         pending = self._e("waiting", "workflow", st, 1, t0)
         pending = f'{pending[:-1]},"c":{codec.encode(cid)},"w":{codec.encode(wf)}}}'
-        tag, got = await run.start_child(st.key, st.name, cid, wf, payload, pending, t0)
+        cls = run.registered_workflows().get(wf)
+        version = "" if cls is None else class_version(cls)  # as create() records it
+        tag, got = await run.start_child(st.key, st.name, cid, wf, payload, pending, t0, version)
         if tag == "final":
             return self._child_result(got)
         if tag == "cycle":

@@ -474,6 +474,7 @@ class Run:
         payload: str,
         entry: str,
         t0: float,
+        version: str,
     ) -> tuple[str, Any]:
         """Starts a child (the ``start_child`` script; its RQ job follows): ('wait',
         None) while it runs, ('final', its decoded entry) once it has ended, or
@@ -483,7 +484,7 @@ class Run:
         self._flush_pending()
         retention = "" if self.backend.retention is None else f"{self.backend.retention:.6f}"
         args = [*self._args(), key, name, child_id, workflow, payload, entry, f"{t0:.6f}"]
-        res = await self._reply("start_child", [*args, retention])
+        res = await self._reply("start_child", [*args, retention, version])
         self._raise_refused()
         if isinstance(res, Exception):
             raise res

@@ -836,7 +836,7 @@ return #ids
 """
 
 # ARGV: prefix, id, token, now, now_iso, key, step name, child id, workflow, payload,
-# pending entry, t0 epoch, retention ('' = keep).  ``step.run_workflow``: starts the
+# pending entry, t0 epoch, retention ('' = keep), code version.  ``step.run_workflow``: starts the
 # child (recording parent, step and generation in its metadata) and the parent's
 # pending step entry in one go.  Returns {'created'}, {'wait'} (this run's child
 # exists already: a replay, or a crash after it started), {'final', entry} (the
@@ -846,7 +846,7 @@ return #ids
 _START_CHILD = r"""
 local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key, name, cid, wf, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local pending, t0, retention = ARGV[11], ARGV[12], ARGV[13]
+local pending, t0, retention, version = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local why = owned(id, token, now, now_iso)
 if why ~= 'running' then return {why} end
 local sk = k_steps(id)
@@ -901,7 +901,8 @@ else
   redis.call('ZADD', P .. ':index:wf:' .. wf, now, cid)
 end
 redis.call('HSET', cmeta, 'workflowName', wf, 'payload', payload, 'currentStep', '',
-           'parent', id, 'parentStep', key, 'parentGen', gen, 'parentT0', t0)
+           'parent', id, 'parentStep', key, 'parentGen', gen, 'parentT0', t0,
+           'version', version)
 make_queued(cid, now, now_iso)
 redis.call('HSET', k_children(id), cid, key)
 redis.call('HSET', sk, key, pending)

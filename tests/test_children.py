@@ -207,6 +207,11 @@ def test_instances_lists_the_parent_of_each_child(eng: Engine, fx: dict[str, Any
     for cid in ("fan-part", "fan-part-2", "fan-part-3"):
         assert frame.loc[cid, "parent"] == "fan"
         assert frame.loc[cid, "workflow"] == "Double"
+    # a child records its workflow's code version as create() does (spec 8.2)
+    assert (
+        frame.loc["fan-part", "version"] == eng.workflow("Double").get("fan-part").info()["version"]
+    )
+    assert frame.loc["fan-part", "version"]
 
 
 def test_wf_list_shows_the_parent_column(eng: Engine, fx: dict[str, Any]) -> None:
