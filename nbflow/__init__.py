@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nbflow.definition import StepContext, WorkflowEntrypoint, WorkflowEvent
+from nbflow.definition import RollbackContext, StepContext, WorkflowEntrypoint, WorkflowEvent
 from nbflow.engine import Engine, Workflow, WorkflowInstance
 from nbflow.errors import (
     ArtifactError,
@@ -53,6 +53,7 @@ __all__ = [
     "WorkflowStep",
     "SyncWorkflowStep",
     "StepContext",
+    "RollbackContext",
     "WorkflowError",
     "NonRetryableError",
     "WorkflowTimeoutError",

@@ -1,5 +1,6 @@
 """What a user writes against: ``WorkflowEntrypoint``, the ``WorkflowEvent`` a run
-receives, and the ``StepContext`` a step callback may take.
+receives, the ``StepContext`` a step callback may take, and the ``RollbackContext`` a
+rollback callback receives.
 
 These are plain data holders with no Redis in them, so a workflow module can be
 imported (by a CLI worker, a notebook, mypy) without touching the engine.
@@ -110,3 +111,18 @@ class StepContext:
     count: int
     attempt: int
     config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RollbackContext:
+    """Passed to a ``rollback=`` callback of ``step.do`` when the instance failed.
+
+    ``output`` is what the step returned (its stored result), ``error`` the exception
+    that failed the instance, and ``step`` the step's own ``StepContext`` (its name,
+    occurrence, the attempt that succeeded and its config), so one undo function can
+    serve several steps.
+    """
+
+    output: Any
+    error: BaseException
+    step: StepContext

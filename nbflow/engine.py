@@ -260,7 +260,8 @@ class Engine:
         """Instances newest first, as a DataFrame (read from indexes, never a key scan).
 
         Columns: id, workflow, status, created_at, updated_at, current_step,
-        steps_done, error, version (the workflow's code version at creation).
+        steps_done, error, version (the workflow's code version at creation), parent
+        (the id of the instance that started it as a child with ``step.run_workflow``).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
@@ -304,7 +305,7 @@ class Engine:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
-            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version")
+            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version", "parent")
         res = pipe.execute()
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
@@ -320,6 +321,7 @@ class Engine:
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
                 "version": text_or_none(meta[2]) or None,
+                "parent": text_or_none(meta[3]),
             }
 
     # -- schedules (nbflow.schedules) ---------------------------------------------
@@ -455,8 +457,11 @@ class Engine:
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
-            if len(res) > 3:  # artifacts no reference names any more (restart, terminate)
-                self.backend.artifacts.delete(res[3:])
+            # terminate and restart: {ok, status, heard, parent to wake or '', URLs...}
+            if len(res) > 3 and res[3]:  # a child ended: its waiting parent is queued
+                self.backend.enqueue([text(res[3])], at_front=True)
+            if len(res) > 4:  # artifacts no reference names any more
+                self.backend.artifacts.delete(res[4:])
             if len(res) > 2 and int(res[2]) > 0:
                 handshake.await_stop(self.backend, iid, script, ack)
             return value
@@ -622,11 +627,12 @@ class WorkflowInstance:
         return html
 
     def status(self) -> InstanceStatus:
-        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
-        st, output, error = self.engine.redis.hmget(
-            self.engine.keys.state(self.id), "status", "output", "error"
+        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored
+        (and ``rollback``, ``{"status", "steps"}``, when its rollbacks ran)."""
+        st, output, error, rollback = self.engine.redis.hmget(
+            self.engine.keys.state(self.id), "status", "output", "error", "rollback"
         )
-        return self._loaded(instance_status(st, output, error))
+        return self._loaded(instance_status(st, output, error, rollback))
 
     def _loaded(self, status: InstanceStatus) -> InstanceStatus:
         """The status with an output stored as an artifact read back (checked)."""
@@ -796,7 +802,10 @@ class WorkflowInstance:
                     status = self.status()
                 elif msg["type"] == "message" and msg["channel"] == channel:
                     published = published_status(msg["data"])
-                    status = self.status() if published is None else self._loaded(published)
+                    if published is None or published["status"] == "errored":
+                        status = self.status()  # errored: with its rollback report, if any
+                    else:
+                        status = self._loaded(published)
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise
@@ -951,7 +960,10 @@ class WorkflowInstance:
             start = "step.started" if kind == "do" else f"{kind}.started"
             middle.append({"t": float(t0), "ev": start, "step": key})
             if e["s"] == "complete" and e.get("d") is not None:
-                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}[kind]
+                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}.get(
+                    kind,
+                    f"{kind}.finished",  # a child's end (workflow), a rollback
+                )
                 entry: dict[str, Any] = {"t": float(t0) + float(e["d"]), "ev": done, "step": key}
                 if int(e.get("a", 1)) != 1:
                     entry["attempt"] = int(e["a"])

@@ -52,6 +52,7 @@ INSTANCE_COLUMNS = [
     "steps_done",
     "error",
     "version",
+    "parent",
 ]
 STEP_COLUMNS = [
     "step",
@@ -223,9 +224,10 @@ class InstanceStatus(dict[str, Any]):
         return html
 
 
-def instance_status(status: Any, output: Any, error: Any) -> InstanceStatus:
+def instance_status(status: Any, output: Any, error: Any, rollback: Any = None) -> InstanceStatus:
     """The status dict from the state hash's ``status``, ``output`` and ``error`` fields
-    (``status`` None: the instance does not exist)."""
+    (``status`` None: the instance does not exist), and of an errored instance whose
+    rollbacks ran, their report (``rollback``, spec 10.4)."""
     if status is None:
         return InstanceStatus(status="unknown")
     result = InstanceStatus(status=text(status))
@@ -233,6 +235,8 @@ def instance_status(status: Any, output: Any, error: Any) -> InstanceStatus:
         result["output"] = codec.decode(output) if output is not None else None
     elif result["status"] == "errored" and error is not None:
         result["error"] = codec.decode(error)
+    if rollback is not None and result["status"] == "errored":
+        result["rollback"] = codec.decode(rollback)
     return result
 
 

@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -233,7 +233,10 @@ def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:
         }
     )
     res = backend.scripts.fail(args=[backend.prefix, iid, f"{now:.6f}", now_iso, err])
-    return str(res.decode() if isinstance(res, bytes) else res)
+    outcome, _, parent = str(res.decode() if isinstance(res, bytes) else res).partition(" ")
+    if parent:  # a child: its parent waited for it and is queued now
+        backend.enqueue([parent], at_front=True)
+    return outcome
 
 
 class Run:
@@ -305,6 +308,7 @@ class Run:
         self.calls = 0  # step calls made so far (the determinism check's positions)
         self.positions: dict[int, tuple[str, str]] | None = None
         self._noted: set[tuple[str, str]] = set()
+        self._children: list[str] = []  # children created whose RQ job is not sent yet
 
     def forget(self) -> None:
         """The run is over: no more lease heartbeats or stop requests for it here."""
@@ -463,6 +467,80 @@ class Run:
         self.own_in_flight -= 1
         if self.batch is not None:
             self.batch.steps_in_flight -= 1
+
+    # -- child workflows (nbflow.compose) -------------------------------------------
+
+    def registered_workflows(self) -> Mapping[str, type]:
+        """The workflows this worker can run, by name."""
+        return self.backend.classes
+
+    async def start_child(
+        self,
+        key: str,
+        name: str,
+        child_id: str,
+        workflow: str,
+        payload: str,
+        entry: str,
+        t0: float,
+        version: str,
+    ) -> tuple[str, Any]:
+        """Starts a child (the ``start_child`` script; its RQ job follows): ('wait',
+        None) while it runs, ('final', its decoded entry) once it has ended, or
+        ('cycle' | 'exists', None) for an id that cannot be this step's child."""
+        self._stop_if_halted()
+        self._raise_refused()
+        self._flush_pending()
+        retention = "" if self.backend.retention is None else f"{self.backend.retention:.6f}"
+        args = [*self._args(), key, name, child_id, workflow, payload, entry, f"{t0:.6f}"]
+        res = await self._reply("start_child", [*args, retention, version])
+        self._raise_refused()
+        if isinstance(res, Exception):
+            raise res
+        tag = res[0].decode()
+        if tag == "created":
+            self._dispatch_child(child_id)
+            return "wait", None
+        if tag == "final":
+            return "final", records.decode_entry(key, res[1], self.created_ts)
+        if tag in ("wait", "cycle", "exists"):
+            return tag, None
+        raise self.halt(tag)
+
+    def wait_for_child(self, key: str) -> NoReturn:
+        """Parks the run until a child ends: its pending entry is stored already, and the
+        script that ends the child queues the parent (``notify_parent``)."""
+        raise self.halt("wait")
+
+    def _dispatch_child(self, child_id: str) -> None:
+        """Sends the RQ job of a child just created: in an async run, those of all the
+        children created in one loop turn go together (a fan-out is a few jobs, not one
+        per child); a blocking run sends it at once.  A job lost to a crash in between
+        is sent again by the housekeeper's orphan sweep (the child is in ``ready``)."""
+        self._children.append(child_id)
+        if self.blocking:
+            self._send_children()
+        elif len(self._children) == 1:
+            asyncio.get_running_loop().call_soon(self._send_children)
+
+    def _send_children(self) -> None:
+        ids, self._children = self._children, []
+        if not ids:
+            return
+        try:
+            self.backend.enqueue_many(ids)
+        except redis.RedisError as exc:
+            log.warning(
+                "nbflow: jobs of %d child(ren) of %s not sent (%s)", len(ids), self.iid, exc
+            )
+
+    def _wake_parent(self, reply: str) -> str:
+        """The outcome of an ending script; a parent it queued (``"errored parent-id"``)
+        gets its RQ job."""
+        outcome, _, parent = reply.partition(" ")
+        if parent:
+            self.backend.enqueue([parent], at_front=True)
+        return outcome
 
     # -- the stop handshake (see nbflow.handshake) ----------------------------------
 
@@ -643,10 +721,19 @@ class Run:
         """Runs a plain ``def run`` (or an instance that cannot run), without a loop."""
         ending = self._unrunnable()
         if ending is None:
+            step = SyncWorkflowStep(self)
+            caught: list[BaseException] = []
+
+            def body() -> Any:
+                try:
+                    return self.instance.run(self._event(), step)
+                except BaseException as exc:
+                    caught.append(exc)
+                    raise
+
             try:
-                ending = self._outcome(
-                    lambda: self.instance.run(self._event(), SyncWorkflowStep(self))
-                )
+                ending = self._outcome(body)
+                ending = run_blocking(self._roll_back(step, ending, caught))
             except KeyboardInterrupt:
                 self._flush_pending()
                 try:  # behind the run's last writes, on the same connection
@@ -661,21 +748,48 @@ class Run:
         _current_run.set(self)
         self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         holder: dict[str, Any] = {}
+        step = WorkflowStep(self)
         try:
-            holder["output"] = await self.instance.run(self._event(), WorkflowStep(self))
+            holder["output"] = await self.instance.run(self._event(), step)
         except BaseException as exc:  # judged by _outcome below
             holder["error"] = exc
         finally:
             await self._wait_own_tasks()
-        if self.batch is not None:
-            self.batch.live -= 1
 
         def replay() -> Any:
             if "error" in holder:
                 raise holder["error"]
             return holder.get("output")
 
-        return await self._end(*self._outcome(replay))
+        ending = self._outcome(replay)
+        if ending[0] == "errored" and step.has_rollbacks():
+            ending = await self._roll_back(
+                step, ending, [holder["error"]] if "error" in holder else []
+            )
+            await self._wait_own_tasks()
+        if self.batch is not None:
+            self.batch.live -= 1
+        return await self._end(*ending)
+
+    async def _roll_back(
+        self, step: WorkflowStep | SyncWorkflowStep, ending: tuple[str, Any], caught: list[Any]
+    ) -> tuple[str, Any]:
+        """An errored run whose completed steps have rollbacks runs them first (spec
+        10.4, ``nbflow.compose``) and stores their report; the run ends errored after
+        them, or parks if one must wait (a long retry, a stop request, a lost lease)."""
+        if ending[0] != "errored" or not step.has_rollbacks():
+            return ending
+        error = caught[0] if caught else rebuild_error(ending[1])
+        try:
+            report = await step.roll_back(error)
+        except Suspend:
+            return "park", None
+        if self.suspending:
+            return "park", None
+        assert self.batch is not None
+        self._flush_pending()
+        self.batch.send("rollback_report", [*self._args(), codec.encode(report)], self._on_write)
+        return ending
 
     async def _wait_own_tasks(self) -> None:
         """Lets this run's parallel steps still in flight finish and store."""
@@ -692,6 +806,7 @@ class Run:
         """Sends the ending call right behind the run's last writes (one round trip);
         if one of those writes was refused (a pause, a lost lease), that wins and the
         ending call finds the instance no longer owned and changes nothing."""
+        self._send_children()
         ending = self._ending(status, value)
         if ending is None:
             return self.reason
@@ -707,6 +822,8 @@ class Run:
         if name == "release":
             return "released"
         text: str = res.decode()
+        if name != "suspend":
+            text = self._wake_parent(text)
         if name == "suspend":
             if text == "queued":  # an event arrived while the run unwound
                 self.backend.enqueue([self.iid], at_front=True)

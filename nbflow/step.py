@@ -31,12 +31,13 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from nbflow import callbacks, codec, errors, fingerprint, records
+from nbflow.compose import ComposeRun, ComposeSteps, rollback_config
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
 from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
@@ -60,8 +61,9 @@ _in_callback: contextvars.ContextVar[bool] = contextvars.ContextVar(
 INLINE_WAIT_MAX = 1.0
 
 
-class StepRun(Protocol):
-    """What the step protocol needs of the run it belongs to (``nbflow.runner.Run``)."""
+class StepRun(ComposeRun, Protocol):
+    """What the step protocol needs of the run it belongs to (``nbflow.runner.Run``);
+    ``ComposeRun`` adds what child workflows need (``nbflow.compose``)."""
 
     iid: str
     workflow_name: str
@@ -129,10 +131,12 @@ class _Step:
 
     ``pos`` is the call's position in the run's sequence of step calls; on a replay
     the call is checked against what was recorded there (``_check_replay``) before
-    any stored result is used.
+    any stored result is used.  ``kind`` is what its entry records (``do``,
+    ``workflow``, or ``rollback`` for a rollback step), ``attempt`` the attempt that
+    succeeded (once one has).
     """
 
-    __slots__ = ("name", "count", "key", "entry", "index", "pos")
+    __slots__ = ("name", "count", "key", "entry", "index", "pos", "kind", "attempt")
 
     def __init__(self, run: StepRun, name: str, kind: str) -> None:
         self.name = check_step_name(name)
@@ -150,6 +154,23 @@ class _Step:
         if run.cache:  # a replay (a first run has nothing to compare with)
             _check_replay(run, self, kind)
         self.index = int(self.entry["i"]) if self.entry else run.next_index()
+        self.kind = kind
+        self.attempt = 0
+
+    @classmethod
+    def special(cls, run: StepRun, key: str, kind: str) -> _Step:
+        """A step with a key of the engine's own (a rollback: ``rollback:{step key}``),
+        outside the name counts and the positions of the workflow's steps (its order
+        follows from the recorded ones, so the determinism check has nothing to add)."""
+        st = cls.__new__(cls)
+        st.name = st.key = key
+        st.count = 1
+        st.pos = None
+        st.entry = run.cache.get(key)
+        st.index = int(st.entry["i"]) if st.entry else run.next_index()
+        st.kind = kind
+        st.attempt = 0
+        return st
 
 
 def _describe(key: str, kind: str) -> str:
@@ -210,7 +231,7 @@ def _nondeterministic(pos: int | None, recorded: str, asked: str, iid: str) -> N
     raise FatalRunError("NonDeterminismError", message)
 
 
-class _StepBase:
+class _StepBase(ComposeSteps):
     """The step protocol, shared by the async and the sync step API.
 
     Every method a workflow calls is one ``async`` body here; the subclasses differ
@@ -218,11 +239,19 @@ class _StepBase:
     await, ``SyncWorkflowStep`` runs it to its end at once.
     """
 
+    _run: StepRun
+
     def __init__(self, run: StepRun) -> None:
         self._run = run
 
     def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
         raise NotImplementedError
+
+    def _new_step(self, name: str, kind: str) -> _Step:
+        return _Step(self._run, name, kind)
+
+    def _special_step(self, key: str, kind: str) -> _Step:
+        return _Step.special(self._run, key, kind)
 
     def _e(self, status: str, kind: str, st: _Step, attempts: int, t0: float, **kw: Any) -> str:
         """A step entry of this run (times stored relative to the instance's creation,
@@ -239,26 +268,48 @@ class _StepBase:
         config_or_callback: Any,
         callback: Any,
         config: Mapping[str, Any] | None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_cfg: Mapping[str, Any] | None = None,
     ) -> Any:
         """``do`` in every form (see ``WorkflowStep.do``): the step's result (as the
         subclass delivers it), or a decorator."""
         if callable(name) and config_or_callback is None and callback is None:
-            return self._decorator(None, config)(name)  # bare @step.do
+            return self._decorator(None, config, rollback, rollback_cfg)(name)  # bare @step.do
         name, config, callback = self._parse_do(name, config_or_callback, callback, config)
         if callback is None:
-            return self._decorator(name, config)
+            return self._decorator(name, config, rollback, rollback_cfg)
         if name is None:
             raise TypeError("step.do needs a name: step.do('fetch user', callback)")
-        return self._deliver(self._do(*self._begin_do(name, config), callback))
+        return self._deliver(self._do_step(name, config, callback, rollback, rollback_cfg))
+
+    def _do_step(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None,
+        callback: Callable[..., Any],
+        rollback: Callable[..., Any] | None,
+        rollback_cfg: Mapping[str, Any] | None,
+    ) -> Coroutine[Any, Any, Any]:
+        """The coroutine of one ``do`` call; with ``rollback=`` the step's rollback is
+        registered once it has a result (``nbflow.compose``)."""
+        if rollback is None and rollback_cfg is None:
+            return self._do(*self._begin_do(name, config), callback)
+        rb_cfg = rollback_config(rollback, rollback_cfg)
+        assert rollback is not None
+        return self._do_with_rollback(*self._begin_do(name, config), callback, rollback, rb_cfg)
 
     def _decorator(
-        self, name: str | None, config: Mapping[str, Any] | None
+        self,
+        name: str | None,
+        config: Mapping[str, Any] | None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_cfg: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[[], Any]]:
         def wrap(func: Callable[..., Any]) -> Callable[[], Any]:
             step_name = name if name is not None else func.__name__
 
             def run_step() -> Any:
-                return self._deliver(self._do(*self._begin_do(step_name, config), func))
+                return self._deliver(self._do_step(step_name, config, func, rollback, rollback_cfg))
 
             run_step.__name__ = getattr(func, "__name__", "step")
             return run_step
@@ -352,7 +403,7 @@ class _StepBase:
         counted = error_returned = False
         try:
             await self._run.start_step(
-                st.key, st.name, self._e("running", "do", st, attempt, t0), attempt
+                st.key, st.name, self._e("running", st.kind, st, attempt, t0), attempt
             )
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
@@ -500,7 +551,7 @@ class _StepBase:
             retry_at = _now() + wait
             self._run.request_wait(
                 st.key,
-                self._e("retrying", "do", st, attempt - 1, t0, u=retry_at, err=err),
+                self._e("retrying", st.kind, st, attempt - 1, t0, u=retry_at, err=err),
                 retry_at,
             )
         return wait
@@ -554,11 +605,12 @@ class _StepBase:
         callback: Callable[..., Any],
     ) -> Any:
         text, url, value_json = stored
+        st.attempt = attempt
         f, q = fingerprint.step_identity(self._run.cls, callback)
         self._run.record(
             st.key,
             self._e(
-                "complete", "do", st, attempt, t0, t1=_now(), value_json=text, ref=url, f=f, q=q
+                "complete", st.kind, st, attempt, t0, t1=_now(), value_json=text, ref=url, f=f, q=q
             ),
             final=True,
             event="step.finished",
@@ -577,7 +629,7 @@ class _StepBase:
         err = {"name": name, "message": message}
         self._run.record(
             st.key,
-            self._e("errored", "do", st, attempt, t0, t1=_now(), err=err),
+            self._e("errored", st.kind, st, attempt, t0, t1=_now(), err=err),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -606,7 +658,7 @@ class _StepBase:
         if delay <= INLINE_WAIT_MAX:
             self._run.record(
                 st.key,
-                self._e("retrying", "do", st, attempt, t0, u=_now() + delay, err=err),
+                self._e("retrying", st.kind, st, attempt, t0, u=_now() + delay, err=err),
                 final=False,
                 event="step.retrying",
                 attempt=attempt,
@@ -624,7 +676,7 @@ class _StepBase:
         )
         self._run.record(
             st.key,
-            self._e("errored", "do", st, attempt, t0, t1=_now(), err=error_dict(exc)),
+            self._e("errored", st.kind, st, attempt, t0, t1=_now(), err=error_dict(exc)),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -765,6 +817,8 @@ class WorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Awaitable[T]: ...
 
     @overload
@@ -775,6 +829,8 @@ class WorkflowStep(_StepBase):
         callback: Callable[..., Awaitable[T]] | Callable[..., T],
         *,
         config: None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Awaitable[T]: ...
 
     @overload
@@ -785,6 +841,8 @@ class WorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[[], Awaitable[Any]]]: ...
 
     def do(
@@ -794,6 +852,8 @@ class WorkflowStep(_StepBase):
         callback: Any = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step named ``name`` (or decorate a function).
 
@@ -802,8 +862,12 @@ class WorkflowStep(_StepBase):
         (calling the decorated function runs the step).  The callback may be sync
         or async and may take one argument, a ``StepContext``.  Retries, backoff
         and the per-attempt timeout follow ``config`` merged over the defaults.
+
+        ``rollback``: called with a ``RollbackContext`` if the instance fails after
+        this step completed (saga rollbacks, newest step first, each a durable step
+        of its own with retries and timeout from ``rollback_config``).
         """
-        return self._do_call(name, config_or_callback, callback, config)
+        return self._do_call(name, config_or_callback, callback, config, rollback, rollback_config)
 
     async def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.
@@ -828,6 +892,35 @@ class WorkflowStep(_StepBase):
         """
         return await self._wait_for_event(name, type, timeout)
 
+    async def run_workflow(
+        self, name: str, workflow: Any, params: Any = None, *, id: str | None = None
+    ) -> Any:
+        """Run an instance of ``workflow`` (a ``Workflow``, or a registered name or
+        class) as a child and return its output.
+
+        The parent waits in Redis (``waiting``) without holding a worker.  A child that
+        ends errored raises its error here (same class and message); a terminated one
+        raises ``InvalidStateError``.  Recorded as a step (kind ``workflow``): a replay
+        returns the stored output and never starts a second child.  ``id`` defaults to
+        ``{parent id}-{name}`` (``-n`` for the n-th call with that name).  Fan out
+        with ``asyncio.gather`` over several calls.
+        """
+        return await self._run_workflow(name, workflow, params, id)
+
+    async def map(
+        self,
+        name: str,
+        items: Iterable[Any],
+        callback: Callable[[Any], Any],
+        *,
+        concurrency: int = 8,
+        config: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run ``callback(item)`` for every item as its own step (``name#1`` ...
+        ``name#n``, each with ``config``), at most ``concurrency`` at once; returns the
+        results in input order.  On replay only items without a stored result run."""
+        return await self._map(name, items, callback, concurrency, config)
+
 
 class SyncWorkflowStep(_StepBase):
     """The ``step`` a plain ``def run(self, event, step)`` receives: the same methods as
@@ -844,6 +937,8 @@ class SyncWorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> T: ...
 
     @overload
@@ -854,6 +949,8 @@ class SyncWorkflowStep(_StepBase):
         callback: Callable[..., T],
         *,
         config: None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> T: ...
 
     @overload
@@ -864,6 +961,8 @@ class SyncWorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., T]], Callable[[], T]]: ...
 
     def do(
@@ -873,9 +972,11 @@ class SyncWorkflowStep(_StepBase):
         callback: Any = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step (see ``WorkflowStep.do``); returns its value."""
-        return self._do_call(name, config_or_callback, callback, config)
+        return self._do_call(name, config_or_callback, callback, config, rollback, rollback_config)
 
     def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably (see ``WorkflowStep.sleep``)."""
@@ -890,6 +991,29 @@ class SyncWorkflowStep(_StepBase):
     ) -> dict[str, Any]:
         """Wait for an event (see ``WorkflowStep.wait_for_event``)."""
         result: dict[str, Any] = self._deliver(self._wait_for_event(name, type, timeout))
+        return result
+
+    def run_workflow(
+        self, name: str, workflow: Any, params: Any = None, *, id: str | None = None
+    ) -> Any:
+        """Run a child workflow and return its output (see ``WorkflowStep.run_workflow``)."""
+        return self._deliver(self._run_workflow(name, workflow, params, id))
+
+    def map(
+        self,
+        name: str,
+        items: Iterable[Any],
+        callback: Callable[[Any], Any],
+        *,
+        concurrency: int = 8,
+        config: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run ``callback(item)`` per item as its own step (see ``WorkflowStep.map``).
+
+        A plain ``def run`` has no loop to overlap items on: they run one after another
+        (``concurrency`` is checked but changes nothing); use ``async def run`` to run
+        them side by side."""
+        result: list[Any] = self._deliver(self._map(name, items, callback, concurrency, config))
         return result
 
 

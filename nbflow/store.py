@@ -6,15 +6,21 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 run bookkeeping (each only while it has a value): owner
                                 (token of the run advancing it), gen, waitType, stepsDone,
                                 retention, finishedAt and hardStop (a pause that no
-                                worker heard: the scripts apply it themselves)
+                                worker heard: the scripts apply it themselves); childDone
+                                (a child ended while the run went on: its park re-queues),
+                                rollback (JSON report of the rollbacks an errored run ran)
     {p}:{id}:steps        hash  step key ("name#count") -> step entry (JSON, see below)
-    {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep
+    {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep; a child also
+                                parent, parentStep (the parent's step key), parentGen (the
+                                parent's gen when it started it), parentT0 (that step's start)
     {p}:{id}:history      list  JSON events that no other key records: retries, failures,
                                 waits, wake-ups, events sent/received, lifecycle calls
                                 (``history()`` adds created/started/finished/complete from
                                 the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
+    {p}:{id}:children     hash  child instance id -> the parent's step key that started it
+                                (``step.run_workflow``: termination cascades, restarts reset)
     {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``):
                           its final status, then a space and the output or error JSON
                           when that is at most 4 KB
@@ -377,12 +383,113 @@ local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'cre
 local steps = redis.call('HGETALL', k_steps(id))
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
-redis.call('HDEL', st, 'waitType')
+redis.call('HDEL', st, 'waitType', 'childDone')
 redis.call('ZREM', P .. ':ready', id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
 for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
+"""
+
+# Child workflows (``step.run_workflow``, spec 10.1): how a child's end reaches its
+# parent, and how terminate/restart cascade.  Before the step functions, since
+# finish_run calls notify_parent.
+_CHILD_FUNCTIONS = r"""
+local function is_final(s) return s == 'complete' or s == 'errored' or s == 'terminated' end
+local function k_children(id) return P .. ':' .. id .. ':children' end
+-- The parent's step entry for a child that ended: its pending entry
+-- ('{"s":"waiting","k":"workflow",...}', see nbflow.compose) with the outcome added:
+-- the child's output, or its error (a terminated child: InvalidStateError).
+local function child_entry(cur, cid, status, value, t0, now)
+  local rest = string.sub(cur, 15, -2)
+  local d = string.format('%.3f', math.max(0, tonumber(now) - (tonumber(t0) or tonumber(now))))
+  if status == 'complete' then
+    return '{"s":"complete"' .. rest .. ',"d":' .. d .. ',"v":' .. (value or 'null') .. '}'
+  end
+  if status == 'terminated' or not value then
+    value = cjson.encode({name = 'InvalidStateError',
+                          message = "child instance '" .. cid .. "' was " .. status})
+  end
+  return '{"s":"errored"' .. rest .. ',"d":' .. d .. ',"e":' .. value .. '}'
+end
+-- Stores a child's outcome in the parent's step entry if that still waits for it.
+local function record_child(pid, pkey, cid, status, value, t0, now, now_iso)
+  local sk = k_steps(pid)
+  local cur = redis.call('HGET', sk, pkey)
+  if entry_status(cur) ~= 'waiting' then return false end
+  redis.call('HSET', sk, pkey, child_entry(cur, cid, status, value, t0, now))
+  if status == 'complete' then redis.call('HINCRBY', k_state(pid), 'stepsDone', 1) end
+  redis.call('HSET', k_state(pid), 'updatedAt', now_iso)
+  return true
+end
+-- An instance became final: if it is a child of the parent's current generation, its
+-- outcome goes into the parent's step entry, and a waiting parent is queued (returns
+-- its id: the caller enqueues its RQ job); a parent still running gets `childDone`,
+-- so its park re-queues it instead of waiting for an end that already came.
+local function notify_parent(id, status, value, now, now_iso)
+  local m = redis.call('HMGET', k_meta(id), 'parent', 'parentStep', 'parentGen', 'parentT0')
+  if not m[1] then return nil end
+  local pid = m[1]
+  local pst = k_state(pid)
+  local p = redis.call('HMGET', pst, 'status', 'gen')
+  if not p[1] or is_final(p[1]) or (p[2] or '0') ~= (m[3] or '0') then return nil end
+  -- (history() shows the child's end from the entry: "workflow.finished")
+  if not record_child(pid, m[2], id, status, value, m[4], now, now_iso) then return nil end
+  if p[1] == 'waiting' then
+    redis.call('HDEL', pst, 'waitType')
+    redis.call('ZREM', P .. ':timers', pid)
+    make_queued(pid, now, now_iso)
+    return pid
+  end
+  if p[1] == 'running' or p[1] == 'waitingForPause' then
+    redis.call('HSET', pst, 'childDone', '1')
+  end
+  return nil
+end
+-- Ends an instance as terminated (the caller checked it is not final); returns how
+-- many workers were told to stop its run (see tell_owner).
+-- (`gone` collects the artifacts its buffered events referred to and no one else does)
+local function terminate_instance(id, now, now_iso, ack, gone)
+  local heard = tell_owner(id, ack)
+  set_status(id, 'terminated', now_iso)
+  release(id)
+  finish_bookkeeping(id, now, 'terminated')
+  redis.call('HSET', k_meta(id), 'currentStep', '')
+  local types = P .. ':' .. id .. ':evtypes'
+  local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
+  for _, t in ipairs(redis.call('SMEMBERS', types)) do
+    local ek = P .. ':' .. id .. ':events:' .. t
+    if arts then
+      for _, ev in ipairs(redis.call('LRANGE', ek, 0, -1)) do ref_drop(id, event_ref(ev), gone) end
+    end
+    redis.call('DEL', ek)
+  end
+  redis.call('DEL', types)
+  hist(id, now, 'terminated', '')
+  return heard
+end
+-- Terminates the non-final descendants of root (children, their children, ...);
+-- with dropped_only, only those under children whose step in root is gone (a restart).
+local function terminate_descendants(root, now, now_iso, ack, dropped_only, gone)
+  local stack, seen = {root}, {[root] = true}
+  while #stack > 0 do
+    local cur = table.remove(stack)
+    local kids = redis.call('HGETALL', k_children(cur))
+    for i = 1, #kids, 2 do
+      local cid, key = kids[i], kids[i + 1]
+      local take = not seen[cid]
+      if take and dropped_only and cur == root then
+        take = redis.call('HEXISTS', k_steps(root), key) == 0
+      end
+      if take then
+        seen[cid] = true
+        local s = redis.call('HGET', k_state(cid), 'status')
+        if s and not is_final(s) then terminate_instance(cid, now, now_iso, ack, gone) end
+        stack[#stack + 1] = cid
+      end
+    end
+  end
+end
 """
 
 # The step protocol's two writes, as functions so one script can do both (a
@@ -460,6 +567,8 @@ local function finish_run(o)
   redis.call('HSET', k_meta(id), 'currentStep', '')
   finish_bookkeeping(id, now, outcome, value)
   if outcome ~= 'complete' then hist(id, now, outcome, ARGV[o + 6]) end
+  local woke = notify_parent(id, outcome, value, now, now_iso)
+  if woke then return outcome .. ' ' .. woke end
   return outcome
 end
 """
@@ -496,6 +605,10 @@ if status == 'waitingForPause' then
   return 'paused'
 end
 release(id)
+if redis.call('HDEL', st, 'childDone') == 1 then  -- a child ended while the run went on
+  make_queued(id, now, now_iso)
+  return 'queued'
+end
 for t in string.gmatch(types, '[^,]+') do
   if redis.call('LLEN', P .. ':' .. id .. ':events:' .. t) > 0 then
     make_queued(id, now, now_iso)
@@ -647,6 +760,8 @@ release(id)
 redis.call('HSET', st, 'error', err)
 finish_bookkeeping(id, now, 'errored', err)
 hist(id, now, 'errored', '"error":' .. err)
+local woke = notify_parent(id, 'errored', err, now, now_iso)
+if woke then return 'errored ' .. woke end
 return 'errored'
 """
 
@@ -726,24 +841,10 @@ if not status then return {'bad', 'unknown'} end
 if status == 'complete' or status == 'errored' or status == 'terminated' then
   return {'bad', status}
 end
-local heard = tell_owner(id, ack)
-set_status(id, 'terminated', now_iso)
-release(id)
-finish_bookkeeping(id, now, 'terminated')
-redis.call('HSET', k_meta(id), 'currentStep', '')
-local types = P .. ':' .. id .. ':evtypes'
 local gone = {}
-local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
-for _, t in ipairs(redis.call('SMEMBERS', types)) do
-  local ek = P .. ':' .. id .. ':events:' .. t
-  if arts then
-    for _, ev in ipairs(redis.call('LRANGE', ek, 0, -1)) do ref_drop(id, event_ref(ev), gone) end
-  end
-  redis.call('DEL', ek)
-end
-redis.call('DEL', types)
-hist(id, now, 'terminated', '')
-local out = {'ok', 'terminated', heard}
+local heard = terminate_instance(id, now, now_iso, ack, gone)
+terminate_descendants(id, now, now_iso, ack, false, gone)
+local out = {'ok', 'terminated', heard, notify_parent(id, 'terminated', nil, now, now_iso) or ''}
 for _, url in ipairs(gone) do out[#out + 1] = url end
 return out
 """
@@ -782,6 +883,7 @@ else
   end
 end
 if arts then ref_drop(id, value_ref(redis.call('HGET', st, 'output')), gone) end
+terminate_descendants(id, now, now_iso, ack, true, gone)
 local heard = tell_owner(id, ack)
 release(id)
 redis.call('HINCRBY', st, 'gen', 1)
@@ -790,13 +892,13 @@ if done > 0 then
 else
   redis.call('HDEL', st, 'stepsDone')
 end
-redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType')
+redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType', 'rollback', 'childDone')
 redis.call('HSET', k_meta(id), 'currentStep', '')
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZREM', P .. ':expiry', id)
 make_queued(id, now, now_iso)
 hist(id, now, 'restarted', '"from":' .. cjson.encode(from_key))
-local out = {'ok', 'queued', heard}
+local out = {'ok', 'queued', heard, ''}
 for _, url in ipairs(gone) do out[#out + 1] = url end
 return out
 """
@@ -818,13 +920,97 @@ for _, id in ipairs(ids) do
   for _, t in ipairs(redis.call('SMEMBERS', types)) do
     redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
   end
-  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types)
+  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, P .. ':' .. id .. ':children')
   redis.call('ZREM', P .. ':expiry', id)
   redis.call('ZREM', P .. ':ready', id)
 end
 local out = {#ids}
 for _, url in ipairs(gone) do out[#out + 1] = url end
 return out
+"""
+
+# ARGV: prefix, id, token, now, now_iso, key, step name, child id, workflow, payload,
+# pending entry, t0 epoch, retention ('' = keep), code version.  ``step.run_workflow``: starts the
+# child (recording parent, step and generation in its metadata) and the parent's
+# pending step entry in one go.  Returns {'created'}, {'wait'} (this run's child
+# exists already: a replay, or a crash after it started), {'final', entry} (the
+# child has ended), {'cycle'} (the child would be the parent or one of its
+# ancestors), {'exists'} (that id belongs to another instance), or {why}.
+# A child left from before the parent was restarted is started afresh, same id.
+_START_CHILD = r"""
+local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key, name, cid, wf, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local pending, t0, retention, version = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return {why} end
+local sk = k_steps(id)
+local cur = redis.call('HGET', sk, key)
+local s = entry_status(cur)
+if s == 'complete' or s == 'errored' then return {'final', cur} end
+local up, depth = id, 0
+while up and depth < 1000 do
+  if up == cid then return {'cycle'} end
+  up = redis.call('HGET', k_meta(up), 'parent')
+  depth = depth + 1
+end
+local gen = redis.call('HGET', k_state(id), 'gen') or '0'
+local cst, cmeta = k_state(cid), k_meta(cid)
+local cstatus = redis.call('HGET', cst, 'status')
+if cstatus then
+  local m = redis.call('HMGET', cmeta, 'parent', 'parentStep', 'parentGen', 'parentT0',
+                       'workflowName')
+  if m[1] ~= id or m[2] ~= key then return {'exists'} end
+  if (m[3] or '0') == gen then
+    if s ~= 'waiting' then redis.call('HSET', sk, key, pending) end
+    if is_final(cstatus) then
+      local o = redis.call('HMGET', cst, 'output', 'error')
+      local value = o[2]
+      if cstatus == 'complete' then value = o[1] end
+      record_child(id, key, cid, cstatus, value, m[4], now, now_iso)
+      return {'final', redis.call('HGET', sk, key)}
+    end
+    return {'wait'}
+  end
+  -- started by an earlier generation of the parent: run it afresh, as restart() would
+  redis.call('DEL', k_steps(cid))
+  local types = P .. ':' .. cid .. ':evtypes'
+  for _, t in ipairs(redis.call('SMEMBERS', types)) do
+    redis.call('DEL', P .. ':' .. cid .. ':events:' .. t)
+  end
+  redis.call('DEL', types)
+  release(cid)
+  redis.call('HINCRBY', cst, 'gen', 1)
+  redis.call('HDEL', cst, 'error', 'output', 'finishedAt', 'waitType', 'stepsDone', 'rollback',
+             'childDone', 'hardStop')
+  redis.call('ZREM', P .. ':timers', cid)
+  redis.call('ZREM', P .. ':expiry', cid)
+  if m[5] and m[5] ~= wf then
+    redis.call('ZREM', P .. ':index:wf:' .. m[5], cid)
+    redis.call('ZADD', P .. ':index:wf:' .. wf, now, cid)
+  end
+  hist(cid, now, 'restarted', '"by":"parent"')
+else
+  redis.call('HSET', cst, 'createdAt', now_iso)
+  if retention ~= '' then redis.call('HSET', cst, 'retention', retention) end
+  redis.call('ZADD', P .. ':index:wf:' .. wf, now, cid)
+end
+redis.call('HSET', cmeta, 'workflowName', wf, 'payload', payload, 'currentStep', '',
+           'parent', id, 'parentStep', key, 'parentGen', gen, 'parentT0', t0,
+           'version', version)
+make_queued(cid, now, now_iso)
+redis.call('HSET', k_children(id), cid, key)
+redis.call('HSET', sk, key, pending)
+redis.call('HSET', k_meta(id), 'currentStep', name)
+return {'created'}
+"""
+
+# ARGV: prefix, id, token, now, now_iso, report JSON.  What the rollbacks of an errored
+# run did ({"status", "steps"}, spec 10.4), stored just before its finish.
+_ROLLBACK_REPORT = r"""
+local why = check_owner(ARGV[2], ARGV[3])
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+redis.call('HSET', k_state(ARGV[2]), 'rollback', ARGV[6])
+return 'ok'
 """
 
 _SOURCES = {
@@ -853,6 +1039,8 @@ _SOURCES = {
     "terminate": _TERMINATE,
     "restart": _RESTART,
     "purge": _PURGE,
+    "start_child": _START_CHILD,
+    "rollback_report": _ROLLBACK_REPORT,
 }
 
 
@@ -1092,7 +1280,7 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Any] = {
-            name: client.register_script(_PRELUDE + _STEP_FUNCTIONS + body)
+            name: client.register_script(_PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS + body)
             for name, body in _SOURCES.items()
         }
 
