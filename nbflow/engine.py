@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 import redis as redis_lib
 
-from nbflow import codec, handshake, reprs, server
+from nbflow import codec, handshake, reprs, routing, server
 from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
@@ -342,16 +342,24 @@ class Engine:
             listener.pubsub.close()
 
     def _lifecycle(
-        self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
+        self,
+        script: str,
+        iid: str,
+        extra: Sequence[str] = (),
+        enqueue: str | None = None,
     ) -> str:
+        """Runs a lifecycle script; ``enqueue`` names the instance's workflow when the
+        script may queue it (its job goes on that workflow's queue, in the same MULTI)."""
         now, now_iso = _now()
 
         def job(pipe: Any) -> None:
-            self.backend.enqueue([iid], at_front=True, pipe=pipe)
+            assert enqueue is not None
+            self.backend.enqueue([iid], enqueue, at_front=True, pipe=pipe)
 
         ack = self.keys.ack(uuid.uuid4().hex)
         res = self.backend.scripts.execute(
-            [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
+            [(script, [self.prefix, iid, now, now_iso, *extra, ack])],
+            job if enqueue is not None else None,
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
@@ -430,7 +438,7 @@ class Workflow(Generic[W]):
 
         def jobs(pipe: Any) -> None:
             for start in range(0, len(ids), size):
-                engine.backend.enqueue(ids[start : start + size], pipe=pipe)
+                engine.backend.enqueue(ids[start : start + size], self.name, pipe=pipe)
 
         flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]
@@ -528,7 +536,9 @@ class WorkflowInstance:
         """A cheap summary in one round trip (what listings and live cards show).
 
         Keys: id, workflow, status, current_step, steps_done, created_at,
-        updated_at, and output (when complete) or error (when errored).  Step
+        updated_at, waiting_for, and output (when complete) or error (when errored).
+        ``waiting_for`` says what a queued instance waits for when no running worker
+        has its workflow (``"a worker with workflow 'X'"``), else None.  Step
         results are not read, so this stays cheap however large they are.
         """
         pipe = self.engine.redis.pipeline(transaction=False)
@@ -542,16 +552,20 @@ class WorkflowInstance:
             "error",
         )
         pipe.hget(self.engine.keys.metadata(self.id), "currentStep")
-        (status, created, updated, done, output, error), current = pipe.execute()
+        # live workers that run this workflow (entries hold until their expiry)
+        pipe.zcount(self.engine.keys.serving(self.workflow), time.time(), "+inf")
+        (status, created, updated, done, output, error), current, served = pipe.execute()
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
-            return {**info, "status": "unknown"}
+            return {**info, "status": "unknown", "waiting_for": None}
+        waits = text(status) == "queued" and not served
         info.update(
             status=text(status),
             current_step=text_or_none(current) or None,
             steps_done=int(done or 0),
             created_at=pd.Timestamp(text(created)),
             updated_at=pd.Timestamp(text(updated)),
+            waiting_for=routing.waiting_for(self.workflow) if waits else None,
         )
         ended = instance_status(status, output, error)
         info.update((k, v) for k, v in ended.items() if k != "status")
@@ -561,7 +575,9 @@ class WorkflowInstance:
         self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()
     ) -> str:
         try:
-            return self.engine._lifecycle(script, self.id, extra, enqueue=enqueue)
+            return self.engine._lifecycle(
+                script, self.id, extra, enqueue=self.workflow if enqueue else None
+            )
         except InvalidStateError as exc:
             raise InvalidStateError(
                 f"cannot {script} instance {self.id!r}: it is {exc.args[0]}; "
@@ -601,7 +617,7 @@ class WorkflowInstance:
         """
         key = "" if from_step is None else step_key(from_step)
         try:
-            self.engine._lifecycle("restart", self.id, [key], enqueue=True)
+            self.engine._lifecycle("restart", self.id, [key], enqueue=self.workflow)
         except ValueError:
             known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(
@@ -640,7 +656,7 @@ class WorkflowInstance:
                 "instances that are not complete, errored or terminated"
             )
         if res == "woken":
-            self.engine.backend.enqueue([self.id], at_front=True)
+            self.engine.backend.enqueue([self.id], self.workflow, at_front=True)
 
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Block until complete, errored or terminated; returns ``status()``.
