@@ -58,6 +58,7 @@ class Routes:
         self.queues: list[Queue] = [backend.base_queue]
         self.keys: list[str] = [backend.base_queue.key]
         self._known = -1
+        self.closed = False  # withdrawn: the worker takes nothing more
 
     def refresh(self) -> bool:
         """Follows the registered classes; True when the list of queues changed."""
@@ -88,7 +89,7 @@ class Routes:
     def advertise(self) -> None:
         """Says (again) that this worker runs its workflows, until ``SERVING_SECONDS``
         from now; expired entries of dead workers are dropped on the way."""
-        if not self.workflows:
+        if not self.workflows or self.closed:
             return
         now = time.time()
         keys = self.backend.keys
@@ -99,7 +100,9 @@ class Routes:
         pipe.execute()
 
     def withdraw(self) -> None:
-        """This worker stops: it runs none of its workflows any more."""
+        """This worker stops: it runs none of its workflows any more (from the moment
+        it takes no new job, not once its last run has ended)."""
+        self.closed = True
         if not self.workflows:
             return
         keys = self.backend.keys

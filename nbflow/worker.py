@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 import zlib
 from typing import Any
 
@@ -329,7 +330,7 @@ class ThreadWorker:
     def start(self) -> None:
         self.housekeeper.start()
         self.thread.start()
-        atexit.register(self._at_exit)
+        _hand_back_at_exit(self)
 
     def is_alive(self) -> bool:
         return self.thread.is_alive()
@@ -337,9 +338,12 @@ class ThreadWorker:
     def stop(self, timeout: float = 10.0) -> None:
         """Takes no new job; runs hand their instances back at their next step (queued
         and enqueued again, for whichever worker has the workflow)."""
-        atexit.unregister(self._at_exit)
         self.stopping.set()
         self.worker._stop_requested = True
+        try:
+            self.worker.routes.withdraw()
+        except redis.RedisError:  # Redis away: the entries expire by themselves
+            log.warning("nbflow worker: could not withdraw its serving entries")
         self.housekeeper.join(timeout)
         self.thread.join(timeout)
 
@@ -351,10 +355,34 @@ class ThreadWorker:
             self.stop(timeout=EXIT_GRACE)
             if hand_back(self.backend, dict(self.backend.runs)):
                 log.info("nbflow: handed back the instances this process held")
-            if self.thread.is_alive():  # its teardown did not run: say it serves nothing
-                self.worker.routes.withdraw()
         except Exception:  # Redis away: the leases run out instead
             log.warning("nbflow: could not hand back instances at exit", exc_info=True)
+
+
+_exiting: weakref.WeakSet[ThreadWorker] = weakref.WeakSet()  # in-process workers started
+_exit_hooked: list[bool] = []  # [True] once _exit_all is hooked
+
+
+def _hand_back_at_exit(worker: ThreadWorker) -> None:
+    """Has ``worker._at_exit`` run when the interpreter exits.  Hooked into threading's
+    own exit hooks when there are (they run before the thread pool of step callbacks
+    is joined, so a step still running does not hold up the hand-back), else atexit."""
+    if not _exit_hooked:
+        _exit_hooked.append(True)
+        hook = getattr(threading, "_register_atexit", None)
+        try:
+            if hook is None:
+                raise RuntimeError("no threading exit hooks")
+            hook(_exit_all)
+        except RuntimeError:
+            atexit.register(_exit_all)
+    _exiting.add(worker)
+
+
+def _exit_all() -> None:
+    for worker in list(_exiting):
+        worker._at_exit()
+    _exiting.clear()
 
 
 def run_foreground(backend: Backend, burst: bool = True) -> int:
