@@ -93,7 +93,7 @@ class NbflowWorker(SimpleWorker):
             return
         # No pubsub command channel: its thread takes a second to stop, and an
         # in-process worker is stopped with engine.stop_worker(), not `rq` commands.
-        self.register_birth()  # type: ignore[no-untyped-call]
+        self.register_birth()
         self.set_state(WorkerStatus.STARTED)
 
     def register_birth(self) -> None:
