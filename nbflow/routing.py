@@ -48,7 +48,8 @@ class Routes:
     """The queues one worker listens to, and its ``serving`` entries.
 
     ``refresh()`` is called before every BLPOP; it costs a ``len()`` unless a workflow
-    was registered since the last call, and then rebuilds the list and advertises.
+    was registered since the last call, and then rebuilds the list (the worker then
+    registers on the new queues and advertises).
     """
 
     def __init__(self, backend: Backend, worker_name: str) -> None:
@@ -72,7 +73,6 @@ class Routes:
         self.workflows = names
         self.queues = [*(self.backend.queue_for(wf) for wf in names), self.backend.base_queue]
         self.keys = [q.key for q in self.queues]
-        self.advertise()
         return True
 
     def rotate(self, key: Any) -> None:

@@ -119,6 +119,7 @@ class NbflowWorker(SimpleWorker):
                 worker_registration.register(self, pipe)
                 pipe.hset(self.key, "queues", ",".join(self.queue_names()))
                 pipe.execute()
+                self.routes.advertise()
                 log.info(
                     "nbflow worker %s: now listening to queues %s",
                     self.name,

@@ -239,8 +239,9 @@ def test_kernel_that_exits_normally_hands_back_what_it_holds_at_once(
     ka, inst = _story_until_s3(engine, kernels)
     ka.send_signal(signal.SIGTERM)  # exits normally, its step still running
     # handed back by the exiting kernel, not by its lease (30 s): queued, with its job
-    poll(lambda: inst.status()["status"] == "queued", 20, "instance handed back")
-    assert engine.backend.queue_for("Story").count == 1
+    queue = engine.backend.queue_for("Story")
+    poll(lambda: queue.count == 1, 20, "instance handed back: its job on its queue")
+    assert inst.status() == {"status": "queued"}
     poll(lambda: inst.info()["waiting_for"] is not None, 20, "kernel A no longer serving")
     kernels.fx.delete(f"{kernels.k}:hold")  # kernel A's abandoned callback ends too
     ka.wait(30)
@@ -339,8 +340,9 @@ def test_clean_stop_of_the_thread_worker_hands_back_the_instance_it_holds(
     poll(lambda: runs.get("two") == 1, 30, "step two running")
     engine.stop_worker(timeout=0.2)  # step two is still running
     gate.set()  # it finishes; the run stores it and hands the instance back
-    poll(lambda: inst.status()["status"] == "queued", 20, "instance handed back")
-    assert engine.backend.queue_for("Gated").count == 1  # its job is back on its queue
+    queue = engine.backend.queue_for("Gated")
+    poll(lambda: queue.count == 1, 20, "instance handed back: its job on its queue")
+    assert inst.status() == {"status": "queued"}
     assert inst.info()["waiting_for"] == "a worker with workflow 'Gated'"
     again = Engine(redis_url, prefix=engine.prefix, queue=engine.queue_name)
     again.register(Gated)
