@@ -600,8 +600,8 @@ class Run:
                 try:  # behind the run's last writes, on the same connection
                     if run_blocking(self._reply("release", self._args())) == b"queued":
                         self._requeue()
-                except Suspend:
-                    pass  # Redis is away: the lease runs out instead
+                except (Suspend, redis.RedisError):
+                    pass  # Redis is away: the lease (or the orphan sweep) takes it back
                 raise
         return run_blocking(self._end(*ending))
 
