@@ -78,8 +78,11 @@ class Backend:
         self, ids: Sequence[str], workflow: str, at_front: bool = False, pipe: Any = None
     ) -> None:
         """One RQ job that advances ``ids`` (all of ``workflow``), on that workflow's
-        queue; inside ``pipe`` when given (atomic with it)."""
-        self.queue_for(workflow).enqueue_call(
+        queue; inside ``pipe`` when given (atomic with it).  An instance whose stored
+        workflow name is missing (damaged state) goes on the engine's own queue, which
+        every worker takes, and is ended there with an error saying so."""
+        queue = self.queue_for(workflow) if workflow else self.base_queue
+        queue.enqueue_call(
             JOB_FUNCTION,
             args=(self.prefix, list(ids)),
             timeout=-1,

@@ -387,3 +387,18 @@ def test_waiting_for_is_none_while_a_worker_with_the_workflow_is_busy(engine: En
     gate.set()
     assert second.wait(timeout=30)["status"] == "complete"
     assert set(first.info()) >= {"waiting_for"}  # always present
+
+
+def test_a_lost_job_is_dispatched_again_only_by_a_process_that_has_the_workflow(
+    engine: Engine, redis_url: str
+) -> None:
+    creator = Engine(redis_url, prefix=engine.prefix, queue=engine.queue_name)
+    inst = creator.register(Lonely).create()
+    queue = creator.backend.queue_for("Lonely")
+    engine.redis.delete(queue.key)  # its RQ job is lost
+    engine.redis.zadd(engine.keys.ready("Lonely"), {inst.id: 0})  # stand-in: long ago
+    engine.register(Other)
+    engine.run_worker(burst=True)  # sweeps lost dispatches of Other only
+    assert (inst.status(), queue.count) == ({"status": "queued"}, 0)
+    creator.run_worker(burst=True)  # has Lonely: dispatches it again and runs it
+    assert inst.wait(timeout=10)["status"] == "complete"
