@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbflow", description="Durable workflows on Redis and RQ")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("worker", help="run workers (any number, on any number of machines)")
+    w = sub.add_parser(
+        "worker",
+        help="run workers (any number, on any number of machines)",
+        description="Run nbflow workers.  A worker runs only the workflows it imports: it "
+        "listens to one RQ queue per workflow, QUEUE:WORKFLOW (see `rq info`), so instances "
+        "of other workflows wait, queued, for a worker that has them.",
+    )
     _engine_args(w)
     w.add_argument(
         "--import",
@@ -85,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE",
-        help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)",
+        help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable); "
+        "it takes instances of those workflows only",
     )
     w.add_argument("--processes", type=int, default=1, help="worker processes to start (default 1)")
     w.add_argument(
@@ -166,10 +173,16 @@ def _worker(args: argparse.Namespace) -> int:
         raise ValueError(f"--processes must be at least 1, not {args.processes}")
     engine = make_engine(args.redis, args.prefix, args.queue, args.imports, args.artifacts)
     names = sorted(engine.workflows)
+    queues = [engine.backend.queue_for(n).name for n in names]
     print(
         f"nbflow worker: {server.describe(engine.redis)} prefix={args.prefix!r} "
         f"queue={args.queue!r} processes={args.processes} artifacts={engine.artifacts} "
         f"workflows: {', '.join(names) or 'none'}",
+        flush=True,
+    )
+    print(
+        f"nbflow worker: listening to queues {', '.join(queues) or '(none: no workflows)'}"
+        + ("" if names else "; it takes nothing (import a module with --import)"),
         flush=True,
     )
     if args.processes == 1:

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 import redis as redis_lib
 
-from nbflow import codec, handshake, reprs, server
+from nbflow import codec, handshake, reprs, routing, server
 from nbflow import schedules as _schedules
 from nbflow.artifacts import DEFAULT_THRESHOLD, ArtifactStore
 from nbflow.backend import Backend
@@ -444,22 +444,30 @@ class Engine:
             listener.pubsub.close()
 
     def _lifecycle(
-        self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
+        self,
+        script: str,
+        iid: str,
+        extra: Sequence[str] = (),
+        enqueue: str | None = None,
     ) -> str:
+        """Runs a lifecycle script; ``enqueue`` names the instance's workflow when the
+        script may queue it (its job goes on that workflow's queue, in the same MULTI)."""
         now, now_iso = _now()
 
         def job(pipe: Any) -> None:
-            self.backend.enqueue([iid], at_front=True, pipe=pipe)
+            assert enqueue is not None
+            self.backend.enqueue([iid], enqueue, at_front=True, pipe=pipe)
 
         ack = self.keys.ack(uuid.uuid4().hex)
         res = self.backend.scripts.execute(
-            [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
+            [(script, [self.prefix, iid, now, now_iso, *extra, ack])],
+            job if enqueue is not None else None,
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
             # terminate and restart: {ok, status, heard, parent to wake or '', URLs...}
             if len(res) > 3 and res[3]:  # a child ended: its waiting parent is queued
-                self.backend.enqueue([text(res[3])], at_front=True)
+                self.backend.enqueue_many([text(res[3])], at_front=True)
             if len(res) > 4:  # artifacts no reference names any more
                 self.backend.artifacts.delete(res[4:])
             if len(res) > 2 and int(res[2]) > 0:
@@ -539,7 +547,7 @@ class Workflow(Generic[W]):
 
         def jobs(pipe: Any) -> None:
             for start in range(0, len(ids), size):
-                engine.backend.enqueue(ids[start : start + size], pipe=pipe)
+                engine.backend.enqueue(ids[start : start + size], self.name, pipe=pipe)
 
         flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]
@@ -645,9 +653,11 @@ class WorkflowInstance:
         """A cheap summary in one round trip (what listings and live cards show).
 
         Keys: id, workflow, status, current_step, steps_done, created_at,
-        updated_at, version (the workflow's code version recorded at creation), and
-        output (when complete) or error (when errored).  Step results are not read, so
-        this stays cheap however large they are.
+        updated_at, version (the workflow's code version recorded at creation),
+        waiting_for, and output (when complete) or error (when errored).
+        ``waiting_for`` says what a queued instance waits for when no running worker
+        has its workflow (``"a worker with workflow 'X'"``), else None.  Step
+        results are not read, so this stays cheap however large they are.
         """
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hmget(
@@ -660,10 +670,13 @@ class WorkflowInstance:
             "error",
         )
         pipe.hmget(self.engine.keys.metadata(self.id), "currentStep", "version")
-        (status, created, updated, done, output, error), (current, version) = pipe.execute()
+        # live workers that run this workflow (entries hold until their expiry)
+        pipe.zcount(self.engine.keys.serving(self.workflow), time.time(), "+inf")
+        (status, created, updated, done, output, error), (current, version), served = pipe.execute()
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
-            return {**info, "status": "unknown"}
+            return {**info, "status": "unknown", "waiting_for": None}
+        waits = text(status) == "queued" and not served
         info.update(
             status=text(status),
             current_step=text_or_none(current) or None,
@@ -671,6 +684,7 @@ class WorkflowInstance:
             created_at=pd.Timestamp(text(created)),
             updated_at=pd.Timestamp(text(updated)),
             version=text_or_none(version) or None,
+            waiting_for=routing.waiting_for(self.workflow) if waits else None,
         )
         ended = instance_status(status, output, error)
         info.update((k, summarized(v)) for k, v in ended.items() if k != "status")
@@ -680,7 +694,9 @@ class WorkflowInstance:
         self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()
     ) -> str:
         try:
-            return self.engine._lifecycle(script, self.id, extra, enqueue=enqueue)
+            return self.engine._lifecycle(
+                script, self.id, extra, enqueue=self.workflow if enqueue else None
+            )
         except InvalidStateError as exc:
             raise InvalidStateError(
                 f"cannot {script} instance {self.id!r}: it is {exc.args[0]}; "
@@ -720,7 +736,7 @@ class WorkflowInstance:
         """
         key = "" if from_step is None else step_key(from_step)
         try:
-            self.engine._lifecycle("restart", self.id, [key], enqueue=True)
+            self.engine._lifecycle("restart", self.id, [key], enqueue=self.workflow)
         except ValueError:
             known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(
@@ -775,7 +791,7 @@ class WorkflowInstance:
                 "instances that are not complete, errored or terminated"
             )
         if res == "woken":
-            self.engine.backend.enqueue([self.id], at_front=True)
+            self.engine.backend.enqueue([self.id], self.workflow, at_front=True)
 
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Block until complete, errored or terminated; returns ``status()``.

@@ -11,7 +11,7 @@
           +-- InstanceNotFoundError         (also a LookupError) no instance with that id
           +-- InstanceExistsError           (also a ValueError) ``create`` with an id in use
           +-- InvalidStateError             a lifecycle call that the current status forbids
-          +-- WorkflowNotRegisteredError    an instance names a workflow nobody registered
+          +-- WorkflowNotRegisteredError    engine.workflow(name) of a name nobody registered
           +-- NonDeterminismError           a replay asked for another step than the recorded one
           +-- RedisUnavailableError         (also a ConnectionError) no Redis server answered
           +-- ArtifactError                 a large result stored outside Redis (an artifact)
@@ -85,7 +85,9 @@ class InvalidStateError(WorkflowError):
 
 
 class WorkflowNotRegisteredError(WorkflowError):
-    """An instance names a workflow class this engine or worker does not know."""
+    """``engine.workflow(name)`` names a workflow this engine has not registered.  (An
+    instance of a workflow no running worker has is never errored for it: it waits,
+    queued, see ``nbflow.routing``.)"""
 
 
 class NonDeterminismError(WorkflowError):

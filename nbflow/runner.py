@@ -52,6 +52,7 @@ from nbflow.errors import (
     rebuild_error,
 )
 from nbflow.fingerprint import class_version
+from nbflow.routing import hand_back
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 from nbflow.store import LEASE_SECONDS, clock
 
@@ -171,6 +172,7 @@ def _claim(
     )
     outcomes: dict[int, str] = {}
     runs: list[tuple[int, Run]] = []
+    strays: dict[str, str] = {}  # claimed, but of a workflow this process does not have
     for n, (iid, token, claim) in enumerate(zip(ids, tokens, claims, strict=True)):
         if unreachable(claim):
             raise claim  # Redis is away: the job fails, the instances stay queued
@@ -181,6 +183,15 @@ def _claim(
         if claim[0] != b"ok":
             outcomes[n] = f"skipped ({claim[0].decode()})"
             continue
+        if not claim[1]:  # no workflowName: the metadata was deleted or edited by hand
+            outcomes[n] = _fail_corrupt(backend, iid, LookupError("no workflowName in metadata"))
+            continue
+        if claim[1].decode() not in backend.classes:
+            # (a job from the engine's own queue, or enqueued by hand: workers take
+            # only their workflows' queues) never errored for it: given back below
+            strays[iid] = token
+            outcomes[n] = "handed back"
+            continue
         try:
             run = Run(backend, iid, token, claim, stopping, listener)
         except Exception as exc:  # stored state that cannot be read: end it, clearly
@@ -188,6 +199,9 @@ def _claim(
             continue
         backend.runs[iid] = token
         runs.append((n, run))
+    if strays:
+        log.info("nbflow: handing back %d instance(s) of workflows not here", len(strays))
+        hand_back(backend, strays)
     return runs, outcomes
 
 
@@ -235,7 +249,7 @@ def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:
     res = backend.scripts.fail(args=[backend.prefix, iid, f"{now:.6f}", now_iso, err])
     outcome, _, parent = str(res.decode() if isinstance(res, bytes) else res).partition(" ")
     if parent:  # a child: its parent waited for it and is queued now
-        backend.enqueue([parent], at_front=True)
+        backend.enqueue_many([parent], at_front=True)
     return outcome
 
 
@@ -539,7 +553,7 @@ class Run:
         gets its RQ job."""
         outcome, _, parent = reply.partition(" ")
         if parent:
-            self.backend.enqueue([parent], at_front=True)
+            self.backend.enqueue_many([parent], at_front=True)
         return outcome
 
     # -- the stop handshake (see nbflow.handshake) ----------------------------------
@@ -653,15 +667,8 @@ class Run:
         return WorkflowEvent(self.payload, self.created_at, self.iid, self.workflow_name)
 
     def _unrunnable(self) -> tuple[str, Any] | None:
-        """The error ending an instance whose class is missing or cannot be built."""
-        if self.cls is None:
-            known = ", ".join(sorted(self.backend.classes)) or "none"
-            return "errored", {
-                "name": "WorkflowNotRegisteredError",
-                "message": f"workflow {self.workflow_name!r} is not registered on this "
-                f"worker (registered: {known}); register it or start the worker with "
-                "--import <module>",
-            }
+        """The error ending an instance whose class cannot be built.  (One whose class
+        is not registered here never gets a run: ``_claim`` hands it back.)"""
         if isinstance(self.instance, Exception):
             err = error_dict(self.instance)
             return "errored", {"name": err["name"], "message": err["message"]}
@@ -737,9 +744,10 @@ class Run:
             except KeyboardInterrupt:
                 self._flush_pending()
                 try:  # behind the run's last writes, on the same connection
-                    run_blocking(self._reply("release", self._args()))
-                except Suspend:
-                    pass  # Redis is away: the lease runs out instead
+                    if run_blocking(self._reply("release", self._args())) == b"queued":
+                        self._requeue()
+                except (Suspend, redis.RedisError):
+                    pass  # Redis is away: the lease (or the orphan sweep) takes it back
                 raise
         return run_blocking(self._end(*ending))
 
@@ -819,17 +827,24 @@ class Run:
         if isinstance(res, Exception):
             raise res
         name = ending[0]
-        if name == "release":
+        if name == "release":  # the worker stops: another worker takes it from here
+            if res == b"queued":
+                self._requeue()
             return "released"
         text: str = res.decode()
         if name != "suspend":
             text = self._wake_parent(text)
         if name == "suspend":
             if text == "queued":  # an event arrived while the run unwound
-                self.backend.enqueue([self.iid], at_front=True)
+                self._requeue()
             return text
         log.info("instance %s %s", self.iid, text)
         return text
+
+    def _requeue(self) -> None:
+        """A job for the instance, queued again by this run's last call, on its
+        workflow's queue."""
+        self.backend.enqueue([self.iid], self.workflow_name, at_front=True)
 
     def _ending(self, status: str, value: Any) -> tuple[str, list[str]] | None:
         """The script call that ends the run (with the last step's result when one is

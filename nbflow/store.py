@@ -26,7 +26,12 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                           when that is at most 4 KB
     {p}:stop:{worker}     pubsub channel: "id ack" asks that worker to start no new step
                           of id; it answers by pushing to the list {p}:ack:{nonce}
-    {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
+    {p}:ready:{wf}        zset  queued instances of workflow wf -> time queued (finds lost
+                                dispatches: see ``orphans``; one per workflow because each
+                                workflow has its own RQ queue, ``nbflow.routing``)
+    {p}:serving:{wf}      zset  workers that run workflow wf -> epoch until which their
+                                claim holds (renewed by their heartbeat, removed when they
+                                stop): what ``info()["waiting_for"]`` reads
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
     {p}:expiry            zset  finished instances -> epoch when retention deletes them
@@ -106,7 +111,6 @@ class Keys:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.ready = f"{prefix}:ready"
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
@@ -126,6 +130,12 @@ class Keys:
 
     def events(self, iid: str, event_type: str) -> str:
         return f"{self.prefix}:{iid}:events:{event_type}"
+
+    def ready(self, workflow: str) -> str:
+        return f"{self.prefix}:ready:{workflow}"
+
+    def serving(self, workflow: str) -> str:
+        return f"{self.prefix}:serving:{workflow}"
 
     def by_workflow(self, name: str) -> str:
         return f"{self.prefix}:index:wf:{name}"
@@ -188,9 +198,17 @@ local function release(id)
   redis.call('HDEL', k_state(id), 'owner')
   redis.call('ZREM', P .. ':leases', id)
 end
-local function make_queued(id, now, now_iso)
+-- The workflow of an instance: its RQ queue and its `ready` zset are named for it.
+local function wf_of(id)
+  return redis.call('HGET', k_meta(id), 'workflowName') or ''
+end
+-- Queues the instance (`wf`: its workflow when the caller knows it); returns the
+-- workflow, whose RQ queue the caller enqueues it on.
+local function make_queued(id, now, now_iso, wf)
+  wf = wf or wf_of(id)
   set_status(id, 'queued', now_iso, now)
-  redis.call('ZADD', P .. ':ready', now, id)
+  redis.call('ZADD', P .. ':ready:' .. wf, now, id)
+  return wf
 end
 -- `value` (output or error JSON) rides along on the done message when small, so
 -- a waiter has the final status without reading it again.
@@ -200,7 +218,7 @@ local function finish_bookkeeping(id, now, status, value)
   if value and #value <= 4096 then msg = status .. ' ' .. value end
   redis.call('PUBLISH', P .. ':' .. id .. ':done', msg)
   redis.call('HDEL', st, 'waitType')
-  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
   local ret = redis.call('HGET', st, 'retention')
   if ret then
@@ -307,7 +325,7 @@ for i = 7, #ARGV, 2 do
     redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
                'version', version)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
-    make_queued(id, now, now_iso)
+    make_queued(id, now, now_iso, wf)
     out[#out + 1] = 1
   end
 end
@@ -384,7 +402,7 @@ local steps = redis.call('HGETALL', k_steps(id))
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
 redis.call('HDEL', st, 'waitType', 'childDone')
-redis.call('ZREM', P .. ':ready', id)
+redis.call('ZREM', P .. ':ready:' .. out[2], id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
 for i = 1, #steps do out[#out + 1] = steps[i] end
@@ -676,6 +694,7 @@ return 'buffered'
 """
 
 # ARGV: prefix, now, now_iso, limit. Wakes waiting instances whose timer is due.
+# Returns id, workflow, id, workflow, ...: each goes on its workflow's queue.
 _WAKE_DUE = r"""
 local now, now_iso = ARGV[2], ARGV[3]
 local due = redis.call('ZRANGEBYSCORE', P .. ':timers', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
@@ -684,9 +703,10 @@ for _, id in ipairs(due) do
   redis.call('ZREM', P .. ':timers', id)
   if redis.call('HGET', k_state(id), 'status') == 'waiting' then
     redis.call('HDEL', k_state(id), 'waitType')
-    make_queued(id, now, now_iso)
+    local wf = make_queued(id, now, now_iso)
     hist(id, now, 'woke', '')
     out[#out + 1] = id
+    out[#out + 1] = wf
   end
 end
 return out
@@ -694,6 +714,7 @@ return out
 
 # ARGV: prefix, now, now_iso, limit. Takes back instances whose runner stopped
 # renewing its lease (a dead worker): running -> queued, waitingForPause -> paused.
+# Returns id, workflow, ... of those queued again.
 _REAP = r"""
 local now, now_iso = ARGV[2], ARGV[3]
 local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
@@ -702,9 +723,10 @@ for _, id in ipairs(dead) do
   local status = redis.call('HGET', k_state(id), 'status')
   release(id)
   if status == 'running' then
-    make_queued(id, now, now_iso)
+    local wf = make_queued(id, now, now_iso)
     hist(id, now, 'recovered', '')
     out[#out + 1] = id
+    out[#out + 1] = wf
   elseif status == 'waitingForPause' then
     set_status(id, 'paused', now_iso)
   end
@@ -712,14 +734,26 @@ end
 return out
 """
 
-# ARGV: prefix, rq queue key, older_than, now, limit. When the RQ queue is empty,
-# queued instances older than `older_than` have lost their job: hand them out again.
+# ARGV: prefix, older_than, now, limit, then workflow, rq queue key pairs.  For each
+# workflow whose RQ queue is empty, its queued instances older than `older_than` have
+# lost their job: hand them out again.  (A workflow whose queue is not empty waits
+# for a worker that has it: its jobs are there.)  Returns id, workflow, ...
 _ORPHANS = r"""
-if redis.call('LLEN', ARGV[2]) > 0 then return {} end
-local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3],
-                      'LIMIT', 0, tonumber(ARGV[5]))
-for _, id in ipairs(ids) do redis.call('ZADD', P .. ':ready', ARGV[4], id) end
-return ids
+local out = {}
+local limit = tonumber(ARGV[4])
+for i = 5, #ARGV, 2 do
+  local wf = ARGV[i]
+  if redis.call('LLEN', ARGV[i + 1]) == 0 then
+    local ready = P .. ':ready:' .. wf
+    local ids = redis.call('ZRANGEBYSCORE', ready, '-inf', ARGV[2], 'LIMIT', 0, limit)
+    for _, id in ipairs(ids) do
+      redis.call('ZADD', ready, ARGV[3], id)
+      out[#out + 1] = id
+      out[#out + 1] = wf
+    end
+  end
+end
+return out
 """
 
 # ARGV: prefix, token, lease_until, id... Renews the leases the caller still owns.
@@ -776,6 +810,25 @@ make_queued(id, now, now_iso)
 return 'queued'
 """
 
+# ARGV: prefix, now, now_iso, then id, token pairs. Gives back the instances that the
+# given runs still own (a worker that cannot run them, or a process shutting down):
+# queued again where they stopped, the run's later writes refused (its token is
+# gone).  Returns id, workflow, ... of those given back, to enqueue on their queues.
+_HAND_BACK = r"""
+local now, now_iso = ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  if owned(id, ARGV[i + 1], now, now_iso) == 'running' then
+    release(id)
+    out[#out + 1] = id
+    out[#out + 1] = make_queued(id, now, now_iso)
+    hist(id, now, 'handed.back', '')
+  end
+end
+return out
+"""
+
 # Lifecycle calls. ARGV: prefix, id, now, now_iso[, extra], ack key. Each returns
 # {'ok', new_status, heard} or {'bad', current_status} (or {'bad', 'unknown'});
 # `heard` counts the workers told to stop the instance's run (see tell_owner).
@@ -786,7 +839,7 @@ if not status then return {'bad', 'unknown'} end
 local new
 if status == 'queued' or status == 'waiting' then
   new = 'paused'
-  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
   redis.call('HDEL', k_state(id), 'waitType')
 elseif status == 'running' then
@@ -922,7 +975,7 @@ for _, id in ipairs(ids) do
   end
   redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, P .. ':' .. id .. ':children')
   redis.call('ZREM', P .. ':expiry', id)
-  redis.call('ZREM', P .. ':ready', id)
+  if wf then redis.call('ZREM', P .. ':ready:' .. wf, id) end
 end
 local out = {#ids}
 for _, url in ipairs(gone) do out[#out + 1] = url end
@@ -1032,6 +1085,7 @@ _SOURCES = {
     "finish": _FINISH,
     "step_finish_then_finish": _STEP_FINISH_THEN_FINISH,
     "release": _RELEASE,
+    "hand_back": _HAND_BACK,
     "fail": _FAIL,
     "pause": _PAUSE,
     "harden": _HARDEN,
