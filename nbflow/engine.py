@@ -33,12 +33,16 @@ from nbflow.errors import (
 from nbflow.records import (
     FINAL_STATUSES,
     INSTANCE_COLUMNS,
+    LOG_COLUMNS,
     STATUSES,
     STEP_COLUMNS,
     InstanceStatus,
     decode_entry,
+    decode_progress,
     event_json,
     instance_status,
+    log_label,
+    log_rows,
     published_status,
     split_key,
     step_key,
@@ -530,7 +534,12 @@ class WorkflowInstance:
         Keys: id, workflow, status, current_step, steps_done, created_at,
         updated_at, and output (when complete) or error (when errored).  Step
         results are not read, so this stays cheap however large they are.
+        Also ``steps_expected``: how many steps the last completed instance of this
+        workflow did (None before one completed), for "3/7 steps"; and ``progress``
+        (0-1) and ``progress_message``: what the current step last reported with
+        ``ctx.progress`` while the instance runs (else None).
         """
+        keys = self.engine.keys
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hmget(
             self.engine.keys.state(self.id),
@@ -542,7 +551,9 @@ class WorkflowInstance:
             "error",
         )
         pipe.hget(self.engine.keys.metadata(self.id), "currentStep")
-        (status, created, updated, done, output, error), current = pipe.execute()
+        pipe.hget(keys.stepcount, self.workflow)
+        pipe.hget(keys.progress(self.id), "@last")
+        (status, created, updated, done, output, error), current, expected, last = pipe.execute()
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
             return {**info, "status": "unknown"}
@@ -552,7 +563,14 @@ class WorkflowInstance:
             steps_done=int(done or 0),
             created_at=pd.Timestamp(text(created)),
             updated_at=pd.Timestamp(text(updated)),
+            steps_expected=None if expected is None else int(expected),
+            progress=None,
+            progress_message=None,
         )
+        if last is not None and info["status"] in ("running", "waitingForPause"):
+            reported = decode_progress(last)
+            if split_key(str(reported.get("k", "#0")))[0] == info["current_step"]:
+                info.update(progress=reported.get("p"), progress_message=reported.get("m"))
         ended = instance_status(status, output, error)
         info.update((k, v) for k, v in ended.items() if k != "status")
         return info
@@ -675,23 +693,82 @@ class WorkflowInstance:
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""
+        return self._read_steps(with_progress=False)[0]
+
+    def _read_steps(
+        self, with_progress: bool
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """Step entries in run order (as ``_entries``) and, if asked, each step's last
+        reported progress, in one round trip."""
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hgetall(self.engine.keys.steps(self.id))
         pipe.hget(self.engine.keys.state(self.id), "createdAt")
-        raw, created = pipe.execute()
+        if with_progress:
+            pipe.hgetall(self.engine.keys.progress(self.id))
+        raw, created, *more = pipe.execute()
         base = datetime.fromisoformat(text(created)).timestamp() if created else 0.0
         entries = [(text(k), decode_entry(k, v, base)) for k, v in raw.items()]
         entries.sort(key=lambda kv: int(kv[1]["i"]))
-        return entries
+        progress = {text(k): decode_progress(v) for k, v in (more[0] if more else {}).items()}
+        return entries, progress
 
     def steps(self) -> pd.DataFrame:
         """One row per step in the order they first started.
 
         Columns: step, kind, count, status, attempts, started_at, finished_at,
-        duration_s, output, error.
+        duration_s, output, error, progress (0-1, what ``ctx.progress`` last reported,
+        or None) and message (its message).
         """
-        rows = [step_row(key, e) for key, e in self._entries()]
-        return pd.DataFrame(rows, columns=STEP_COLUMNS)
+        entries, progress = self._read_steps(with_progress=True)
+        rows = [step_row(key, e, progress.get(key)) for key, e in entries]
+        frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+        for column in ("progress", "message"):  # None where nothing was reported, not NaN
+            frame[column] = pd.Series([r[column] for r in rows], index=frame.index, dtype=object)
+        return frame
+
+    def logs(self, step: str | None = None) -> pd.DataFrame:
+        """What the workflow's code printed or logged while workers ran it (SPEC 8.3).
+
+        Columns: time (UTC), step (None for lines ``run`` wrote between steps),
+        stream (``stdout``, ``stderr`` or a log level such as ``INFO``), line; oldest
+        first.  ``step="load"`` keeps the lines of every occurrence of that step,
+        ``"load#2"`` those of its 2nd; a step that printed nothing gives no rows, a step
+        the instance does not have ``ValueError`` naming its steps.  Each step keeps the
+        last 64 KiB of its lines; a first line says how many older ones were dropped.
+        """
+        keys = self.engine.keys
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.exists(keys.state(self.id))
+        pipe.hgetall(keys.logs(self.id))
+        exists, raw = pipe.execute()
+        if not exists:
+            raise InstanceNotFoundError(
+                f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+            )
+        fields = {text(k): text(v) for k, v in raw.items()}
+        if step is not None:
+            fields = self._log_fields_of(step, fields)
+        rows = [row for field, value in fields.items() for row in log_rows(field, value)]
+        rows.sort(key=lambda r: (r["t"], r["seq"]))
+        frame = pd.DataFrame(rows, columns=["t", *LOG_COLUMNS[1:]], dtype=object)
+        micros = (frame.pop("t").astype(float) * 1e6).round().astype("int64")
+        frame.insert(0, "time", pd.to_datetime(micros, unit="us", utc=True))
+        return frame
+
+    def _log_fields_of(self, step: str, fields: dict[str, str]) -> dict[str, str]:
+        """The log fields of step ``step`` (every occurrence of a bare name)."""
+        key = step_key(step)
+        wanted = {f: v for f, v in fields.items() if f == key or split_key(f)[0] == step}
+        if wanted:
+            return wanted
+        known = [k for k, _ in self._entries()]
+        if key in known or any(split_key(k)[0] == step for k in known):
+            return {}  # the step ran and printed nothing
+        labels = [log_label(k) for k in known]
+        raise ValueError(
+            f"instance {self.id!r} has no step {step!r} (its steps: "
+            f"{', '.join(str(label) for label in labels) or 'none yet'})"
+        )
 
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).

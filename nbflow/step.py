@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
-from nbflow import callbacks, codec, errors, records
+from nbflow import callbacks, capture, codec, errors, records
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
 from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
@@ -63,6 +63,8 @@ class StepRun(Protocol):
     cache: dict[str, dict[str, Any]]
     #: callbacks started whose outcome is not recorded yet
     callbacks_running: int
+    #: where what the callbacks print or log goes (``nbflow.capture``)
+    log: capture.RunLog
 
     def next_index(self) -> int: ...
 
@@ -85,6 +87,8 @@ class StepRun(Protocol):
     def step_begins(self) -> None: ...
 
     def step_done(self) -> None: ...
+
+    def report_progress(self, key: str, fraction: float | None, message: str | None) -> None: ...
 
 
 class _Overran(Exception):
@@ -252,10 +256,14 @@ class _StepBase:
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
             try:
-                if blocking:
-                    result = self._call_blocking(callback, ctx, cfg)
-                else:
-                    result = await self._call_async(st, callback, ctx, cfg, is_async)
+                sink = capture.enter(self._run.log, st.key)  # what the callback writes
+                try:
+                    if blocking:
+                        result = self._call_blocking(callback, ctx, cfg)
+                    else:
+                        result = await self._call_async(st, callback, ctx, cfg, is_async)
+                finally:
+                    capture.leave(sink)
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except (callbacks.Alarm, _Overran):
@@ -471,7 +479,14 @@ class _StepBase:
     ) -> StepContext | None:
         if not callbacks.wants_context(callback):
             return None
-        return StepContext(name=st.name, count=st.count, attempt=attempt, config=cfg.as_dict())
+        return StepContext(
+            name=st.name,
+            count=st.count,
+            attempt=attempt,
+            config=cfg.as_dict(),
+            _run=self._run,
+            _key=st.key,
+        )
 
     def _timeout_error(self, st: _Step, attempt: int, cfg: StepConfig) -> errors.StepTimeoutError:
         return errors.StepTimeoutError(

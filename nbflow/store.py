@@ -15,6 +15,14 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
+    {p}:{id}:logs         hash  what the workflow's code printed or logged (SPEC 8.3): step
+                                key -> its lines, one JSON object a line ({"t","s","l"}),
+                                bounded (a first line {"dropped":N} counts what was cut);
+                                "#n" -> lines ``run`` wrote between steps after reaching the
+                                step of order n (``records.log_rows`` reads them)
+    {p}:{id}:progress     hash  step key -> its last reported progress (SPEC 8.4,
+                                ``records.progress_json``); "@last" -> the newest of them
+                                with its step key "k" (what a status card shows)
     {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``):
                           its final status, then a space and the output or error JSON
                           when that is at most 4 KB
@@ -27,6 +35,8 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:index:wf:{name}   zset  instances of a workflow -> creation epoch (newest first)
     {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
                                 in exactly one, so merging them lists all instances
+    {p}:stepcount         hash  workflow name -> steps done by its last completed instance
+                                (what a running one shows as "3/7 steps")
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -78,6 +88,7 @@ class Keys:
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
+        self.stepcount = f"{prefix}:stepcount"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -109,6 +120,12 @@ class Keys:
     def ack(self, nonce: str) -> str:
         return f"{self.prefix}:ack:{nonce}"
 
+    def logs(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:logs"
+
+    def progress(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:progress"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -118,6 +135,8 @@ local function k_state(id) return P .. ':' .. id .. ':state' end
 local function k_steps(id) return P .. ':' .. id .. ':steps' end
 local function k_meta(id) return P .. ':' .. id .. ':metadata' end
 local function k_hist(id) return P .. ':' .. id .. ':history' end
+local function k_logs(id) return P .. ':' .. id .. ':logs' end
+local function k_prog(id) return P .. ':' .. id .. ':progress' end
 local function hist(id, now, ev, extra)
   local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
   if extra and extra ~= '' then e = e .. ',' .. extra end
@@ -308,6 +327,10 @@ local function finish_run(o)
   release(id)
   if outcome == 'complete' then
     redis.call('HSET', st, 'output', value)
+    local wf = redis.call('HGET', k_meta(id), 'workflowName')
+    if wf then
+      redis.call('HSET', P .. ':stepcount', wf, redis.call('HGET', st, 'stepsDone') or 0)
+    end
   else
     redis.call('HSET', st, 'error', value)
   end
@@ -596,8 +619,9 @@ local status = redis.call('HGET', st, 'status')
 if not status then return {'bad', 'unknown'} end
 local sk = k_steps(id)
 local done = 0
+local lk, pk = k_logs(id), k_prog(id)
 if from_key == '' then
-  redis.call('DEL', sk)
+  redis.call('DEL', sk, lk, pk)
 else
   local target = redis.call('HGET', sk, from_key)
   if not target then return {'nostep', from_key} end
@@ -608,9 +632,16 @@ else
     local idx = string.match(all[i + 1], '"i":(%d+)')
     if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
       redis.call('HDEL', sk, all[i])
+      redis.call('HDEL', lk, all[i])
+      redis.call('HDEL', pk, all[i], '@last')
     elseif s == 'complete' then
       done = done + 1
     end
+  end
+  -- what run() wrote between steps after the cut is written again by the new run
+  for _, f in ipairs(redis.call('HKEYS', lk)) do
+    local at = string.match(f, '^#(%-?%d+)$')
+    if at and tonumber(at) >= cut then redis.call('HDEL', lk, f) end
   end
 end
 local heard = tell_owner(id, ack)
@@ -644,11 +675,74 @@ for _, id in ipairs(ids) do
   for _, t in ipairs(redis.call('SMEMBERS', types)) do
     redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
   end
-  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types)
+  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, k_logs(id), k_prog(id))
   redis.call('ZREM', P .. ':expiry', id)
   redis.call('ZREM', P .. ':ready', id)
 end
 return #ids
+"""
+
+# ARGV: prefix, id, token, limit (bytes per field), then field, dropped, lines triples
+# (``nbflow.capture.RunLog.take``).  Appends a run's captured lines to the instance's log,
+# each field kept to `limit` bytes: the oldest lines go, and a first line
+# {"dropped":N} counts them.  Sent in the same pipelined write as the step record it
+# goes with; a run that no longer owns the instance appends nothing.
+_LOG_APPEND = r"""
+local id, token, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local lk = k_logs(id)
+for i = 5, #ARGV, 3 do
+  local field, dropped, body = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local cur = redis.call('HGET', lk, field)
+  if cur then
+    local n = string.match(cur, '^{"dropped":(%d+)}')
+    if n then
+      dropped = dropped + tonumber(n)
+      local nl = string.find(cur, '\n', 1, true)
+      cur = nl and string.sub(cur, nl + 1) or ''
+    end
+    if cur ~= '' then body = cur .. '\n' .. body end
+  end
+  if #body > limit then
+    -- cut whole lines from the front: up to the first newline past the excess
+    local nl = string.find(body, '\n', #body - limit, true)
+    if nl then
+      local _, cut = string.gsub(string.sub(body, 1, nl), '\n', '')
+      dropped = dropped + cut
+      body = string.sub(body, nl + 1)
+    end
+  end
+  if dropped > 0 then body = '{"dropped":' .. dropped .. '}\n' .. body end
+  redis.call('HSET', lk, field, body)
+end
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, then key, seq, progress JSON triples.  Stores the steps'
+# latest progress (SPEC 8.4); a value older (by seq) than the stored one is ignored,
+# since the worker's background flusher and the run's own writes use two connections.
+_PROGRESS = r"""
+local id, token = ARGV[2], ARGV[3]
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local pk = k_prog(id)
+local last = redis.call('HGET', pk, '@last')
+local top = last and tonumber(string.match(last, '^{"q":(%d+)')) or -1
+local newest
+for i = 4, #ARGV, 3 do
+  local cur = redis.call('HGET', pk, ARGV[i])
+  local q, seq = cur and tonumber(string.match(cur, '^{"q":(%d+)')), tonumber(ARGV[i + 1])
+  if not q or q < seq then
+    redis.call('HSET', pk, ARGV[i], ARGV[i + 2])
+    if seq > top then top, newest = seq, i end
+  end
+end
+if newest then  -- what a card shows: the newest report, with its step key
+  local v = ARGV[newest + 2]
+  redis.call('HSET', pk, '@last', string.sub(v, 1, -2) .. ',"k":' .. cjson.encode(ARGV[newest]) .. '}')
+end
+return 'ok'
 """
 
 _SOURCES = {
@@ -675,6 +769,8 @@ _SOURCES = {
     "terminate": _TERMINATE,
     "restart": _RESTART,
     "purge": _PURGE,
+    "log_append": _LOG_APPEND,
+    "progress": _PROGRESS,
 }
 
 
