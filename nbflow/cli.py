@@ -6,6 +6,7 @@
                   [--processes N] [--burst]
     nbflow list [--status S] [--workflow NAME] [--limit N]
     nbflow status ID
+    nbflow logs ID [--step STEP]
     nbflow demo
     nbflow server start|stop|status
 """
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show one instance and its steps")
     _engine_args(st)
     st.add_argument("id")
+
+    lg = sub.add_parser("logs", help="what an instance's code printed or logged, oldest first")
+    _engine_args(lg)
+    lg.add_argument("id")
+    lg.add_argument("--step", help="only this step ('name', or 'name#2' for its 2nd occurrence)")
 
     sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
 
@@ -182,6 +188,25 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logs(args: argparse.Namespace) -> int:
+    """One line per captured line: time, step (``-`` for run's own), stream, text."""
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    try:
+        inst = engine.instance(args.id)
+        frame = inst.logs(args.step)
+    except InstanceNotFoundError as exc:
+        print(f"nbflow logs: {exc}", file=sys.stderr)
+        return 1
+    if frame.empty:
+        print("no log lines" + (f" for step {args.step!r}" if args.step else ""))
+        return 0
+    for row in frame.itertuples(index=False):
+        when = row.time.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        step = "-" if row.step is None else row.step
+        print(f"{when} {step} {row.stream}: {row.line}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nbflow.demo import DemoOrder
 
@@ -268,6 +293,7 @@ _COMMANDS = {
     "worker": _worker,
     "list": _list,
     "status": _status,
+    "logs": _logs,
     "demo": _demo,
     "server": _server,
 }

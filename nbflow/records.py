@@ -253,7 +253,8 @@ def log_rows(field: str, raw: str) -> list[dict[str, Any]]:
                 "step": step,
                 "stream": "WARNING",
                 "line": f"[nbflow] {dropped} earlier line{'s' if dropped != 1 else ''} of "
-                f"{what} dropped (each step keeps the last {STEP_LOG_BYTES // 1024} KiB of its log)",
+                f"{what} dropped (each step keeps the last {STEP_LOG_BYTES // 1024} KiB "
+                "of its log)",
             },
         )
     return rows

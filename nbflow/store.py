@@ -739,8 +739,8 @@ for i = 4, #ARGV, 3 do
   end
 end
 if newest then  -- what a card shows: the newest report, with its step key
-  local v = ARGV[newest + 2]
-  redis.call('HSET', pk, '@last', string.sub(v, 1, -2) .. ',"k":' .. cjson.encode(ARGV[newest]) .. '}')
+  local v = string.sub(ARGV[newest + 2], 1, -2) .. ',"k":' .. cjson.encode(ARGV[newest]) .. '}'
+  redis.call('HSET', pk, '@last', v)
 end
 return 'ok'
 """
