@@ -200,10 +200,11 @@ def _logs(args: argparse.Namespace) -> int:
     if frame.empty:
         print("no log lines" + (f" for step {args.step!r}" if args.step else ""))
         return 0
-    for row in frame.itertuples(index=False):
-        when = row.time.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-        step = "-" if row.step is None else row.step
-        print(f"{when} {step} {row.stream}: {row.line}")
+    times = frame["time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str[:-3] + "Z"
+    for when, step, stream, line in zip(
+        times, frame["step"], frame["stream"], frame["line"], strict=True
+    ):
+        print(f"{when} {'-' if step is None else step} {stream}: {line}")
     return 0
 
 

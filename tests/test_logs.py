@@ -210,6 +210,18 @@ def test_logs_of_a_replayed_step_stay_bounded_across_runs(engine: Engine) -> Non
     assert count + len(stored) - 1 == 2400
 
 
+def test_a_workflow_that_prints_nothing_stores_no_log(engine: Engine) -> None:
+    class Quiet(WorkflowEntrypoint):
+        def run(self, event: Any, step: Any) -> int:
+            return int(step.do("a", lambda: 1)) + int(step.do("b", lambda: 2))
+
+    inst = engine.register(Quiet).create(id="silent")
+    engine.run_worker()
+    assert inst.status() == {"status": "complete", "output": 3}
+    assert inst.logs().empty and list(inst.logs().columns) == ["time", "step", "stream", "line"]
+    assert not engine.redis.exists(engine.keys.logs(inst.id))
+
+
 def test_logging_below_info_and_from_nbflow_itself_is_not_captured(engine: Engine) -> None:
     class Levels(WorkflowEntrypoint):
         def run(self, event: Any, step: Any) -> None:

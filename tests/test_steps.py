@@ -38,6 +38,8 @@ STEP_COLUMNS = [
     "duration_s",
     "output",
     "error",
+    "progress",  # SPEC 8.4
+    "message",
 ]
 
 

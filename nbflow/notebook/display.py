@@ -299,9 +299,11 @@ def instance_html(inst: WorkflowInstance, summary: InstanceSummary | None = None
 
 
 def _steps_done_html(s: InstanceSummary) -> str:
-    """``3`` once final; while it runs, ``3/7 steps`` and a bar when the workflow has a
-    completed instance to go by (more steps than that: the bar stays full)."""
-    if s.final or not s.steps_expected:
+    """``3``; while it runs (``running``, ``waitingForPause``), ``3/7 steps`` and a bar
+    when its workflow has a completed instance to go by (more steps than that: the bar
+    stays full).  Cards of queued, waiting, paused and finished instances keep the plain
+    count, so the HTML a notebook stored for them stays the same from run to run."""
+    if s.status not in ("running", "waitingForPause") or not s.steps_expected:
         return str(s.steps_done)
     label = f"{s.steps_done}/{s.steps_expected} steps"
     return progress_bar(min(1.0, s.steps_done / s.steps_expected), label)
