@@ -41,7 +41,8 @@ Lines are kept in the run's memory until its next write to Redis (``take``), whi
 carries them in the same pipelined batch (``nbflow.runner``): a step that prints
 nothing costs one context-variable set and reset.  Each step's buffer is bounded like
 its stored log (``STEP_LOG_BYTES``; oldest lines dropped and counted), and a single
-line is cut at ``MAX_LINE_CHARS``.  Lines that ``run`` writes outside steps while it
+line is cut at ``MAX_LINE_CHARS``; a line redrawn with carriage returns (a progress
+bar) keeps what it shows last.  Lines that ``run`` writes outside steps while it
 is still replaying steps an earlier execution ran are dropped: that execution logged
 them already.
 """
@@ -130,11 +131,11 @@ class RunLog:
                 if len(text) > MAX_LINE_CHARS:  # a line that never ends still gets out
                     self._add(step, stream, text)
                 elif text:
-                    self.partial[key] = text
+                    self.partial[key] = _last_redraw(text)
                 return
             *whole, rest = text.split("\n")
             if rest:
-                self.partial[key] = rest
+                self.partial[key] = _last_redraw(rest)
             for line in whole:
                 self._add(step, stream, line)
 
@@ -153,6 +154,8 @@ class RunLog:
                 self._add(step, key[1], self.partial.pop(key))
 
     def _add(self, step: str | None, stream: str, line: str) -> None:
+        if "\r" in line:
+            line = _last_redraw(line.rstrip("\r"))
         if len(line) > MAX_LINE_CHARS:
             line = line[: MAX_LINE_CHARS - 1] + "…"
         field = step if step is not None else f"#{self._position()}"
@@ -181,6 +184,15 @@ class RunLog:
         with self._lock:
             for key in list(self.partial):
                 self._add(key[0], key[1], self.partial.pop(key))
+
+
+def _last_redraw(text: str) -> str:
+    """What a terminal would show of a line redrawn with carriage returns (progress bars
+    such as tqdm's): the text after the last one."""
+    if "\r" not in text:
+        return text
+    body = text.rstrip("\r")  # a trailing one may be half of a "\r\n"
+    return body.rsplit("\r", 1)[-1] + text[len(body) :]
 
 
 # -- sys.stdout / sys.stderr ---------------------------------------------------------

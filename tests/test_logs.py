@@ -210,6 +210,25 @@ def test_logs_of_a_replayed_step_stay_bounded_across_runs(engine: Engine) -> Non
     assert count + len(stored) - 1 == 2400
 
 
+def test_a_line_redrawn_with_carriage_returns_keeps_what_it_shows_last(engine: Engine) -> None:
+    class Bar(WorkflowEntrypoint):
+        def run(self, event: Any, step: Any) -> None:
+            def body() -> None:
+                for i in range(1, 4):
+                    sys.stderr.write(f"\rworking {i}/3")
+                sys.stderr.write("\n")
+                print("windows line\r")
+
+            step.do("bar", body)
+
+    inst = engine.register(Bar).create(id="bar")
+    engine.run_worker()
+    assert lines(inst.logs()) == [
+        ("bar", "stderr", "working 3/3"),
+        ("bar", "stdout", "windows line"),
+    ]
+
+
 def test_a_workflow_that_prints_nothing_stores_no_log(engine: Engine) -> None:
     class Quiet(WorkflowEntrypoint):
         def run(self, event: Any, step: Any) -> int:
