@@ -39,7 +39,9 @@ checked again, cheaply, before every job:
 
 Lines are kept in the run's memory until its next write to Redis (``take``), which
 carries them in the same pipelined batch (``nbflow.runner``): a step that prints
-nothing costs one context-variable set and reset.  Each step's buffer is bounded like
+nothing costs one context-variable set and reset.  Lines still waiting after
+``progress.LOG_FLUSH_AFTER`` (a step that runs long) are written by the background
+flusher of ``nbflow.progress`` instead, so they show while the step runs.  Each step's buffer is bounded like
 its stored log (``STEP_LOG_BYTES``; oldest lines dropped and counted), and a single
 line is cut at ``MAX_LINE_CHARS``; a line redrawn with carriage returns (a progress
 bar) keeps what it shows last.  Lines that ``run`` writes outside steps while it
@@ -108,7 +110,16 @@ class RunLog:
     that does real work.  Thread-safe: callbacks on the pool write from their threads.
     """
 
-    __slots__ = ("fields", "partial", "replaying", "_position", "_lock", "limit")
+    __slots__ = (
+        "fields",
+        "partial",
+        "replaying",
+        "_position",
+        "_lock",
+        "limit",
+        "first_at",
+        "notify",
+    )
 
     def __init__(
         self, position: Callable[[], int], replaying: bool, limit: int = STEP_LOG_BYTES
@@ -119,6 +130,11 @@ class RunLog:
         self._position = position
         self._lock = threading.Lock()
         self.limit = limit
+        #: when (time.monotonic()) the oldest line not written yet was captured
+        self.first_at: float | None = None
+        #: called (under the lock) when a line lands in an empty buffer: the run has
+        #: the background flusher look at it, should its step run long
+        self.notify: Callable[[], None] | None = None
 
     def write(self, step: str | None, stream: str, text: str) -> None:
         """A write to ``stream``: whole lines are kept, the rest waits for its newline."""
@@ -159,6 +175,10 @@ class RunLog:
         if len(line) > MAX_LINE_CHARS:
             line = line[: MAX_LINE_CHARS - 1] + "…"
         field = step if step is not None else f"#{self._position()}"
+        if not self.fields:
+            self.first_at = time.monotonic()
+            if self.notify is not None:
+                self.notify()
         buf = self.fields.get(field)
         if buf is None:
             buf = self.fields[field] = _Field()
@@ -174,6 +194,7 @@ class RunLog:
         script), emptying the buffer; [] when nothing was captured."""
         with self._lock:
             fields, self.fields = self.fields, {}
+            self.first_at = None
         out: list[str] = []
         for field, buf in fields.items():
             out += [field, str(buf.dropped), "\n".join(buf.lines)]

@@ -1,4 +1,5 @@
-"""Progress a step callback reports with ``ctx.progress(done, total, message)`` (SPEC 8.4).
+"""Progress a step callback reports with ``ctx.progress(done, total, message)`` (SPEC 8.4),
+and the one background writer per process that also writes the logs of long steps.
 
 A report never waits for Redis: it is kept in the run's ``Board`` (the latest value per
 step, in memory) and written either by the run itself, in the same pipelined write as
@@ -8,6 +9,11 @@ what is new at most every ``FLUSH_INTERVAL`` seconds: at most about ten writes a
 per step, however often a callback reports.  Both writers use the ``progress`` script
 (``nbflow.store``), which keeps the newest value (each carries its report time), so the
 two connections racing cannot put an older value over a newer one.
+
+The same thread writes the captured lines of a step that runs long (``nbflow.capture``):
+lines normally go out with the step's own record, but ones older than
+``LOG_FLUSH_AFTER`` are written by the thread, so ``inst.logs()`` shows a long step's
+output while it runs.  Anything it writes is owner-checked like every run write.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nbflow import records
@@ -24,6 +31,9 @@ log = logging.getLogger("nbflow")
 
 #: The flusher writes reported progress at most this often (seconds).
 FLUSH_INTERVAL = 0.1
+#: Captured lines that waited this long (seconds) for their step's record are written
+#: by the flusher instead (a step still running).
+LOG_FLUSH_AFTER = 1.0
 
 
 class Board:
@@ -52,7 +62,7 @@ class Board:
             poke = not self._queued
             self._queued = True
         if poke:
-            _FLUSHER.poke(self)
+            FLUSHER.poke(self.due)
 
     def close(self, key: str) -> None:
         """The step finished: later reports of it (a callback that kept ``ctx``) are dropped."""
@@ -69,31 +79,34 @@ class Board:
             out += [key, str(seq), value]
         return out
 
-    def flush(self) -> None:
-        """Writes what is new now (the flusher thread's side; the run's own writes go in
-        its pipelined batch instead)."""
+    def due(self, now: float) -> bool:
+        """The flusher's turn: writes what is new now (the run's own writes go in its
+        pipelined batch instead).  Always done: a later report pokes the flusher again."""
         taken = self.take()
-        if not taken:
-            return
-        try:
-            self.backend.scripts.progress(args=[self.backend.prefix, self.iid, self.token, *taken])
-        except Exception as exc:  # Redis away for a moment: the next report tries again
-            log.debug("nbflow: progress of %s not written: %r", self.iid, exc)
+        if taken:
+            try:
+                args = [self.backend.prefix, self.iid, self.token, *taken]
+                self.backend.scripts.progress(args=args)
+            except Exception as exc:  # Redis away for a moment: the next report tries again
+                log.debug("nbflow: progress of %s not written: %r", self.iid, exc)
+        return True
 
 
-class _Flusher:
-    """One thread per process writing the boards that have news, then resting
-    ``FLUSH_INTERVAL``; it sleeps on an event while nothing is reported."""
+class Flusher:
+    """One thread per process that writes what runs left for it (progress boards, the
+    logs of long steps): each poked ``due(now)`` is called after ``FLUSH_INTERVAL`` and
+    again every interval until it returns True.  It sleeps on an event while nothing is
+    waiting, so an idle process pays nothing for it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._boards: list[Board] = []
+        self._waiting: list[Callable[[float], bool]] = []
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def poke(self, board: Board) -> None:
+    def poke(self, due: Callable[[float], bool]) -> None:
         with self._lock:
-            self._boards.append(board)
+            self._waiting.append(due)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="nbflow-progress", daemon=True
@@ -107,15 +120,22 @@ class _Flusher:
             time.sleep(FLUSH_INTERVAL)  # what is reported meanwhile joins this write
             with self._lock:
                 self._wake.clear()
-                boards, self._boards = self._boards, []
-            for board in boards:
+                waiting, self._waiting = self._waiting, []
+            now = time.monotonic()
+            later = []
+            for due in waiting:
                 try:
-                    board.flush()
+                    if not due(now):
+                        later.append(due)
                 except Exception:  # never print, never die
-                    log.exception("nbflow: progress flusher failed")
+                    log.exception("nbflow: background flusher failed")
+            if later:
+                with self._lock:
+                    self._waiting.extend(later)
+                    self._wake.set()
 
 
-_FLUSHER = _Flusher()
+FLUSHER = Flusher()
 
 
 def describe(value: Any) -> str:
@@ -123,4 +143,4 @@ def describe(value: Any) -> str:
     return f"{float(value) * 100:.0f}%"
 
 
-__all__ = ["FLUSH_INTERVAL", "Board", "describe"]
+__all__ = ["FLUSHER", "FLUSH_INTERVAL", "LOG_FLUSH_AFTER", "Board", "Flusher", "describe"]

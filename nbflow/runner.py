@@ -292,6 +292,8 @@ class Run:
         # what the workflow's code prints or logs (nbflow.capture), kept until the next
         # write; lines run() writes between steps are dropped while it replays
         self.log = capture.RunLog(self._log_position, replaying=bool(self.cache))
+        self.log.notify = self._log_waits
+        self._log_queued = False  # the flusher has _log_due on its list
         self.board: progress.Board | None = None  # reported progress, made on first use
 
     def forget(self) -> None:
@@ -448,6 +450,32 @@ class Run:
                 board = self.board
         board.report(key, fraction, message)
 
+    def _log_waits(self) -> None:
+        """Lines wait for the next write: if that does not come soon (a long step), the
+        background flusher writes them (see ``_log_due``)."""
+        if not self._log_queued:
+            self._log_queued = True
+            progress.FLUSHER.poke(self._log_due)
+
+    def _log_due(self, now: float) -> bool:
+        """The flusher's turn: writes lines older than ``progress.LOG_FLUSH_AFTER`` (their
+        step still runs); True once nothing is left waiting."""
+        self._log_queued = False  # before reading first_at: a line added now pokes again
+        first = self.log.first_at
+        if first is None:
+            return True  # the run wrote them itself meanwhile
+        if now - first < progress.LOG_FLUSH_AFTER:
+            self._log_queued = True
+            return False
+        taken = self.log.take()
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            try:
+                self.backend.scripts.log_append(args=args)
+            except Exception as exc:  # Redis away: these lines are lost, the run goes on
+                log.warning("nbflow: log lines of %s not stored: %r", self.iid, exc)
+        return True
+
     def _log_position(self) -> int:
         """Where run() stands for its log: the order of the last step it reached."""
         return self._next - 1
@@ -490,9 +518,10 @@ class Run:
         they go out in the same write as the call queued next (nothing when there are
         none: a step that prints nothing pays nothing)."""
         assert self.batch is not None
-        if self.log.fields:
-            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit)]
-            self.batch.send("log_append", args + self.log.take(), self._on_side_write)
+        taken = self.log.take() if self.log.fields else None
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            self.batch.send("log_append", args, self._on_side_write)
         board = self.board
         if board is not None and board.dirty:
             taken = board.take()

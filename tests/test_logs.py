@@ -305,30 +305,26 @@ def test_the_users_own_handlers_keep_working_outside_and_inside_steps(engine: En
 def test_a_console_handler_is_quiet_inside_steps_and_prints_outside(
     engine: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    engine.run_worker()  # installs the capture (and the stdout proxy over capsys)
+    """Like ``logging.basicConfig()`` in a notebook: a handler on the root logger writing
+    to the console prints the user's records outside steps; inside steps they go to the
+    instance's log instead (not into the cell, and not twice)."""
+    engine.run_worker()  # installs the capture (sys.stdout is now its stand-in)
     handler = logging.StreamHandler(sys.stdout)
+    logging.getLogger().addHandler(handler)
     talk = logging.getLogger("tests.console")
-    talk.addHandler(handler)
-    talk.setLevel(logging.INFO)
-    talk.propagate = False
     try:
 
         class Talk(WorkflowEntrypoint):
             def run(self, event: Any, step: Any) -> None:
                 step.do("talk", lambda: talk.warning("from the step"))
 
-        capture.install()
-        logging.getLogger().addHandler(handler)  # console handlers are quieted per job
         inst = engine.register(Talk).create(id="talk")
-        engine.run_worker()
+        engine.run_worker()  # each job quiets console handlers added since
         talk.warning("from the caller")
         assert capsys.readouterr().out == "from the caller\n"
         assert lines(inst.logs()) == [("talk", "WARNING", "from the step")]
     finally:
         logging.getLogger().removeHandler(handler)
-        talk.removeHandler(handler)
-        talk.propagate = True
-        talk.setLevel(logging.NOTSET)
 
 
 def test_a_thread_the_caller_runs_meanwhile_prints_normally(
@@ -349,6 +345,29 @@ def test_a_thread_the_caller_runs_meanwhile_prints_normally(
     assert inst.wait(timeout=10)["status"] == "complete"
     assert capsys.readouterr().out == "caller thread\n"
     assert lines(inst.logs()) == [("held", "stdout", "held step")]
+
+
+def test_lines_of_a_long_running_step_show_while_it_runs(worker_engine: Engine) -> None:
+    release = threading.Event()
+
+    class Long(WorkflowEntrypoint):
+        def run(self, event: Any, step: Any) -> None:
+            def body() -> None:
+                print("started the long part")
+                release.wait(20)
+                print("finished it")
+
+            step.do("long", body)
+
+    inst = worker_engine.register(Long).create(id="long")
+    try:
+        poll(lambda: len(inst.logs()) == 1, timeout=15, what="the first line, mid-step")
+        assert inst.status()["status"] == "running"
+        assert lines(inst.logs()) == [("long", "stdout", "started the long part")]
+    finally:
+        release.set()
+    assert inst.wait(timeout=20)["status"] == "complete"
+    assert [line for _, _, line in lines(inst.logs())] == ["started the long part", "finished it"]
 
 
 # -- restarts, retention, errors ----------------------------------------------------------
@@ -461,7 +480,8 @@ def test_a_cli_worker_captures_and_nbflow_logs_prints_the_lines(
     assert done.returncode == 0, done.stderr
     assert inst.status() == {"status": "complete", "output": 2}
     # the worker's own console shows none of the workflow's lines
-    assert "cli" not in done.stdout.replace("cli_", "") and "cli " not in done.stderr
+    for text in ("cli run starts", "cli load", "cli warn", "cli logged"):
+        assert text not in done.stdout and text not in done.stderr
     assert lines(inst.logs()) == [
         (None, "stdout", "cli run starts"),
         ("load", "stdout", "cli load"),
