@@ -38,15 +38,15 @@ checked again, cheaply, before every job:
   when a worker starts.
 
 Lines are kept in the run's memory until its next write to Redis (``take``), which
-carries them in the same pipelined batch (``nbflow.runner``): a step that prints
-nothing costs one context-variable set and reset.  Lines still waiting after
+carries them in the same pipelined batch (``nbflow.runner``): a step that prints nothing
+costs one context-variable set and reset. Lines still waiting after
 ``progress.LOG_FLUSH_AFTER`` (a step that runs long) are written by the background
-flusher of ``nbflow.progress`` instead, so they show while the step runs.  Each
-step's buffer is bounded like its stored log (``STEP_LOG_BYTES``; oldest lines
-dropped and counted), and a single line is cut at ``MAX_LINE_CHARS``; a line redrawn with carriage returns (a progress
-bar) keeps what it shows last.  Lines that ``run`` writes outside steps while it
-is still replaying steps an earlier execution ran are dropped: that execution logged
-them already.
+flusher of ``nbflow.progress`` instead, so they show while the step runs. Each step's
+buffer is bounded like its stored log (``STEP_LOG_BYTES``; oldest lines dropped and
+counted), and a single line is cut at ``MAX_LINE_CHARS``; a line redrawn with carriage
+returns (a progress bar) keeps what it shows last. Lines that ``run`` writes outside
+steps while it is still replaying steps an earlier execution ran are dropped: that
+execution logged them already.
 """
 
 from __future__ import annotations
