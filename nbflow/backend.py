@@ -54,7 +54,15 @@ class Backend:
         self.runs: dict[str, str] = {}
 
     def enqueue(self, ids: Sequence[str], at_front: bool = False, pipe: Any = None) -> None:
-        """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it)."""
+        """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it).
+
+        Without ``pipe`` the job is pushed exactly once (``Scripts.push_jobs`` with a
+        request key of its own): a resend after a lost reply pushes no second job."""
+        if pipe is None:
+            self.scripts.push_jobs(
+                lambda p: self.enqueue(ids, at_front=at_front, pipe=p), self.keys.request()
+            )
+            return
         self.queue.enqueue_call(
             JOB_FUNCTION,
             args=(self.prefix, list(ids)),

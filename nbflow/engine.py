@@ -349,9 +349,12 @@ class Engine:
         def job(pipe: Any) -> None:
             self.backend.enqueue([iid], at_front=True, pipe=pipe)
 
-        ack = self.keys.ack(uuid.uuid4().hex)
+        rid = uuid.uuid4().hex  # names the call's ack list and its request key
+        ack = self.keys.ack(rid)
         res = self.backend.scripts.execute(
-            [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
+            [(script, [self.prefix, iid, now, now_iso, *extra, ack])],
+            job if enqueue else None,
+            once=self.keys.request(rid),
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
@@ -432,7 +435,8 @@ class Workflow(Generic[W]):
             for start in range(0, len(ids), size):
                 engine.backend.enqueue(ids[start : start + size], pipe=pipe)
 
-        flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
+        once = engine.keys.request()  # a resent transaction answers as the first one
+        flags = engine.backend.scripts.execute([("create", args)], jobs, once=once)[0]
         return [bool(f) for f in flags]
 
     def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
@@ -627,7 +631,8 @@ class WorkflowInstance:
         now, now_iso = _now()
         res = text(
             self.engine.backend.scripts.send_event(
-                args=[self.engine.prefix, self.id, type, event, now, now_iso]
+                keys=[self.engine.keys.request()],  # a resend buffers no second copy
+                args=[self.engine.prefix, self.id, type, event, now, now_iso],
             )
         )
         if res == "unknown":

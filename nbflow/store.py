@@ -27,6 +27,9 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:index:wf:{name}   zset  instances of a workflow -> creation epoch (newest first)
     {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
                                 in exactly one, so merging them lists all instances
+    {p}:req:{rid}         string  the first reply of the state-changing call with request id
+                                rid (msgpack), kept ``REQUEST_TTL`` seconds so a retry of the
+                                call answers the same and changes nothing (see below)
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -37,11 +40,41 @@ Every status change happens inside one of the scripts below, so a pause, a
 terminate, a step completion and a lease expiry that meet at the same moment
 are applied one after the other, never interleaved.  Scripts build key names
 from the prefix they are given: nbflow targets a single Redis (not Cluster).
+
+Exactly once (spec 12).  redis-py resends a command whose reply was lost (the
+connection dropped after Redis ran it: ``Retry``/``retry_on_error`` in
+``nbflow.server``), and a resent script would run twice.  So every state-changing
+call made through the retrying client carries a request id, made once per call
+(``Keys.request()``: ``{p}:req:{uuid4}``); the resend carries the same bytes, so
+the same id.  Scripts named in ``ONCE`` are wrapped (``_once``): given the request
+key as ``KEYS[1]`` they store their reply there on the first run and, on a
+resend, return it without running again.  A call without the key runs as
+always, so the wrapper costs nothing where it is not asked for.  RQ jobs pushed
+with a call go through the ``push_jobs`` script (RQ's own commands, captured from
+its pipeline, so the job hash is what ``rq`` tools read): inside the call's
+MULTI/EXEC it pushes them only if the call's request key is not set yet, alone
+it sets the key itself; either way a resent transaction pushes no second job.
+
+How a new state-changing call opts in (fork, schedules, routed queues):
+
+1. add its script's name to ``ONCE``;
+2. call it with a fresh key: ``scripts.NAME(keys=[keys.request()], args=[...])``,
+   or ``scripts.execute([(NAME, args)], extra, once=keys.request())`` when it goes
+   with RQ jobs (``extra(pipe)`` enqueues them on ``pipe``: any queue, any number);
+3. enqueue jobs decided by a reply (ids the script returns) with
+   ``Backend.enqueue`` without a pipe: it takes a request key of its own.
+
+The worker's step writes (``ScriptStream``) are never resent: a lost connection
+there fails the calls owed (the run stops and gives its instance back), so they
+need no request id and pay nothing.  The claim, which goes through the retrying
+client, knows itself by its token instead (a resent claim reads again and
+writes nothing).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +87,11 @@ from nbflow.records import FINAL_STATUSES, STATUSES  # noqa: F401  (statuses the
 #: How long a claim or a step write keeps an instance leased to its run (``{p}:leases``);
 #: the worker's heartbeat renews leases of runs in progress every third of this.
 LEASE_SECONDS = 30.0
+
+#: How long the first reply of a state-changing call is kept for its retries
+#: (``{p}:req:{rid}``); redis-py's retries of one call span a few seconds, this
+#: also covers a client that resends after a Redis restart or a long stall.
+REQUEST_TTL = 900
 
 
 def clock() -> tuple[float, str]:
@@ -108,6 +146,11 @@ class Keys:
 
     def ack(self, nonce: str) -> str:
         return f"{self.prefix}:ack:{nonce}"
+
+    def request(self, rid: str | None = None) -> str:
+        """The key recording the reply of the call with request id ``rid`` (default: a
+        fresh uuid4), so a resent call is answered without running twice."""
+        return f"{self.prefix}:req:{rid or uuid.uuid4().hex}"
 
 
 # Shared Lua prelude: key helpers and the one function that changes a status
@@ -221,23 +264,32 @@ return out
 
 # ARGV: prefix, id, token, now, now_iso, lease_until.
 # Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
+# The token is new for every claim, so finding it as the owner means this is the
+# same claim resent (its reply was lost): it answers as the first time, writing
+# nothing (a pause asked for meanwhile is the run's to apply, as ever).
 _CLAIM = r"""
 local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if status ~= 'queued' then return {status or 'unknown'} end
+if status ~= 'queued' then
+  if (status ~= 'running' and status ~= 'waitingForPause')
+     or redis.call('HGET', st, 'owner') ~= token then
+    return {status or 'unknown'}
+  end
+end
 -- every read first: a failing read (a key of the wrong type) must abort the
 -- script before anything is written, since Redis does not undo a failed script
 local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
 local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
 local steps = redis.call('HGETALL', k_steps(id))
+for i = 1, #steps do out[#out + 1] = steps[i] end
+if status ~= 'queued' then return out end
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
 redis.call('HDEL', st, 'waitType')
 redis.call('ZREM', P .. ':ready', id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
-for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
 """
 
@@ -651,6 +703,75 @@ end
 return #ids
 """
 
+# KEYS[1]: a request key (optional); ARGV: prefix, mode, then RQ's commands, each as
+# its argument count and its arguments.  Pushes RQ jobs once per request: mode
+# 'with' runs inside the MULTI/EXEC of the call that owns the request key, before
+# that call, and pushes nothing if the key is set (the transaction is a resend);
+# mode 'alone' sets the key itself.  Returns 1 if it pushed, 0 if not.
+_JOBS_ONCE = r"""
+local req = KEYS[1]
+if req then
+  if ARGV[2] == 'alone' then
+    if not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
+  elseif redis.call('EXISTS', req) == 1 then
+    return 0
+  end
+end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
+# The exactly-once wrapper of the scripts named in ONCE (see the module docstring):
+# with a request key as KEYS[1], the first run's reply is stored there and a resend
+# gets it back without running again; without one the script runs as it is.
+_ONCE_HEAD = "local function once_body()\n"
+_ONCE_TAIL = r"""
+end
+local req = KEYS[1]
+if not req then return once_body() end
+local seen = redis.call('GET', req)
+if seen then return cmsgpack.unpack(seen) end
+local reply = once_body()
+-- an empty list says nothing was done (a housekeeping sweep that found nothing):
+-- running again is harmless, so no key is kept for the many calls that find nothing
+if type(reply) ~= 'table' or #reply > 0 then
+  redis.call('SET', req, cmsgpack.pack(reply), 'EX', REQUEST_TTL)
+end
+return reply
+"""
+
+#: Scripts that take a request key (``KEYS[1]``) and answer a resend from it.  The
+#: hot path's step scripts are not here: they are never resent (``ScriptStream``).
+#: A script in ONCE must change nothing when it replies with an empty list (that
+#: reply is not stored, so a resend runs again).
+ONCE = frozenset(
+    {
+        "create",
+        "send_event",
+        "pause",
+        "resume",
+        "terminate",
+        "restart",
+        "wake_due",
+        "reap",
+        "orphans",
+    }
+)
+
+
+def _source(name: str, body: str) -> str:
+    """A script's full text: the shared functions, then its body (wrapped if in ONCE)."""
+    if name in ONCE:
+        body = _ONCE_HEAD + body + _ONCE_TAIL
+    text = _PRELUDE + _STEP_FUNCTIONS + body
+    return text.replace("REQUEST_TTL", str(REQUEST_TTL))
+
+
 _SOURCES = {
     "create": _CREATE,
     "claim": _CLAIM,
@@ -675,6 +796,7 @@ _SOURCES = {
     "terminate": _TERMINATE,
     "restart": _RESTART,
     "purge": _PURGE,
+    "jobs_once": _JOBS_ONCE,
 }
 
 
@@ -690,8 +812,7 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Any] = {
-            name: client.register_script(_PRELUDE + _STEP_FUNCTIONS + body)
-            for name, body in _SOURCES.items()
+            name: client.register_script(_source(name, body)) for name, body in _SOURCES.items()
         }
 
     def __getattr__(self, name: str) -> Any:
@@ -725,29 +846,68 @@ class Scripts:
             todo = missing
         return replies
 
-    def execute(self, calls: list[tuple[str, list[str]]], extra: Any = None) -> list[Any]:
+    def execute(
+        self, calls: list[tuple[str, list[str]]], extra: Any = None, once: str | None = None
+    ) -> list[Any]:
         """Run scripts (and whatever ``extra(pipe)`` adds) in one MULTI/EXEC.
 
-        Returns the scripts' replies.  If Redis lost its script cache (a restart)
-        the scripts are loaded and the transaction is sent again; nothing of the
-        first try was applied but what ``extra`` added, which must be harmless to
-        repeat (an RQ job that finds its instance already claimed does nothing).
+        Returns the scripts' replies.  With ``once`` (a request key, ``Keys.request``)
+        the transaction is exactly-once: the first script (in ``ONCE``) gets it as
+        its request key, the others ``once:2``, ``once:3``..., and what ``extra``
+        adds (RQ's enqueue commands) is captured and pushed by ``push_jobs`` only
+        if the first script has not run yet, so a resent transaction changes
+        nothing and pushes no second job.  If Redis lost its script cache (a
+        restart) the scripts are loaded and the transaction is sent again; nothing
+        of the first try was applied (without ``once``: but what ``extra`` added,
+        which must be harmless to repeat).
         """
         for attempt in (1, 2):
             pipe = self._client.pipeline()
             pipe.multi()
-            for name, args in calls:
-                pipe.evalsha(self._scripts[name].sha, 0, *args)
-            if extra is not None:
+            skip = 0
+            if extra is not None and once is not None:
+                jobs = self.captured(extra)
+                if jobs:
+                    mode = "with" if calls else "alone"
+                    pipe.evalsha(self._scripts["jobs_once"].sha, 1, once, "", mode, *jobs)
+                    skip = 1
+            for n, (name, args) in enumerate(calls):
+                if once is None:
+                    pipe.evalsha(self._scripts[name].sha, 0, *args)
+                else:
+                    key = once if n == 0 else f"{once}:{n + 1}"
+                    pipe.evalsha(self._scripts[name].sha, 1, key, *args)
+            if extra is not None and once is None:
                 extra(pipe)
             try:
-                return list(pipe.execute()[: len(calls)])
+                return list(pipe.execute()[skip : skip + len(calls)])
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
                 for script in self._scripts.values():
                     self._client.script_load(script.script)
         raise AssertionError("unreachable")
+
+    def push_jobs(self, extra: Callable[[Any], None], once: str) -> bool:
+        """Pushes the RQ jobs ``extra(pipe)`` enqueues, once for request key ``once``
+        (a resend after a lost reply pushes nothing).  Returns whether it pushed."""
+        jobs = self.captured(extra)
+        if not jobs:
+            return False
+        return bool(self._scripts["jobs_once"](keys=[once], args=["", "alone", *jobs]))
+
+    def captured(self, extra: Callable[[Any], None]) -> list[bytes]:
+        """The commands ``extra(pipe)`` adds to a pipeline (never sent), flattened for
+        ``push_jobs``: each as its argument count, then its arguments as Redis gets them."""
+        pipe = self._client.pipeline(transaction=False)
+        extra(pipe)
+        encoder = self._client.connection_pool.get_encoder()
+        flat: list[bytes] = []
+        for args, _ in pipe.command_stack:
+            flat.append(str(len(args)).encode())
+            flat.extend(encoder.encode(arg) for arg in args)
+        pipe.reset()
+        return flat
 
 
 class ScriptStream:

@@ -210,7 +210,9 @@ class Housekeeper(threading.Thread):
         """Queue instances whose sleep, event timeout or retry wait is due."""
         now, now_iso = clock()
         b = self.backend
-        ids = b.scripts.wake_due(args=[b.prefix, f"{now:.6f}", now_iso, 500])
+        ids = b.scripts.wake_due(
+            keys=[b.keys.request()], args=[b.prefix, f"{now:.6f}", now_iso, 500]
+        )
         if ids:
             b.enqueue([i.decode() for i in ids], at_front=True)
         return len(ids)
@@ -230,13 +232,14 @@ class Housekeeper(threading.Thread):
         b = self.backend
         now, now_iso = clock()
         found = 0
-        dead = b.scripts.reap(args=[b.prefix, f"{now:.6f}", now_iso, 500])
+        dead = b.scripts.reap(keys=[b.keys.request()], args=[b.prefix, f"{now:.6f}", now_iso, 500])
         if dead:
             log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead))
             b.enqueue([i.decode() for i in dead], at_front=True)
             found += len(dead)
         lost = b.scripts.orphans(
-            args=[b.prefix, b.queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500]
+            keys=[b.keys.request()],
+            args=[b.prefix, b.queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500],
         )
         if lost:
             b.enqueue([i.decode() for i in lost])
