@@ -50,10 +50,11 @@ the same id.  Scripts named in ``ONCE`` are wrapped (``_once``): given the reque
 key as ``KEYS[1]`` they store their reply there on the first run and, on a
 resend, return it without running again.  A call without the key runs as
 always, so the wrapper costs nothing where it is not asked for.  RQ jobs pushed
-with a call go through the ``push_jobs`` script (RQ's own commands, captured from
+with a call go through the ``jobs_once`` script (RQ's own commands, captured from
 its pipeline, so the job hash is what ``rq`` tools read): inside the call's
-MULTI/EXEC it pushes them only if the call's request key is not set yet, alone
-it sets the key itself; either way a resent transaction pushes no second job.
+MULTI/EXEC, behind it, it pushes them only if the call's first run just set a
+flag (not on a resend, not when the call was refused); pushed alone it takes a
+request key of its own.  Either way a resent transaction pushes no second job.
 
 How a new state-changing call opts in (fork, schedules, routed queues):
 
@@ -244,7 +245,7 @@ end
 # Returns one flag per id: 1 created, 0 already existed.
 _CREATE = r"""
 local now, now_iso, wf, retention = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local out = {}
+local out, made = {}, 0
 for i = 6, #ARGV, 2 do
   local id, payload = ARGV[i], ARGV[i + 1]
   local st = k_state(id)
@@ -257,8 +258,10 @@ for i = 6, #ARGV, 2 do
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     make_queued(id, now, now_iso)
     out[#out + 1] = 1
+    made = made + 1
   end
 end
+if made == 0 then return unchanged(out) end
 return out
 """
 
@@ -446,8 +449,10 @@ _SEND_EVENT = r"""
 local id, etype, ev, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return 'unknown' end
-if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
+if not status then return unchanged('unknown') end
+if status == 'complete' or status == 'errored' or status == 'terminated' then
+  return unchanged(status)
+end
 redis.call('RPUSH', P .. ':' .. id .. ':events:' .. etype, ev)
 redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
 hist(id, now, 'event.sent', '"type":"' .. etype .. '"')
@@ -475,6 +480,7 @@ for _, id in ipairs(due) do
     out[#out + 1] = id
   end
 end
+if #out == 0 then return unchanged(out) end
 return out
 """
 
@@ -495,16 +501,18 @@ for _, id in ipairs(dead) do
     set_status(id, 'paused', now_iso)
   end
 end
+if #out == 0 then return unchanged(out) end
 return out
 """
 
 # ARGV: prefix, rq queue key, older_than, now, limit. When the RQ queue is empty,
 # queued instances older than `older_than` have lost their job: hand them out again.
 _ORPHANS = r"""
-if redis.call('LLEN', ARGV[2]) > 0 then return {} end
+if redis.call('LLEN', ARGV[2]) > 0 then return unchanged({}) end
 local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3],
                       'LIMIT', 0, tonumber(ARGV[5]))
 for _, id in ipairs(ids) do redis.call('ZADD', P .. ':ready', ARGV[4], id) end
+if #ids == 0 then return unchanged(ids) end
 return ids
 """
 
@@ -566,7 +574,7 @@ return 'queued'
 _PAUSE = r"""
 local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', k_state(id), 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local new
 if status == 'queued' or status == 'waiting' then
   new = 'paused'
@@ -576,7 +584,7 @@ if status == 'queued' or status == 'waiting' then
 elseif status == 'running' then
   new = 'waitingForPause'
 else
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 set_status(id, new, now_iso)
 if new == 'paused' then hist(id, now, 'paused', '') else hist(id, now, 'pause.requested', '') end
@@ -602,7 +610,7 @@ return 1
 _RESUME = r"""
 local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
 local status = redis.call('HGET', k_state(id), 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local new
 if status == 'paused' then
   new = 'queued'
@@ -611,7 +619,7 @@ elseif status == 'waitingForPause' then
   new = 'running'
   set_status(id, new, now_iso)
 else
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 hist(id, now, 'resumed', '')
 return {'ok', new}
@@ -621,9 +629,9 @@ _TERMINATE = r"""
 local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 if status == 'complete' or status == 'errored' or status == 'terminated' then
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 local heard = tell_owner(id, ack)
 set_status(id, 'terminated', now_iso)
@@ -645,14 +653,14 @@ _RESTART = r"""
 local id, now, now_iso, from_key, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local sk = k_steps(id)
 local done = 0
 if from_key == '' then
   redis.call('DEL', sk)
 else
   local target = redis.call('HGET', sk, from_key)
-  if not target then return {'nostep', from_key} end
+  if not target then return unchanged({'nostep', from_key}) end
   local cut = tonumber(string.match(target, '"i":(%d+)'))
   local all = redis.call('HGETALL', sk)
   for i = 1, #all, 2 do
@@ -703,17 +711,19 @@ end
 return #ids
 """
 
-# KEYS[1]: a request key (optional); ARGV: prefix, mode, then RQ's commands, each as
-# its argument count and its arguments.  Pushes RQ jobs once per request: mode
-# 'with' runs inside the MULTI/EXEC of the call that owns the request key, before
-# that call, and pushes nothing if the key is set (the transaction is a resend);
-# mode 'alone' sets the key itself.  Returns 1 if it pushed, 0 if not.
+# KEYS[1]: a key (optional); ARGV: prefix, mode, then RQ's commands, each as its
+# argument count and its arguments.  Pushes RQ jobs once per request.  Mode 'with'
+# runs inside the MULTI/EXEC of a call, after it: KEYS[1] is the flag that call's
+# first run set (``_ONCE_TAIL``), and the jobs go out only if it is there, which it
+# is not on a resend, nor when the call refused (changed nothing) or did not run
+# (NOSCRIPT); taking the flag makes the push once.  Mode 'alone': KEYS[1] is a
+# request key of the push's own.  Returns 1 if it pushed, 0 if not.
 _JOBS_ONCE = r"""
 local req = KEYS[1]
 if req then
   if ARGV[2] == 'alone' then
     if not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
-  elseif redis.call('EXISTS', req) == 1 then
+  elseif redis.call('DEL', req) == 0 then
     return 0
   end
 end
@@ -729,7 +739,17 @@ return 1
 # The exactly-once wrapper of the scripts named in ONCE (see the module docstring):
 # with a request key as KEYS[1], the first run's reply is stored there and a resend
 # gets it back without running again; without one the script runs as it is.
-_ONCE_HEAD = "local function once_body()\n"
+# A body returns ``unchanged(reply)`` when it changed nothing (a refusal, a sweep that
+# found nothing): no key is kept then (a refused call leaves nothing behind), and a
+# resend runs again, harmlessly, and finds the same.
+_ONCE_HEAD = r"""
+local once_keep = true
+local function unchanged(reply)
+  once_keep = false
+  return reply
+end
+local function once_body()
+"""
 _ONCE_TAIL = r"""
 end
 local req = KEYS[1]
@@ -737,18 +757,17 @@ if not req then return once_body() end
 local seen = redis.call('GET', req)
 if seen then return cmsgpack.unpack(seen) end
 local reply = once_body()
--- an empty list says nothing was done (a housekeeping sweep that found nothing):
--- running again is harmless, so no key is kept for the many calls that find nothing
-if type(reply) ~= 'table' or #reply > 0 then
+if once_keep then
   redis.call('SET', req, cmsgpack.pack(reply), 'EX', REQUEST_TTL)
+  -- jobs_once (mode 'with') pushes the call's RQ jobs behind it if this flag is set
+  if KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', REQUEST_TTL) end
 end
 return reply
 """
 
 #: Scripts that take a request key (``KEYS[1]``) and answer a resend from it.  The
 #: hot path's step scripts are not here: they are never resent (``ScriptStream``).
-#: A script in ONCE must change nothing when it replies with an empty list (that
-#: reply is not stored, so a resend runs again).
+#: Their bodies may return ``unchanged(reply)`` (see ``_ONCE_HEAD``).
 ONCE = frozenset(
     {
         "create",
@@ -854,33 +873,35 @@ class Scripts:
         Returns the scripts' replies.  With ``once`` (a request key, ``Keys.request``)
         the transaction is exactly-once: the first script (in ``ONCE``) gets it as
         its request key, the others ``once:2``, ``once:3``..., and what ``extra``
-        adds (RQ's enqueue commands) is captured and pushed by ``push_jobs`` only
-        if the first script has not run yet, so a resent transaction changes
-        nothing and pushes no second job.  If Redis lost its script cache (a
-        restart) the scripts are loaded and the transaction is sent again; nothing
-        of the first try was applied (without ``once``: but what ``extra`` added,
-        which must be harmless to repeat).
+        adds (RQ's enqueue commands) is captured and pushed behind them by
+        ``jobs_once``, only if the first script ran now and changed something: a
+        resent transaction changes nothing and pushes no second job, a refused
+        call pushes none.  If Redis lost its script cache (a restart) the scripts
+        are loaded and the transaction is sent again; what of the first try was
+        applied is not applied twice (without ``once``, what ``extra`` added is
+        pushed again, which must be harmless).
         """
         for attempt in (1, 2):
             pipe = self._client.pipeline()
             pipe.multi()
-            skip = 0
-            if extra is not None and once is not None:
-                jobs = self.captured(extra)
-                if jobs:
-                    mode = "with" if calls else "alone"
-                    pipe.evalsha(self._scripts["jobs_once"].sha, 1, once, "", mode, *jobs)
-                    skip = 1
+            jobs = [] if extra is None or once is None else self.captured(extra)
+            flag = [f"{once}:jobs"] if jobs and calls else []
             for n, (name, args) in enumerate(calls):
                 if once is None:
                     pipe.evalsha(self._scripts[name].sha, 0, *args)
+                elif n == 0:
+                    pipe.evalsha(self._scripts[name].sha, 1 + len(flag), once, *flag, *args)
                 else:
-                    key = once if n == 0 else f"{once}:{n + 1}"
-                    pipe.evalsha(self._scripts[name].sha, 1, key, *args)
+                    pipe.evalsha(self._scripts[name].sha, 1, f"{once}:{n + 1}", *args)
+            if jobs:
+                assert once is not None
+                mode = "with" if calls else "alone"
+                key = flag[0] if flag else once
+                pipe.evalsha(self._scripts["jobs_once"].sha, 1, key, "", mode, *jobs)
             if extra is not None and once is None:
                 extra(pipe)
             try:
-                return list(pipe.execute()[skip : skip + len(calls)])
+                return list(pipe.execute()[: len(calls)])
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise

@@ -15,8 +15,10 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+from helpers_procs import RedisServer
 from lostreply import LostReplyProxy
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -52,17 +54,18 @@ class TwoEvents(WorkflowEntrypoint):
 
 
 @pytest.fixture
-def proxy() -> Iterator[LostReplyProxy]:
-    p = LostReplyProxy()
+def proxy(redis_url: str) -> Iterator[LostReplyProxy]:
+    url = urlparse(redis_url)
+    if url.scheme != "redis" or url.path not in ("", "/", "/0"):
+        pytest.skip("the proxy forwards TCP to a Redis URL redis://host:port[/0]")
+    p = LostReplyProxy((url.hostname or "127.0.0.1", url.port or 6379))
     yield p
     p.close()
 
 
 @pytest.fixture
-def lossy(proxy: LostReplyProxy, engine: Engine, redis_url: str) -> Iterator[Engine]:
+def lossy(proxy: LostReplyProxy, engine: Engine) -> Iterator[Engine]:
     """An engine on the same prefix and queue as ``engine``, talking through the proxy."""
-    if not redis_url.startswith("redis://127.0.0.1:6379"):
-        pytest.skip("the proxy forwards to the Redis on 127.0.0.1:6379")
     eng = Engine(proxy.url, prefix=engine.prefix, queue=engine.queue_name)
     eng.register(Three)
     eng.register(TwoEvents)
@@ -206,6 +209,32 @@ def test_restart_whose_reply_is_lost_restarts_once(
     engine.run_worker()
     assert inst.status() == {"status": "complete", "output": ["a", "b", "c"]}
     assert RUNS == {"a": 1, "b": 2, "c": 2}  # b and c again, once each
+
+
+@pytest.mark.parametrize("cached", ["none", "create", "jobs_once"])
+def test_create_whose_reply_is_lost_while_redis_lacks_scripts_pushes_one_job(
+    tmp_path: Any, cached: str
+) -> None:
+    """The same, on a Redis that lost its script cache (a restart) or part of it: the
+    NOSCRIPT answers make the transaction go again, and still one job goes out."""
+    server = RedisServer(tmp_path).start()
+    proxy = LostReplyProxy(("127.0.0.1", server.port))
+    try:
+        eng = Engine(proxy.url, prefix="p", queue="q")
+        flow = eng.register(Three)
+        direct = server.client()
+        if cached != "none":
+            direct.script_load(eng.backend.scripts._scripts[cached].script)
+        proxy.cut_on_script(sha(eng, "create"))
+        flow.create(id="cold")
+        assert proxy.cuts == 1
+        assert len(direct.lrange("rq:queue:q", 0, -1)) == 1
+        assert direct.hget("p:cold:state", "status") == b"queued"
+        eng.redis.close()
+        direct.close()
+    finally:
+        proxy.close()
+        server.stop()
 
 
 # -- the worker's calls ------------------------------------------------------------------
