@@ -46,9 +46,9 @@ connection dropped after Redis ran it: ``Retry``/``retry_on_error`` in
 ``nbflow.server``), and a resent script would run twice.  So every state-changing
 call made through the retrying client carries a request id, made once per call
 (``Keys.request()``: ``{p}:req:{uuid4}``); the resend carries the same bytes, so
-the same id.  Scripts named in ``ONCE`` are wrapped (``_once``): given the request
-key as ``KEYS[1]`` they store their reply there on the first run and, on a
-resend, return it without running again.  A call without the key runs as
+the same id.  Scripts named in ``ONCE`` are wrapped (``_ONCE_HEAD``/``_ONCE_TAIL``):
+given the request key as ``KEYS[1]`` they store their reply there on the first
+run and, on a resend, return it without running again.  A call without the key runs as
 always, so the wrapper costs nothing where it is not asked for.  RQ jobs pushed
 with a call go through the ``jobs_once`` script (RQ's own commands, captured from
 its pipeline, so the job hash is what ``rq`` tools read): inside the call's
@@ -66,10 +66,10 @@ How a new state-changing call opts in (fork, schedules, routed queues):
    ``Backend.enqueue`` without a pipe: it takes a request key of its own.
 
 The worker's step writes (``ScriptStream``) are never resent: a lost connection
-there fails the calls owed (the run stops and gives its instance back), so they
-need no request id and pay nothing.  The claim, which goes through the retrying
-client, knows itself by its token instead (a resent claim reads again and
-writes nothing).
+there fails the calls owed (the run stops; its lease hands the instance on, and
+only what was in flight runs again), so they need no request id and pay nothing.
+The claim, which goes through the retrying client, knows itself by its token
+instead (a resent claim reads again and writes nothing).
 """
 
 from __future__ import annotations
