@@ -919,14 +919,15 @@ class Scripts:
 
     def captured(self, extra: Callable[[Any], None]) -> list[bytes]:
         """The commands ``extra(pipe)`` adds to a pipeline (never sent), flattened for
-        ``push_jobs``: each as its argument count, then its arguments as Redis gets them."""
+        ``jobs_once``: each as its argument count, then its arguments as Redis gets them."""
         pipe = self._client.pipeline(transaction=False)
         extra(pipe)
-        encoder = self._client.connection_pool.get_encoder()
+        # redis-py's own encoding of arguments (untyped there, hence the annotation)
+        encode: Callable[[Any], bytes] = self._client.connection_pool.get_encoder().encode
         flat: list[bytes] = []
         for args, _ in pipe.command_stack:
             flat.append(str(len(args)).encode())
-            flat.extend(encoder.encode(arg) for arg in args)
+            flat.extend(encode(arg) for arg in args)
         pipe.reset()
         return flat
 
