@@ -413,13 +413,13 @@ return out
 _FORK = r"""
 local src, id, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local from_key, payload, retention, version = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-if redis.call('EXISTS', k_state(src)) == 0 then return {'bad', 'unknown'} end
-if redis.call('EXISTS', k_state(id)) == 1 then return {'exists'} end
+if redis.call('EXISTS', k_state(src)) == 0 then return unchanged({'bad', 'unknown'}) end
+if redis.call('EXISTS', k_state(id)) == 1 then return unchanged({'exists'}) end
 local sk = k_steps(src)
 local cut = nil
 if from_key ~= '' then
   local target = redis.call('HGET', sk, from_key)
-  if not target then return {'nostep', from_key} end
+  if not target then return unchanged({'nostep', from_key}) end
   cut = tonumber(string.match(target, '"i":(%d+)'))
 end
 local meta = redis.call('HMGET', k_meta(src), 'workflowName', 'payload', 'version')
@@ -1283,6 +1283,7 @@ return reply
 ONCE = frozenset(
     {
         "create",
+        "fork",
         "send_event",
         "pause",
         "resume",

@@ -216,6 +216,23 @@ def test_restart_whose_reply_is_lost_restarts_once(
     assert RUNS == {"a": 1, "b": 2, "c": 2}  # b and c again, once each
 
 
+def test_fork_whose_reply_is_lost_returns_the_new_instance_and_forks_once(
+    engine: Engine, lossy: Engine, proxy: LostReplyProxy
+) -> None:
+    inst = engine.register(Three).create(id="orig")
+    engine.run_worker()
+    assert inst.status()["status"] == "complete"
+    proxy.cut_on_script(sha(lossy, "fork"))
+    copy = lossy.instance("orig").fork(from_step="b", id="copy")  # not InstanceExistsError
+    assert proxy.cuts == 1
+    assert copy.id == "copy" and copy.status() == {"status": "queued"}
+    assert jobs(engine) == [["copy"]]  # one RQ job, not one per attempt
+    RUNS.clear()
+    engine.run_worker()
+    assert copy.status() == {"status": "complete", "output": ["a", "b", "c"]}
+    assert RUNS == {"b": 1, "c": 1}  # a was copied; b and c ran once
+
+
 @pytest.mark.parametrize("cached", ["none", "create", "jobs_once"])
 def test_create_whose_reply_is_lost_while_redis_lacks_scripts_pushes_one_job(
     tmp_path: Any, cached: str
