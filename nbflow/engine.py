@@ -39,12 +39,13 @@ from nbflow.records import (
     decode_entry,
     event_json,
     instance_status,
+    iso_datetime,
+    lenient,
     published_status,
     split_key,
     step_key,
     step_row,
     text,
-    text_or_none,
 )
 from nbflow.store import Keys, clock
 from nbflow.validate import check_event_type, check_instance_id
@@ -234,7 +235,7 @@ class Engine:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
         if status is None and workflow is None:
-            return pd.DataFrame(list(self._rows(self._newest(limit))), columns=INSTANCE_COLUMNS)
+            return _frame(list(self._rows(self._newest(limit))))
         if status is not None:
             index = self.keys.by_status(status)
         else:
@@ -251,7 +252,7 @@ class Engine:
                     rows.append(row)
                     if len(rows) >= limit:
                         break
-        return pd.DataFrame(rows, columns=INSTANCE_COLUMNS)
+        return _frame(rows)
 
     def _newest(self, limit: int) -> list[str]:
         """The ``limit`` newest instances of any status: every instance sits in exactly
@@ -266,26 +267,31 @@ class Engine:
         return [iid for _, iid in merged[:limit]]
 
     def _rows(self, ids: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Listing rows; a field that cannot be read (hand-edited, damaged, a key of the
+        wrong type) is left empty in its own row, so one bad instance never hides the
+        others (spec 12)."""
         pipe = self.redis.pipeline(transaction=False)
         for iid in ids:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
             pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep")
-        res = pipe.execute()
+        res = pipe.execute(raise_on_error=False)
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
-            if st[0] is None:
+            st = [None] * 5 if isinstance(st, Exception) else st
+            meta = [None] * 2 if isinstance(meta, Exception) else meta
+            if all(v is None for v in st) and isinstance(res[2 * n], list):
                 continue  # deleted between the index read and now
             yield {
                 "id": iid,
-                "workflow": text_or_none(meta[0]),
-                "status": text_or_none(st[0]),
-                "created_at": pd.Timestamp(text(st[1])),
-                "updated_at": pd.Timestamp(text(st[2])),
-                "current_step": text_or_none(meta[1]) or None,
-                "steps_done": int(st[4] or 0),
-                "error": codec.decode(st[3]) if st[3] else None,
+                "workflow": lenient(text, meta[0]),
+                "status": lenient(text, st[0]),
+                "created_at": _timestamp(st[1]),
+                "updated_at": _timestamp(st[2]),
+                "current_step": lenient(text, meta[1]) or None,
+                "steps_done": 0 if st[4] is None else lenient(int, st[4]),
+                "error": lenient(codec.decode, st[3]) if st[3] else None,
             }
 
     # -- workers ------------------------------------------------------------------
@@ -363,6 +369,21 @@ class Engine:
         if tag == "nostep":
             raise ValueError(f"instance {iid!r} has no step {value!r}")
         raise InvalidStateError(value)
+
+
+def _timestamp(raw: Any) -> pd.Timestamp | Any:
+    """A stored ISO time as a ``pd.Timestamp``, ``NaT`` when it cannot be read."""
+    value = lenient(iso_datetime, raw)
+    return pd.NaT if value is None else pd.Timestamp(value)
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The listing's DataFrame; ``steps_done`` stays integer when one is unreadable
+    (pandas' nullable ``Int64`` then, instead of floats)."""
+    frame = pd.DataFrame(rows, columns=INSTANCE_COLUMNS)
+    if any(row["steps_done"] is None for row in rows):
+        frame["steps_done"] = frame["steps_done"].astype("Int64")
+    return frame
 
 
 class _DoneListener:
@@ -546,12 +567,12 @@ class WorkflowInstance:
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
             return {**info, "status": "unknown"}
-        info.update(
+        info.update(  # unreadable fields are left empty, as in listings
             status=text(status),
-            current_step=text_or_none(current) or None,
-            steps_done=int(done or 0),
-            created_at=pd.Timestamp(text(created)),
-            updated_at=pd.Timestamp(text(updated)),
+            current_step=lenient(text, current) or None,
+            steps_done=0 if done is None else lenient(int, done),
+            created_at=_timestamp(created),
+            updated_at=_timestamp(updated),
         )
         ended = instance_status(status, output, error)
         info.update((k, v) for k, v in ended.items() if k != "status")

@@ -33,7 +33,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
@@ -227,7 +227,9 @@ def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:
     log.error("nbflow: instance %s has unreadable state: %r", iid, exc)
     now, now_iso = clock()
     if isinstance(exc, records.CorruptField):
-        message = f"instance {iid!r} cannot run: {exc}; fix or delete the field, or delete the instance"
+        message = (
+            f"instance {iid!r} cannot run: {exc}; fix or delete the field, or delete the instance"
+        )
     else:
         message = (
             f"the stored state of instance {iid!r} cannot be "
@@ -280,17 +282,17 @@ class Run:
         if not claim[2]:
             raise records.CorruptField(keys.metadata(iid), "payload", None, "missing")
         self.payload = _read(keys.metadata(iid), "payload", claim[2], codec.decode)
-        self.created_at = _read(keys.state(iid), "createdAt", claim[3] or None, records.iso_datetime)
+        self.created_at = _read(
+            keys.state(iid), "createdAt", claim[3] or None, records.iso_datetime
+        )
         self.created_ts = self.created_at.timestamp()
         self.cache: dict[str, dict[str, Any]] = {}
         top = -1
         for i in range(4, len(claim), 2):
             key = _read(keys.steps(iid), "(a step key)", claim[i], records.text)
+            base = self.created_ts
             entry = _read(
-                keys.steps(iid),
-                key,
-                claim[i + 1],
-                lambda raw, key=key: records.decode_entry(key, raw, self.created_ts),
+                keys.steps(iid), key, claim[i + 1], partial(records.decode_entry, key, base=base)
             )
             self.cache[key] = entry
             top = max(top, _read(keys.steps(iid), key, entry["i"], int))

@@ -218,7 +218,7 @@ def summarize(inst: WorkflowInstance) -> InstanceSummary:
     error = _error_text(info["error"]) if info.get("error") is not None else None
     output = value_summary(info["output"]) if "output" in info else None
     return InstanceSummary(
-        inst.id, inst.workflow, state, current, int(info.get("steps_done", 0)), error, output
+        inst.id, inst.workflow, state, current, int(info.get("steps_done") or 0), error, output
     )
 
 
