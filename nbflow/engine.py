@@ -368,7 +368,17 @@ class Engine:
             raise InstanceNotFoundError(f"no instance {iid!r} under prefix {self.prefix!r}")
         if tag == "nostep":
             raise ValueError(f"instance {iid!r} has no step {value!r}")
+        if tag == "badstep":
+            raise _UnreadableStep(
+                f"the stored entry of step {value!r} of instance {iid!r} cannot be read, so "
+                "nbflow cannot tell which steps came before it; restart from another step, "
+                "or restart() to run every step again"
+            )
         raise InvalidStateError(value)
+
+
+class _UnreadableStep(ValueError):
+    """restart(from_step) of a step whose stored entry nbflow cannot read."""
 
 
 def _timestamp(raw: Any) -> pd.Timestamp | Any:
@@ -623,6 +633,8 @@ class WorkflowInstance:
         key = "" if from_step is None else step_key(from_step)
         try:
             self.engine._lifecycle("restart", self.id, [key], enqueue=True)
+        except _UnreadableStep:
+            raise
         except ValueError:
             known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(
