@@ -78,6 +78,12 @@ class Engine:
     independent engines share one Redis; workers must use the same two.  ``env`` and
     ``ctx`` are handed to every workflow instance as ``self.env`` / ``self.ctx``.
     ``retention`` (a duration) deletes finished instances that long after they finish.
+    ``durability`` (``"everysec"`` or ``"always"``; spec 12) is the embedded server's
+    ``appendfsync``: how often its append-only file is fsynced (once a second: a crash
+    of the machine may lose the last second; always: before every reply).  None leaves
+    the server as it is (a new embedded server starts with ``"everysec"``).  nbflow
+    never changes a Redis it did not start: given a URL of another server, it checks
+    that the server already fsyncs that way and raises ``ValueError`` if not.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class Engine:
         ctx: Any = None,
         max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
         retention: str | float | timedelta | None = None,
+        durability: str | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \t\r\n"):
             raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
@@ -102,7 +109,9 @@ class Engine:
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
         kept = None if retention is None else parse_duration(retention)
-        client = server.connect(redis)
+        if durability is not None:
+            server.check_durability(durability)  # before anything is started
+        client = server.connect(redis, durability=durability)
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
                 "pass a redis.Redis with decode_responses=False (RQ stores binary data); "
