@@ -1,7 +1,8 @@
 """Throughput: N workflows of three trivial steps, created in batches, run by W worker
 processes (`nbflow worker --processes W`).
 
-    python bench/throughput.py --workflows 10000 --workers 2 [--batch 100] [--durability everysec|always]
+    python bench/throughput.py --workflows 10000 --workers 2 [--batch 100]
+                                [--durability everysec|always]
 
 ``--durability``: against a fresh embedded server (AOF, that appendfsync) instead
 of ``$NBFLOW_BENCH_REDIS_URL``.
