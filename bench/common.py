@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,40 @@ HERE = Path(__file__).resolve().parent
 
 def redis_url() -> str:
     return os.environ.get("NBFLOW_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextlib.contextmanager
+def durable_server(durability: str | None) -> Iterator[str | None]:
+    """With ``durability`` (everysec|always): a fresh embedded server (its own
+    ``NBFLOW_HOME`` under /tmp, ``appendfsync`` set so) that ``redis_url()`` and the
+    worker processes use until the block ends; then it is stopped and its files
+    deleted.  None: nothing changes (``$NBFLOW_BENCH_REDIS_URL`` or 6379)."""
+    if durability is None:
+        yield None
+        return
+    from nbflow import server
+
+    home = Path(tempfile.mkdtemp(prefix="nbfb", dir="/tmp")) / "h"
+    old = os.environ.get("NBFLOW_BENCH_REDIS_URL")
+    try:
+        url = server.start_server(home, durability=durability)
+        os.environ["NBFLOW_BENCH_REDIS_URL"] = url
+        yield url
+    finally:
+        if old is None:
+            os.environ.pop("NBFLOW_BENCH_REDIS_URL", None)
+        else:
+            os.environ["NBFLOW_BENCH_REDIS_URL"] = old
+        server.stop_server(home)
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def add_durability_arg(ap: Any) -> None:
+    ap.add_argument(
+        "--durability",
+        choices=["everysec", "always"],
+        help="run against a fresh embedded server with this appendfsync (AOF on)",
+    )
 
 
 def names() -> tuple[str, str]:

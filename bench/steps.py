@@ -1,6 +1,9 @@
 """Per-step overhead: one workflow of N trivial steps.
 
-    python bench/steps.py [--steps 1000] [--thread] [--sync]
+    python bench/steps.py [--steps 1000] [--thread] [--sync] [--durability everysec|always]
+
+``--durability``: against a fresh embedded server (AOF, that appendfsync) instead
+of ``$NBFLOW_BENCH_REDIS_URL``.
 
 Runs it on an ``nbflow worker`` process (sync callbacks inline in its main thread,
 bounded by SIGALRM); ``--thread`` uses the in-process worker thread of
@@ -21,7 +24,16 @@ import statistics
 import time
 from typing import Any
 
-from common import cleanup, emit, names, redis_url, start_workers, stop
+from common import (
+    add_durability_arg,
+    cleanup,
+    durable_server,
+    emit,
+    names,
+    redis_url,
+    start_workers,
+    stop,
+)
 from workflows import ManySteps, SyncManySteps
 
 from nbflow import Engine
@@ -41,7 +53,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--thread", action="store_true", help="use the in-process worker thread")
     ap.add_argument("--sync", action="store_true", help="a plain def run workflow")
+    add_durability_arg(ap)
     args = ap.parse_args()
+    with durable_server(args.durability):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     prefix, queue = names()
     engine = Engine(redis_url(), prefix=prefix, queue=queue)
     flow = engine.register(SyncManySteps if args.sync else ManySteps)
@@ -62,6 +80,7 @@ def main() -> None:
         span = (steps["finished_at"].max() - steps["started_at"].min()).total_seconds()
         emit(
             {
+                "durability": args.durability or "none (external Redis)",
                 "benchmark": "per_step_overhead",
                 "steps": args.steps,
                 "run": "def" if args.sync else "async def",

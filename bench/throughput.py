@@ -2,6 +2,10 @@
 processes (`nbflow worker --processes W`).
 
     python bench/throughput.py --workflows 10000 --workers 2 [--batch 100]
+                                [--durability everysec|always]
+
+``--durability``: against a fresh embedded server (AOF, that appendfsync) instead
+of ``$NBFLOW_BENCH_REDIS_URL``.
 
 Reports workflows per second from the first create to the last completion.
 """
@@ -11,7 +15,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import cleanup, emit, names, redis_url, start_workers, stop
+from common import (
+    add_durability_arg,
+    cleanup,
+    durable_server,
+    emit,
+    names,
+    redis_url,
+    start_workers,
+    stop,
+)
 from workflows import ThreeSteps
 
 from nbflow import Engine
@@ -22,7 +35,13 @@ def main() -> None:
     ap.add_argument("--workflows", type=int, default=10000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=100)
+    add_durability_arg(ap)
     args = ap.parse_args()
+    with durable_server(args.durability):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     prefix, queue = names()
     engine = Engine(redis_url(), prefix=prefix, queue=queue)
     flow = engine.register(ThreeSteps)
@@ -44,6 +63,7 @@ def main() -> None:
         took = time.perf_counter() - t0
         emit(
             {
+                "durability": args.durability or "none (external Redis)",
                 "benchmark": "throughput_3_steps",
                 "workflows": args.workflows,
                 "workers": args.workers,

@@ -24,6 +24,10 @@ from nbflow.store import Keys, Scripts
 #: The function every nbflow RQ job names.  nbflow workers read it from the job and
 #: run the job themselves (``nbflow.worker``); nothing else may run it.
 JOB_FUNCTION = "nbflow.runner.run_job"
+#: A job hash nobody took within this long expires (seconds).  Workers delete the hash
+#: as they take the job; this is the backstop for one popped by a worker killed before
+#: it could (its instances come back through the orphan sweep, ``nbflow.worker``).
+JOB_TTL = 24 * 3600
 
 
 class Backend:
@@ -99,6 +103,7 @@ class Backend:
             JOB_FUNCTION,
             args=(self.prefix, list(ids)),
             timeout=-1,
+            ttl=JOB_TTL,
             result_ttl=0,
             failure_ttl=24 * 3600,
             description=f"nbflow {self.prefix} {workflow} {ids[0]}"

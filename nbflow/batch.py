@@ -38,6 +38,13 @@ def unreachable(reply: Any) -> bool:
     )
 
 
+def script_error(reply: Any) -> bool:
+    """Whether a reply is a script's own failure (a Lua error, a key of the wrong type):
+    something in one instance's keys, never Redis being away or full, so it ends that
+    instance and no other (``nbflow.runner``)."""
+    return isinstance(reply, redis.exceptions.ResponseError) and "user_script" in str(reply)
+
+
 class Batch:
     """Group commit over one pipelined stream: script calls made during one turn of
     the loop are written in one go.  Step records are sent without waiting (their

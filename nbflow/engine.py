@@ -46,6 +46,8 @@ from nbflow.records import (
     decode_progress,
     event_json,
     instance_status,
+    iso_datetime,
+    lenient,
     log_label,
     log_rows,
     published_status,
@@ -54,7 +56,6 @@ from nbflow.records import (
     step_row,
     summarized,
     text,
-    text_or_none,
 )
 from nbflow.schedules import Schedule
 from nbflow.store import Keys, clock
@@ -96,6 +97,13 @@ class Engine:
     the fsspec storage options, e.g. credentials or ``endpoint_url``), DataFrames and
     Series as Parquet; Redis keeps a small reference.  ``max_step_bytes`` caps what goes
     to Redis, ``max_artifact_bytes`` (default no limit) what goes to an artifact.
+
+    ``durability`` (``"everysec"`` or ``"always"``; spec 12) is the embedded server's
+    ``appendfsync``: how often its append-only file is fsynced (once a second: a crash
+    of the machine may lose the last second; always: before every reply).  None leaves
+    the server as it is (a new embedded server starts with ``"everysec"``).  nbflow
+    never changes a Redis it did not start: given a URL of another server, it checks
+    that the server already fsyncs that way and raises ``ValueError`` if not.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class Engine:
         artifact_threshold: int | None = DEFAULT_THRESHOLD,
         max_artifact_bytes: int | None = None,
         artifact_options: Mapping[str, Any] | None = None,
+        durability: str | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \t\r\n"):
             raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
@@ -124,6 +133,8 @@ class Engine:
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
         kept = None if retention is None else parse_duration(retention)
+        if durability is not None:
+            server.check_durability(durability)  # before anything is started
         store = ArtifactStore(
             artifacts,
             prefix=prefix,
@@ -131,7 +142,7 @@ class Engine:
             max_bytes=max_artifact_bytes,
             options=artifact_options,
         )
-        client = server.connect(redis)
+        client = server.connect(redis, durability=durability)
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
                 "pass a redis.Redis with decode_responses=False (RQ stores binary data); "
@@ -272,7 +283,7 @@ class Engine:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative int, not {limit!r}")
         if status is None and workflow is None:
-            return pd.DataFrame(list(self._rows(self._newest(limit))), columns=INSTANCE_COLUMNS)
+            return _frame(list(self._rows(self._newest(limit))))
         if status is not None:
             index = self.keys.by_status(status)
         else:
@@ -289,7 +300,7 @@ class Engine:
                     rows.append(row)
                     if len(rows) >= limit:
                         break
-        return pd.DataFrame(rows, columns=INSTANCE_COLUMNS)
+        return _frame(rows)
 
     def _newest(self, limit: int) -> list[str]:
         """The ``limit`` newest instances of any status: every instance sits in exactly
@@ -304,28 +315,33 @@ class Engine:
         return [iid for _, iid in merged[:limit]]
 
     def _rows(self, ids: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Listing rows; a field that cannot be read (hand-edited, damaged, a key of the
+        wrong type) is left empty in its own row, so one bad instance never hides the
+        others (spec 12)."""
         pipe = self.redis.pipeline(transaction=False)
         for iid in ids:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
             pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version", "parent")
-        res = pipe.execute()
+        res = pipe.execute(raise_on_error=False)
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
-            if st[0] is None:
+            st = [None] * 5 if isinstance(st, Exception) else st
+            meta = [None] * 2 if isinstance(meta, Exception) else meta
+            if all(v is None for v in st) and isinstance(res[2 * n], list):
                 continue  # deleted between the index read and now
             yield {
                 "id": iid,
-                "workflow": text_or_none(meta[0]),
-                "status": text_or_none(st[0]),
-                "created_at": pd.Timestamp(text(st[1])),
-                "updated_at": pd.Timestamp(text(st[2])),
-                "current_step": text_or_none(meta[1]) or None,
-                "steps_done": int(st[4] or 0),
-                "error": codec.decode(st[3]) if st[3] else None,
-                "version": text_or_none(meta[2]) or None,
-                "parent": text_or_none(meta[3]),
+                "workflow": lenient(text, meta[0]),
+                "status": lenient(text, st[0]),
+                "created_at": _timestamp(st[1]),
+                "updated_at": _timestamp(st[2]),
+                "current_step": lenient(text, meta[1]) or None,
+                "steps_done": 0 if st[4] is None else lenient(int, st[4]),
+                "error": lenient(codec.decode, st[3]) if st[3] else None,
+                "version": lenient(text, meta[2]) or None,
+                "parent": lenient(text, meta[3]),
             }
 
     # -- schedules (nbflow.schedules) ---------------------------------------------
@@ -483,7 +499,32 @@ class Engine:
             raise InstanceNotFoundError(f"no instance {iid!r} under prefix {self.prefix!r}")
         if tag == "nostep":
             raise ValueError(f"instance {iid!r} has no step {value!r}")
+        if tag == "badstep":
+            raise _UnreadableStep(
+                f"the stored entry of step {value!r} of instance {iid!r} cannot be read, so "
+                "nbflow cannot tell which steps came before it; restart from another step, "
+                "or restart() to run every step again"
+            )
         raise InvalidStateError(value)
+
+
+class _UnreadableStep(ValueError):
+    """restart(from_step) of a step whose stored entry nbflow cannot read."""
+
+
+def _timestamp(raw: Any) -> pd.Timestamp | Any:
+    """A stored ISO time as a ``pd.Timestamp``, ``NaT`` when it cannot be read."""
+    value = lenient(iso_datetime, raw)
+    return pd.NaT if value is None else pd.Timestamp(value)
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The listing's DataFrame; ``steps_done`` stays integer when one is unreadable
+    (pandas' nullable ``Int64`` then, instead of floats)."""
+    frame = pd.DataFrame(rows, columns=INSTANCE_COLUMNS)
+    if any(row["steps_done"] is None for row in rows):
+        frame["steps_done"] = frame["steps_done"].astype("Int64")
+    return frame
 
 
 class _DoneListener:
@@ -692,15 +733,15 @@ class WorkflowInstance:
         if status is None:
             return {**info, "status": "unknown", "waiting_for": None}
         waits = text(status) == "queued" and not served
-        info.update(
+        info.update(  # unreadable fields are left empty, as in listings
             status=text(status),
-            current_step=text_or_none(current) or None,
-            steps_done=int(done or 0),
-            created_at=pd.Timestamp(text(created)),
-            updated_at=pd.Timestamp(text(updated)),
-            version=text_or_none(version) or None,
+            current_step=lenient(text, current) or None,
+            steps_done=0 if done is None else lenient(int, done),
+            created_at=_timestamp(created),
+            updated_at=_timestamp(updated),
+            version=lenient(text, version) or None,
             waiting_for=routing.waiting_for(self.workflow) if waits else None,
-            steps_expected=None if expected is None else int(expected),
+            steps_expected=None if expected is None else lenient(int, expected),
             progress=None,
             progress_message=None,
         )
@@ -759,6 +800,8 @@ class WorkflowInstance:
         key = "" if from_step is None else step_key(from_step)
         try:
             self.engine._lifecycle("restart", self.id, [key], enqueue=self.workflow)
+        except _UnreadableStep:
+            raise
         except ValueError:
             known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(

@@ -338,3 +338,44 @@ def published_status(data: bytes) -> InstanceStatus | None:
         return None
     result["output" if result["status"] == "complete" else "error"] = codec.decode(value)
     return result
+
+
+# -- fields that may have been damaged ---------------------------------------------------
+
+
+class CorruptField(ValueError):
+    """A stored field holds what nbflow never writes (hand-edited or damaged): the
+    instance it belongs to cannot run, and says which field is to blame."""
+
+    def __init__(self, key: str, field: str, raw: Any, why: BaseException | str) -> None:
+        shown = "nothing (it is missing)" if raw is None else repr(shown_value(raw))
+        super().__init__(f"field {field} of {key} holds {shown}, which nbflow cannot read ({why})")
+        self.key, self.field = key, field
+
+
+def shown_value(raw: Any, limit: int = 60) -> str:
+    """A stored value cut short for a message (undecodable bytes replaced)."""
+    value = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def iso_datetime(raw: Any) -> datetime:
+    """A stored ISO 8601 UTC time (``createdAt``, ``updatedAt``) as an aware datetime;
+    ``ValueError`` for anything else (a missing value included)."""
+    if raw is None:
+        raise ValueError("missing")
+    value = datetime.fromisoformat(text(raw))
+    if value.tzinfo is None:
+        raise ValueError("no time zone")
+    return value
+
+
+def lenient(read: Any, raw: Any) -> Any:
+    """``read(raw)``, or None when the stored value cannot be read that way: listings
+    show a damaged field empty rather than fail for every instance listed."""
+    if raw is None:
+        return None
+    try:
+        return read(raw)
+    except (ValueError, TypeError, KeyError, OverflowError):  # (UnicodeDecodeError too)
+        return None

@@ -33,14 +33,14 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
 from nbflow import capture, codec, progress, records
 from nbflow.backend import Backend
-from nbflow.batch import Batch, unreachable
+from nbflow.batch import Batch, script_error, unreachable
 from nbflow.callbacks import run_blocking
 from nbflow.definition import WorkflowEvent
 from nbflow.errors import (
@@ -136,6 +136,8 @@ def run_many(
         run.batch = Batch(backend, None, 1)
         try:
             outcomes[n] = run.execute_sync()
+        except Exception as exc:  # an engine failure of this run must not stop the others
+            outcomes[n] = _failed(backend, run, exc)
         finally:
             run.batch.close()
             run.forget()
@@ -177,6 +179,13 @@ def _claim(
     for n, (iid, token, claim) in enumerate(zip(ids, tokens, claims, strict=True)):
         if unreachable(claim):
             raise claim  # Redis is away: the job fails, the instances stay queued
+        if isinstance(
+            claim, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError)
+        ):
+            # not claimed at all (Redis away, its script cache flushed again and again):
+            # the instance is still queued, and the orphan sweep hands it out again
+            outcomes[n] = f"skipped ({type(claim).__name__})"
+            continue
         if isinstance(claim, Exception):
             # e.g. WRONGTYPE: the claim script aborted before writing anything
             outcomes[n] = _fail_corrupt(backend, iid, claim)
@@ -185,7 +194,10 @@ def _claim(
             outcomes[n] = f"skipped ({claim[0].decode()})"
             continue
         if not claim[1]:  # no workflowName: the metadata was deleted or edited by hand
-            outcomes[n] = _fail_corrupt(backend, iid, LookupError("no workflowName in metadata"))
+            missing = records.CorruptField(
+                backend.keys.metadata(iid), "workflowName", None, "an instance names its workflow"
+            )
+            outcomes[n] = _fail_corrupt(backend, iid, missing)
             continue
         if claim[1].decode() not in backend.classes:
             # (a job from the engine's own queue, or enqueued by hand: workers take
@@ -227,31 +239,57 @@ def _run_async(backend: Backend, runs: list[Run]) -> list[str]:
         if isinstance(result, KeyboardInterrupt):
             raise result
         if isinstance(result, BaseException):
-            # the instance keeps its lease; when it runs out it is taken back
-            log.error("nbflow: run of %s failed inside the engine: %r", run.iid, result)
-            outcomes.append(f"failed ({result!r})")
+            outcomes.append(_failed(backend, run, result))
         else:
             outcomes.append(result)
     return outcomes
 
 
+def _failed(backend: Backend, run: Run, exc: BaseException) -> str:
+    """A run that failed inside the engine.  A script error (a key of the wrong type, a
+    field the scripts cannot read) ends its instance ``errored``; anything else leaves
+    it leased, and it is taken back when the lease runs out.  Either way the other runs
+    of the job go on."""
+    if script_error(exc):
+        return _fail_corrupt(backend, run.iid, exc)
+    log.error("nbflow: run of %s failed inside the engine: %r", run.iid, exc)
+    return f"failed ({exc!r})"
+
+
 def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:
     """Ends an instance whose stored state cannot be read (hand-edited or damaged keys):
-    ``errored`` with a message saying so, instead of failing every run for ever."""
+    ``errored`` with a message saying so, instead of failing every run for ever.  If
+    even that fails (its state key is of the wrong type) it is logged, never raised:
+    other instances of the job must not pay for it."""
     log.error("nbflow: instance %s has unreadable state: %r", iid, exc)
     now, now_iso = clock()
-    err = codec.encode(
-        {
-            "name": "WorkflowError",
-            "message": f"the stored state of instance {iid!r} cannot be "
-            f"read ({type(exc).__name__}: {exc}); restart it or delete its keys",
-        }
-    )
-    res = backend.scripts.fail(args=[backend.prefix, iid, f"{now:.6f}", now_iso, err])
+    if isinstance(exc, records.CorruptField):
+        message = (
+            f"instance {iid!r} cannot run: {exc}; fix or delete the field, or delete the instance"
+        )
+    else:
+        message = (
+            f"the stored state of instance {iid!r} cannot be "
+            f"read ({type(exc).__name__}: {exc}); restart it or delete its keys"
+        )
+    err = codec.encode({"name": "WorkflowError", "message": message})
+    try:
+        res = backend.scripts.fail(args=[backend.prefix, iid, f"{now:.6f}", now_iso, err])
+    except redis.exceptions.ResponseError as again:
+        log.error("nbflow: instance %s could not even be marked errored: %r", iid, again)
+        return f"failed ({again!r})"
     outcome, _, parent = str(res.decode() if isinstance(res, bytes) else res).partition(" ")
     if parent:  # a child: its parent waited for it and is queued now
         backend.enqueue_many([parent], at_front=True)
     return outcome
+
+
+def _read(key: str, field: str, raw: Any, parse: Callable[[Any], Any]) -> Any:
+    """``parse(raw)`` of a claimed field; ``CorruptField`` naming it when it cannot be read."""
+    try:
+        return parse(raw)
+    except Exception as exc:
+        raise records.CorruptField(key, field, raw, f"{type(exc).__name__}: {exc}") from exc
 
 
 class Run:
@@ -277,16 +315,27 @@ class Run:
         self.token = token
         self.stopping = stopping
         self.listener = listener
-        self.workflow_name = claim[1].decode()
-        self.payload = codec.decode(claim[2])
-        self.created_at = datetime.fromisoformat(claim[3].decode())
+        keys = backend.keys
+        if not claim[1]:
+            raise records.CorruptField(keys.metadata(iid), "workflowName", None, "missing")
+        self.workflow_name = _read(keys.metadata(iid), "workflowName", claim[1], records.text)
+        if not claim[2]:
+            raise records.CorruptField(keys.metadata(iid), "payload", None, "missing")
+        self.payload = _read(keys.metadata(iid), "payload", claim[2], codec.decode)
+        self.created_at = _read(
+            keys.state(iid), "createdAt", claim[3] or None, records.iso_datetime
+        )
         self.created_ts = self.created_at.timestamp()
         self.cache: dict[str, dict[str, Any]] = {}
         top = -1
         for i in range(4, len(claim), 2):
-            entry = records.decode_entry(claim[i], claim[i + 1], self.created_ts)
-            self.cache[claim[i].decode()] = entry
-            top = max(top, int(entry["i"]))
+            key = _read(keys.steps(iid), "(a step key)", claim[i], records.text)
+            base = self.created_ts
+            entry = _read(
+                keys.steps(iid), key, claim[i + 1], partial(records.decode_entry, key, base=base)
+            )
+            self.cache[key] = entry
+            top = max(top, _read(keys.steps(iid), key, entry["i"], int))
         self._next = top + 1
         self.counts: dict[str, int] = {}
         self.max_step_bytes = backend.max_step_bytes
@@ -429,7 +478,7 @@ class Run:
         res = await self._reply("take_event", args)  # replies come in order
         self._raise_refused()
         if isinstance(res, Exception):
-            raise res
+            raise self._stop_on_error(res)
         tag = res[0]
         if tag in (b"event", b"final"):
             taken = codec.decode(res[1])
@@ -625,7 +674,7 @@ class Run:
         """Acts on a checkpoint's answer: go on (resumed meanwhile), or stop the whole
         run, every branch of it."""
         if isinstance(res, Exception):
-            raise res
+            raise self._stop_on_error(res)
         if res == b"running":
             self._stop_seen = max(self._stop_seen, asked)
             return
@@ -702,8 +751,8 @@ class Run:
         for res in reply if isinstance(reply, list) else (reply,):
             if self._refused is not None:
                 return
-            if isinstance(res, redis.exceptions.ResponseError):
-                self._refused, self._write_error = "error", res
+            if script_error(res):  # e.g. a key of the wrong type: the instance is corrupt
+                self._refused, self._write_error = "corrupt", res
             elif isinstance(res, Exception):
                 self._refused, self._write_error = "lost", StoreUnavailable(res)
             elif res != b"ok":
@@ -713,11 +762,17 @@ class Run:
         """Stops the run if Redis refused one of its writes (see ``_on_write``)."""
         if self._refused is None:
             return
-        if isinstance(self._write_error, redis.exceptions.ResponseError):
-            raise self._write_error
         if self._write_error is not None:
             raise self.halt(self._refused) from self._write_error
         raise self.halt(self._refused)
+
+    def _stop_on_error(self, res: Exception) -> Suspend:
+        """The stop for an error reply to a call the run waited for: a script error
+        means the instance's state is corrupt (it ends ``errored``, see ``_end``); any
+        other (Redis out of memory, read-only) stops the run, and its lease hands it on."""
+        if self._refused is None:
+            self._refused, self._write_error = ("corrupt" if script_error(res) else "lost"), res
+        return self.halt(self._refused)
 
     def _flush_pending(self) -> None:
         """Sends a result written behind on its own (the next call is no step start)."""
@@ -901,6 +956,8 @@ class Run:
         self._send_children()
         ending = self._ending(status, value)
         if ending is None:
+            if self.reason == "corrupt" and script_error(self._write_error):
+                return _fail_corrupt(self.backend, self.iid, self._write_error)  # type: ignore[arg-type]
             return self.reason
         if self.log.partial:
             self.log.close()
@@ -911,8 +968,12 @@ class Run:
             res = await self._reply(*ending)
             self._raise_refused()
         except Suspend:
+            if self.reason == "corrupt" and script_error(self._write_error):
+                return _fail_corrupt(self.backend, self.iid, self._write_error)  # type: ignore[arg-type]
             return self.reason
         if isinstance(res, Exception):
+            if script_error(res):
+                return _fail_corrupt(self.backend, self.iid, res)
             raise res
         name = ending[0]
         if name == "release":  # the worker stops: another worker takes it from here

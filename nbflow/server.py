@@ -80,6 +80,12 @@ _PROBE_TIMEOUT = 2.0
 _LOCK_GRACE = 5.0
 _POLL = 0.05
 _LOG_TAIL_LINES = 20
+#: What ``Engine(durability=...)`` accepts: the embedded server's ``appendfsync``.
+#: ``everysec`` (the default a new embedded server starts with) fsyncs the append-only
+#: file once a second, so a machine crash loses at most about a second of writes;
+#: ``always`` fsyncs before every reply, so nothing acknowledged is ever lost.
+DURABILITIES = ("everysec", "always")
+DEFAULT_DURABILITY = "everysec"
 # sun_path is 108 bytes on Linux and 104 on macOS/BSD, both including the trailing NUL.
 _MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
@@ -294,13 +300,13 @@ def _conf_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _write_config(home: Path) -> Path:
+def _write_config(home: Path, durability: str = DEFAULT_DURABILITY) -> Path:
     """Write ``redis.conf`` for the embedded server and return its path.
 
     No TCP port (``port 0``): the socket's file mode is the access control, which is both
     simpler and safer than a password on a loopback port other local users could reach.
-    AOF only (``save ""``), fsynced every second: at most a second of writes can be lost
-    on a crash, and there is a single persistence format to reason about.
+    AOF only (``save ""``), fsynced every second unless ``durability`` says ``always``
+    (see ``DURABILITIES``): a single persistence format to reason about.
     """
     lines = [
         "# Written by nbflow.server.start_server on every start; edits are overwritten.",
@@ -309,7 +315,7 @@ def _write_config(home: Path) -> Path:
         "unixsocketperm 700",
         f"dir {_conf_quote(str(_data_dir(home)))}",
         "appendonly yes",
-        "appendfsync everysec",
+        f"appendfsync {check_durability(durability)}",
         'save ""',
         "daemonize yes",
         f"pidfile {_conf_quote(str(_pid_path(home)))}",
@@ -439,11 +445,13 @@ def _launch(
     return launcher
 
 
-def _start_new_server(home: Path, deadline: float, timeout: float) -> None:
+def _start_new_server(
+    home: Path, deadline: float, timeout: float, durability: str = DEFAULT_DURABILITY
+) -> None:
     """Write the config, launch redis-server and wait until it answers (lock held)."""
     binary = _require_binary()
     _remove_stale_files(home)
-    conf = _write_config(home)
+    conf = _write_config(home, durability)
     launcher = _launch(binary, conf, home, timeout)
     _wait_until_up(home, deadline, launcher)
     logger.info(
@@ -456,7 +464,9 @@ def _start_new_server(home: Path, deadline: float, timeout: float) -> None:
     )
 
 
-def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
+def start_server(
+    home: Path | None = None, timeout: float = 10.0, durability: str | None = None
+) -> str:
     """Start nbflow's embedded Redis under ``home`` (default :func:`nbflow_home`), or reuse the
     one already running there, and return its URL ``unix:///abs/path/redis.sock``.
 
@@ -465,9 +475,16 @@ def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
     duplicated.  The server is daemonized (its own session), so it outlives the Python
     process and Jupyter kernel that started it; ``nbflow server stop`` stops it.
 
+    ``durability`` (one of ``DURABILITIES``; None leaves a running server as it is and
+    starts a new one with ``everysec``) is the server's ``appendfsync``: a running
+    server is switched with ``CONFIG SET`` (every client of it gets the new setting,
+    until the server stops), a new one starts with it.
+
     Raises :class:`RedisUnavailableError` if no ``redis-server`` binary is found, or if the
     server does not answer within ``timeout`` seconds (quoting the tail of its log).
     """
+    if durability is not None:
+        check_durability(durability)
     home = _resolve_home(home)
     sock = _socket_path(home)
     _check_socket_path(sock)
@@ -484,9 +501,65 @@ def start_server(home: Path | None = None, timeout: float = 10.0) -> str:
                 _read_pid(home),
                 _data_dir(home),
             )
+            if durability is not None:
+                _set_appendfsync(sock, durability)
         else:
-            _start_new_server(home, deadline, timeout)
+            _start_new_server(home, deadline, timeout, durability or DEFAULT_DURABILITY)
     return _socket_url(sock)
+
+
+def check_durability(durability: Any) -> str:
+    """``durability`` if it is one of ``DURABILITIES``, else ``ValueError`` naming them."""
+    if not isinstance(durability, str) or durability not in DURABILITIES:
+        allowed = " or ".join(repr(d) for d in DURABILITIES)
+        raise ValueError(
+            f"durability must be {allowed} (the embedded server's appendfsync), not {durability!r}"
+        )
+    return durability
+
+
+def _set_appendfsync(sock: Path, durability: str) -> None:
+    client = _probe_client(sock)
+    try:
+        client.config_set("appendfsync", durability)
+    finally:
+        client.close()
+    logger.info("nbflow: the embedded Redis at %s now fsyncs %s", sock, durability)
+
+
+def is_embedded(client: redis_lib.Redis, home: Path | None = None) -> bool:
+    """Whether ``client`` talks to nbflow's embedded server under ``home`` (its socket)."""
+    path = client.get_connection_kwargs().get("path")
+    return path is not None and Path(path) == _socket_path(_resolve_home(home))
+
+
+def require_durability(client: redis_lib.Redis, durability: str) -> None:
+    """What ``durability`` means for a Redis nbflow did not start: nothing is changed on a
+    server that others may share; it is checked to already fsync that way (append-only
+    on, ``appendfsync`` equal), else ``ValueError`` saying what it has and how to set it."""
+    try:
+        conf = client.config_get("appendonly")
+        conf.update(client.config_get("appendfsync"))
+    except redis_lib.exceptions.ResponseError as exc:  # CONFIG disabled (managed Redis)
+        raise ValueError(
+            f"durability={durability!r} sets the appendfsync of nbflow's embedded server; "
+            f"this Redis ({describe(client)}) does not let nbflow check its own ({exc}). "
+            "Configure persistence on that server and leave durability unset"
+        ) from None
+    got = {_text(k): _text(v) for k, v in conf.items()}
+    if got.get("appendonly") != "yes" or got.get("appendfsync") != durability:
+        raise ValueError(
+            f"durability={durability!r} sets the appendfsync of nbflow's embedded server; "
+            f"this Redis ({describe(client)}) has appendonly {got.get('appendonly')!r}, "
+            f"appendfsync {got.get('appendfsync')!r}. nbflow does not change the settings "
+            f"of a server it did not start: run `CONFIG SET appendonly yes` and "
+            f"`CONFIG SET appendfsync {durability}` on it (and in its redis.conf), or leave "
+            "durability unset"
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _wait_gone(pid: int | None, sock: Path, deadline: float) -> bool:
@@ -727,7 +800,7 @@ def _unusable(
     )
 
 
-def _resolve_url(redis: str | None) -> tuple[str, str, str]:
+def _resolve_url(redis: str | None, durability: str | None = None) -> tuple[str, str, str]:
     """``(url, origin, hint)`` for a URL or ``None``: ``origin`` says where the URL came from
     (appended to what was tried) and ``hint`` what to check if it does not answer."""
     if isinstance(redis, str):
@@ -738,7 +811,7 @@ def _resolve_url(redis: str | None) -> tuple[str, str, str]:
         return os.environ[REDIS_URL_ENV].strip(), f" (from ${REDIS_URL_ENV})", hint
     home = nbflow_home()
     try:
-        url = start_server(home)
+        url = start_server(home, durability=durability)
     except RedisUnavailableError:
         raise  # already the one clear error (it is an OSError too, via ConnectionError)
     except OSError as exc:
@@ -749,7 +822,9 @@ def _resolve_url(redis: str | None) -> tuple[str, str, str]:
     return url, f" (the embedded server under {home})", hint
 
 
-def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
+def connect(
+    redis: str | redis_lib.Redis | None = None, durability: str | None = None
+) -> redis_lib.Redis:
     """Return the Redis client nbflow should use, after checking that it answers PING.
 
     ``redis`` may be a ready ``redis.Redis`` (used as is), a URL (``redis://``, ``rediss://``
@@ -762,7 +837,12 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
     behind it, because in a notebook or a terminal a page of nested connection tracebacks
     hides the one line that matters.  A malformed URL is a ``ValueError`` as redis-py
     raises it.
+
+    ``durability`` (see ``DURABILITIES``) is applied to the embedded server (also when
+    reached through its socket URL) and required of any other (``require_durability``).
     """
+    if durability is not None:
+        check_durability(durability)
     password: str | None = None
     if isinstance(redis, redis_lib.Redis):
         client = redis
@@ -770,7 +850,7 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
         tried = f"{describe(client)} (the redis.Redis given to nbflow)"
         hint = "Check that this server is running and reachable with the client's settings."
     elif redis is None or isinstance(redis, str):
-        url, origin, hint = _resolve_url(redis)
+        url, origin, hint = _resolve_url(redis, durability)
         password = _url_password(url)
         tried = mask_url(url) + origin
         client = _client_from_url(url, reconnecting=True)
@@ -799,10 +879,20 @@ def connect(redis: str | redis_lib.Redis | None = None) -> redis_lib.Redis:
             client.close()
         raise error from None
     logger.debug("nbflow: connected to Redis at %s", tried)
+    if durability is not None:
+        try:
+            if is_embedded(client):
+                client.config_set("appendfsync", durability)
+            else:
+                require_durability(client, durability)
+        except BaseException:
+            client.close()
+            raise
     return client
 
 
 __all__ = [
+    "DURABILITIES",
     "HOME_ENV",
     "REDIS_URL_ENV",
     "connect",

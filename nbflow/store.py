@@ -135,6 +135,9 @@ from nbflow.records import FINAL_STATUSES, STATUSES  # noqa: F401  (statuses the
 #: How long a claim or a step write keeps an instance leased to its run (``{p}:leases``);
 #: the worker's heartbeat renews leases of runs in progress every third of this.
 LEASE_SECONDS = 30.0
+#: How often a call that met an empty script cache (a Redis restart, SCRIPT FLUSH) loads
+#: the scripts and goes again before giving up.
+NOSCRIPT_ATTEMPTS = 5
 
 #: How long the first reply of a state-changing call is kept for its retries
 #: (``{p}:req:{rid}``); redis-py's retries of one call span a few seconds, this
@@ -242,6 +245,14 @@ local function unchanged(reply)
   once_keep = false
   return reply
 end
+local KNOWN = {queued = 1, running = 1, waiting = 1, waitingForPause = 1, paused = 1,
+               complete = 1, errored = 1, terminated = 1}
+-- A stored number as a finite Lua number, or nil when it holds anything else.
+local function finite(v)
+  local n = v and tonumber(v)
+  if n and n == n and n > -math.huge and n < math.huge then return n end
+  return nil
+end
 local function k_state(id) return P .. ':' .. id .. ':state' end
 local function k_steps(id) return P .. ':' .. id .. ':steps' end
 local function k_meta(id) return P .. ':' .. id .. ':metadata' end
@@ -290,17 +301,59 @@ local function finish_bookkeeping(id, now, status, value)
   redis.call('HDEL', st, 'waitType')
   redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
-  local ret = redis.call('HGET', st, 'retention')
-  if ret then
+  local ret = finite(redis.call('HGET', st, 'retention'))
+  if ret then  -- (an unreadable retention keeps the instance: see corrupt_end)
     redis.call('HSET', st, 'finishedAt', now)
-    redis.call('ZADD', P .. ':expiry', now + tonumber(ret), id)
+    redis.call('ZADD', P .. ':expiry', now + ret, id)
   end
+end
+-- A field that holds what nbflow never writes (hand-edited or damaged) ends its
+-- instance errored with a message naming it, and the script returns 'corrupt'
+-- instead of raising: a script error would fail every instance sharing the call's
+-- pipeline or RQ job.  Fields the engine rewrites anyway (updatedAt, finishedAt,
+-- gen, waitType, owner) are repaired instead, where they are read at all.
+local function retention_ok(id)
+  local r = redis.call('HGET', k_state(id), 'retention')
+  return not r or (finite(r) ~= nil and finite(r) >= 0)
+end
+local function corrupt_end(id, field, now, now_iso)
+  local st = k_state(id)
+  local raw = redis.call('HGET', st, field)
+  local shown = 'nothing (it is missing)'
+  if raw then shown = cjson.encode((string.gsub(string.sub(raw, 1, 60), '[^%w%p ]', '?'))) end
+  local msg = 'field ' .. field .. ' of ' .. st .. ' holds ' .. shown ..
+              ', which nbflow did not write; fix or delete the field, or delete the instance'
+  local err = cjson.encode({name = 'WorkflowError', message = msg})
+  local created
+  local old = redis.call('HGET', st, 'status')
+  if old and not KNOWN[old] then  -- its index entry is under the status it had before
+    for s in pairs(KNOWN) do
+      created = created or redis.call('ZSCORE', P .. ':index:status:' .. s, id)
+      redis.call('ZREM', P .. ':index:status:' .. s, id)
+    end
+  end
+  set_status(id, 'errored', now_iso, created)
+  release(id)
+  redis.call('HSET', st, 'error', err)
+  finish_bookkeeping(id, now, 'errored', err)
+  hist(id, now, 'errored', '"error":' .. err)
+  return 'corrupt'
+end
+-- HINCRBY stepsDone, or false when it holds no integer (nothing written then).
+local function count_step(st)
+  local r = redis.pcall('HINCRBY', st, 'stepsDone', 1)
+  return type(r) ~= 'table' or not r.err
 end
 -- Checks that the caller's run still owns the instance: returns 'running' or
 -- 'waitingForPause' when it does, else why not ('lost', 'unknown', a status).
-local function check_owner(id, token)
+local function check_owner(id, token, now, now_iso)
   local got = redis.call('HMGET', k_state(id), 'status', 'owner')
   if not got[1] then return 'unknown' end
+  if not KNOWN[got[1]] then
+    -- (side writes such as logs and progress pass no time: they only refuse)
+    if now then return corrupt_end(id, 'status', now, now_iso) end
+    return 'corrupt'
+  end
   if got[2] ~= token then return 'lost' end
   return got[1]
 end
@@ -312,7 +365,7 @@ end
 -- As check_owner, and applies a pause that was asked for: returns 'running'
 -- when the run may go on, else why it must stop.
 local function owned(id, token, now, now_iso)
-  local why = check_owner(id, token)
+  local why = check_owner(id, token, now, now_iso)
   if why == 'waitingForPause' then
     pause_now(id, now, now_iso)
     return 'paused'
@@ -469,6 +522,7 @@ local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
 if status ~= 'queued' then
+  if status and not KNOWN[status] then return {corrupt_end(id, 'status', now, now_iso)} end
   if (status ~= 'running' and status ~= 'waitingForPause')
      or redis.call('HGET', st, 'owner') ~= token then
     return {status or 'unknown'}
@@ -477,7 +531,7 @@ end
 -- every read first: a failing read (a key of the wrong type) must abort the
 -- script before anything is written, since Redis does not undo a failed script
 local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
-local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
+local out = {'ok', meta[1] or '', meta[2] or '', redis.call('HGET', st, 'createdAt') or ''}
 local steps = redis.call('HGETALL', k_steps(id))
 for i = 1, #steps do out[#out + 1] = steps[i] end
 if status ~= 'queued' then return out end
@@ -610,7 +664,7 @@ local function step_start(o, checked)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, name = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6]
   if not checked then  -- (step_next: its step_finish just found the run owned)
-    local why = check_owner(id, token)
+    local why = check_owner(id, token, now, now_iso)
     if why == 'waitingForPause' and redis.call('HEXISTS', k_state(id), 'hardStop') == 1 then
       pause_now(id, now, now_iso)
       return 'paused'
@@ -628,14 +682,14 @@ local function step_finish(o)
   local id, token, now, now_iso = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 3]
   local key, entry, final, ev = ARGV[o + 4], ARGV[o + 5], ARGV[o + 6], ARGV[o + 7]
   local st = k_state(id)
-  local status = check_owner(id, token)
+  local status = check_owner(id, token, now, now_iso)
   if status ~= 'running' and status ~= 'waitingForPause' then return status end
   local sk = k_steps(id)
   local s = entry_status(redis.call('HGET', sk, key))
   if s == 'complete' or s == 'errored' then return 'final' end
   redis.call('HSET', sk, key, entry)
   if final == '1' and entry_status(entry) == 'complete' then
-    redis.call('HINCRBY', st, 'stepsDone', 1)
+    if not count_step(st) then return corrupt_end(id, 'stepsDone', now, now_iso) end
     ref_add(id, entry_ref(entry))
   end
   redis.call('HSET', st, 'updatedAt', now_iso)
@@ -654,6 +708,7 @@ local function finish_run(o)
   local outcome, value = ARGV[o + 4], ARGV[o + 5]
   local why = owned(id, token, now, now_iso)
   if why ~= 'running' then return why end
+  if not retention_ok(id) then return corrupt_end(id, 'retention', now, now_iso) end
   local st = k_state(id)
   set_status(id, outcome, now_iso)
   release(id)
@@ -696,7 +751,7 @@ _SUSPEND = r"""
 local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local wake_at, types = ARGV[6], ARGV[7]
 local st = k_state(id)
-local status = check_owner(id, token)
+local status = check_owner(id, token, now, now_iso)
 if status ~= 'running' and status ~= 'waitingForPause' then return status end
 local sk = k_steps(id)
 for i = 9, #ARGV, 2 do
@@ -752,7 +807,7 @@ local r = url and (',"r":"' .. url .. '"') or ''
 local e = '{"s":"complete"' .. r .. ',"k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 ..
           ',"d":' .. d .. ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
-redis.call('HINCRBY', st, 'stepsDone', 1)
+if not count_step(st) then return {corrupt_end(id, 'stepsDone', now, now_iso)} end
 redis.call('HSET', st, 'updatedAt', now_iso)
 return {'event', e}
 """
@@ -771,7 +826,8 @@ redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
 ref_add(id, event_ref(ev))
 hist(id, now, 'event.sent', '"type":"' .. etype .. '"')
 local waits = redis.call('HGET', st, 'waitType')
-if status == 'waiting' and waits and string.find(waits, ',' .. etype .. ',', 1, true) then
+if status == 'waiting' and waits and (string.find(waits, ',' .. etype .. ',', 1, true)
+                                       or not string.match(waits, '^,.+,$')) then
   redis.call('HDEL', st, 'waitType')
   redis.call('ZREM', P .. ':timers', id)
   make_queued(id, now, now_iso)
@@ -788,12 +844,15 @@ local due = redis.call('ZRANGEBYSCORE', P .. ':timers', '-inf', now, 'LIMIT', 0,
 local out = {}
 for _, id in ipairs(due) do
   redis.call('ZREM', P .. ':timers', id)
-  if redis.call('HGET', k_state(id), 'status') == 'waiting' then
+  local status = redis.call('HGET', k_state(id), 'status')
+  if status == 'waiting' then
     redis.call('HDEL', k_state(id), 'waitType')
     local wf = make_queued(id, now, now_iso)
     hist(id, now, 'woke', '')
     out[#out + 1] = id
     out[#out + 1] = wf
+  elseif status and not KNOWN[status] then
+    corrupt_end(id, 'status', now, now_iso)
   end
 end
 if #out == 0 then return unchanged(out) end
@@ -817,6 +876,8 @@ for _, id in ipairs(dead) do
     out[#out + 1] = wf
   elseif status == 'waitingForPause' then
     set_status(id, 'paused', now_iso)
+  elseif status and not KNOWN[status] then
+    corrupt_end(id, 'status', now, now_iso)
   end
 end
 if #out == 0 then return unchanged(out) end
@@ -1014,11 +1075,13 @@ else
   local target = redis.call('HGET', sk, from_key)
   if not target then return unchanged({'nostep', from_key}) end
   local cut = tonumber(string.match(target, '"i":(%d+)'))
+  if not cut then return {'badstep', from_key} end
   local all = redis.call('HGETALL', sk)
   for i = 1, #all, 2 do
     local s = entry_status(all[i + 1])
-    local idx = string.match(all[i + 1], '"i":(%d+)')
-    if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
+    local idx = tonumber(string.match(all[i + 1], '"i":(%d+)'))
+    -- an entry nbflow cannot read is dropped: that step runs again
+    if not idx or idx >= cut or (s ~= 'complete' and s ~= 'errored') then
       if arts then ref_drop(id, entry_ref(all[i + 1]), gone) end
       redis.call('HDEL', sk, all[i])
       redis.call('HDEL', lk, all[i])
@@ -1037,7 +1100,8 @@ if arts then ref_drop(id, value_ref(redis.call('HGET', st, 'output')), gone) end
 terminate_descendants(id, now, now_iso, ack, true, gone)
 local heard = tell_owner(id, ack)
 release(id)
-redis.call('HINCRBY', st, 'gen', 1)
+local gen = redis.pcall('HINCRBY', st, 'gen', 1)
+if type(gen) == 'table' and gen.err then redis.call('HSET', st, 'gen', 1) end
 if done > 0 then
   redis.call('HSET', st, 'stepsDone', done)
 else
@@ -1587,10 +1651,11 @@ class Scripts:
     def pipeline(self, calls: list[tuple[str, list[str]]]) -> list[Any]:
         """Run scripts in one non-transactional pipeline (each script is atomic by
         itself); replies come back in order, an error as an exception value.  Calls
-        that met an empty script cache are sent again once the scripts are loaded."""
+        that met an empty script cache are sent again once the scripts are loaded (up to
+        ``NOSCRIPT_ATTEMPTS`` times: a cache flushed again meanwhile is loaded again)."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        for attempt in (1, 2):
+        for attempt in range(1, NOSCRIPT_ATTEMPTS + 1):
             pipe = self._client.pipeline(transaction=False)
             for n in todo:
                 name, args = calls[n]
@@ -1598,7 +1663,7 @@ class Scripts:
             results = pipe.execute(raise_on_error=False)
             missing = []
             for n, res in zip(todo, results, strict=True):
-                if isinstance(res, redis.exceptions.NoScriptError) and attempt == 1:
+                if isinstance(res, redis.exceptions.NoScriptError) and attempt < NOSCRIPT_ATTEMPTS:
                     missing.append(n)
                 else:
                     replies[n] = res
@@ -1625,7 +1690,7 @@ class Scripts:
         applied is not applied twice (without ``once``, what ``extra`` added is
         pushed again, which must be harmless).
         """
-        for attempt in (1, 2):
+        for attempt in range(1, NOSCRIPT_ATTEMPTS + 1):
             pipe = self._client.pipeline()
             pipe.multi()
             jobs = [] if extra is None or once is None else self.captured(extra)
@@ -1647,7 +1712,7 @@ class Scripts:
             try:
                 return list(pipe.execute()[: len(calls)])
             except redis.exceptions.NoScriptError:
-                if attempt == 2:
+                if attempt == NOSCRIPT_ATTEMPTS:
                     raise
                 for script in self._scripts.values():
                     self._client.script_load(script.script)

@@ -193,11 +193,16 @@ class NbflowWorker(SimpleWorker):
         return self.jobs_run > 0
 
     def _run_job(self, job_id: str) -> None:
+        # The job hash is deleted as it is read: its instances' leases, not the job, are
+        # what recovers them if this worker dies, and a SIGKILLed worker never reaches a
+        # `finally` (its job hashes used to stay for ever).  Sent together, Redis runs
+        # both even if the worker dies right after sending.
         job_key = self.backend.base_queue.job_class.key_for(job_id)
         pipe = self.connection.pipeline(transaction=False)
         pipe.hget(job_key, "data")
+        pipe.delete(job_key)
         pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
-        data, _ = pipe.execute()
+        data, _, _ = pipe.execute()
         try:
             if data is None:
                 log.warning("nbflow worker: job %s vanished before it ran", job_id)
@@ -223,7 +228,6 @@ class NbflowWorker(SimpleWorker):
         finally:
             self.jobs_run += 1
             pipe = self.connection.pipeline(transaction=False)
-            pipe.delete(job_key)
             pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
             pipe.hdel(self.key, "current_job")
             pipe.execute()

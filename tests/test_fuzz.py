@@ -663,10 +663,12 @@ def test_a_corrupt_instance_does_not_strand_the_healthy_ones_of_its_batch(engine
 # -- workflow code that misbehaves --------------------------------------------------------------
 
 
-def test_non_deterministic_step_order_on_replay_replays_by_name(engine: Engine) -> None:
-    """Steps are cached by name and occurrence, not position: a run that calls its steps in
-    another order on replay gets each stored result back by name, and no step runs twice.
-    nbflow does not detect the change of order (neither does Cloudflare)."""
+def test_non_deterministic_step_order_on_replay_ends_errored_naming_both_steps(
+    engine: Engine,
+) -> None:
+    """A run that calls its steps in another order on replay (spec 8.2) ends errored with
+    NonDeterminismError: a stored result is never handed to a different step, and no
+    completed step runs twice."""
     runs: dict[str, int] = {}
     orders = [["x", "y", "z"], ["z", "x", "y"]]
 
@@ -690,13 +692,17 @@ def test_non_deterministic_step_order_on_replay_replays_by_name(engine: Engine) 
     inst.send_event("go")
     burst(engine)
     status = inst.status()
-    assert status == {"status": "complete", "output": {"x": "X", "y": "Y", "z": "Z"}}
-    assert runs == {"x": 1, "y": 1, "z": 1}
+    assert status["status"] == "errored"
+    assert status["error"]["name"] == "NonDeterminismError"
+    assert "'x'" in status["error"]["message"] and "'z'" in status["error"]["message"]
+    assert runs == {"x": 1}  # the replay stopped at the first step that did not match
 
 
-def test_non_deterministic_step_names_run_new_steps_on_each_replay(engine: Engine) -> None:
-    """Known limit: a step whose name changes between replays (a timestamp, a uuid) is a new
-    step each time: it runs again and its old entry stays behind."""
+def test_a_step_name_that_changes_on_replay_ends_errored_instead_of_running_again(
+    engine: Engine,
+) -> None:
+    """A step whose name changes between replays (a timestamp, a uuid) stands where the
+    recorded one stood: the replay ends NonDeterminismError, the step does not run again."""
     runs = []
 
     class Clocky(WorkflowEntrypoint):
@@ -709,8 +715,10 @@ def test_non_deterministic_step_names_run_new_steps_on_each_replay(engine: Engin
     burst(engine)
     inst.send_event("go")
     burst(engine)
-    assert inst.status() == {"status": "complete", "output": 2}
-    assert len(inst.steps()) == 3
+    status = inst.status()
+    assert status["status"] == "errored"
+    assert status["error"]["name"] == "NonDeterminismError"
+    assert runs == [1]
 
 
 def test_step_that_never_returns_times_out_and_the_worker_goes_on(engine: Engine) -> None:

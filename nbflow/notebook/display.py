@@ -248,7 +248,7 @@ def summarize(inst: WorkflowInstance) -> InstanceSummary:
         inst.workflow,
         state,
         current,
-        int(info.get("steps_done", 0)),
+        int(info.get("steps_done") or 0),
         error,
         output,
         steps_expected=None if expected is None else int(expected),

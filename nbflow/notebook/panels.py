@@ -119,7 +119,9 @@ class InstanceTable:
 
     def show(self, frame: pd.DataFrame, now: float, selected: str | None) -> None:
         """Take ``frame`` (``engine.instances()``) as the listing; ages are counted to ``now``."""
-        frame["age"] = [age_text(now - ts.timestamp()) for ts in frame["created_at"]]
+        frame["age"] = [  # (an unreadable createdAt is NaT: no age)
+            age_text(now - ts.timestamp()) if pd.notna(ts) else "" for ts in frame["created_at"]
+        ]
         self.frame = frame
         value = self.html(with_age=True, selected=selected)
         if self.widget.value != value:
