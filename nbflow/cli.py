@@ -8,6 +8,7 @@
     nbflow status ID
     nbflow schedules [--redis URL] [--prefix P]
     nbflow gc [--artifacts URL] [--min-age DURATION] [--dry-run]
+    nbflow logs ID [--step STEP]
     nbflow demo
     nbflow server start|stop|status
 """
@@ -128,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
         help="leave files younger than this alone: one may be being written (default 1 hour)",
     )
     gc.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
+    lg = sub.add_parser("logs", help="what an instance's code printed or logged, oldest first")
+    _engine_args(lg)
+    lg.add_argument("id")
+    lg.add_argument("--step", help="only this step ('name', or 'name#2' for its 2nd occurrence)")
 
     sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
 
@@ -269,6 +274,26 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logs(args: argparse.Namespace) -> int:
+    """One line per captured line: time, step (``-`` for run's own), stream, text."""
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    try:
+        inst = engine.instance(args.id)
+        frame = inst.logs(args.step)
+    except InstanceNotFoundError as exc:
+        print(f"nbflow logs: {exc}", file=sys.stderr)
+        return 1
+    if frame.empty:
+        print("no log lines" + (f" for step {args.step!r}" if args.step else ""))
+        return 0
+    times = frame["time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str[:-3] + "Z"
+    for when, step, stream, line in zip(
+        times, frame["step"], frame["stream"], frame["line"], strict=True
+    ):
+        print(f"{when} {'-' if step is None else step} {stream}: {line}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nbflow.demo import DemoOrder
 
@@ -357,6 +382,7 @@ _COMMANDS = {
     "status": _status,
     "schedules": _schedules,
     "gc": _gc,
+    "logs": _logs,
     "demo": _demo,
     "server": _server,
 }

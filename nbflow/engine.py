@@ -47,12 +47,16 @@ from nbflow.limits import (
 from nbflow.records import (
     FINAL_STATUSES,
     INSTANCE_COLUMNS,
+    LOG_COLUMNS,
     STATUSES,
     STEP_COLUMNS,
     InstanceStatus,
     decode_entry,
+    decode_progress,
     event_json,
     instance_status,
+    log_label,
+    log_rows,
     published_status,
     split_key,
     step_key,
@@ -748,7 +752,12 @@ class WorkflowInstance:
         ``waiting_for`` says what a queued instance waits for when no running worker
         has its workflow (``"a worker with workflow 'X'"``), else None.  Step
         results are not read, so this stays cheap however large they are.
+        Also ``steps_expected``: how many steps the last completed instance of this
+        workflow did (None before one completed), for "3/7 steps"; and ``progress``
+        (0-1) and ``progress_message``: what the current step last reported with
+        ``ctx.progress`` while the instance runs (else None).
         """
+        keys = self.engine.keys
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hmget(
             self.engine.keys.state(self.id),
@@ -762,7 +771,10 @@ class WorkflowInstance:
         pipe.hmget(self.engine.keys.metadata(self.id), "currentStep", "version")
         # live workers that run this workflow (entries hold until their expiry)
         pipe.zcount(self.engine.keys.serving(self.workflow), time.time(), "+inf")
-        (status, created, updated, done, output, error), (current, version), served = pipe.execute()
+        pipe.hget(keys.stepcount, self.workflow)
+        pipe.hget(keys.progress(self.id), "@last")
+        state, (current, version), served, expected, last = pipe.execute()
+        status, created, updated, done, output, error = state
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
             return {**info, "status": "unknown", "waiting_for": None}
@@ -775,7 +787,14 @@ class WorkflowInstance:
             updated_at=pd.Timestamp(text(updated)),
             version=text_or_none(version) or None,
             waiting_for=routing.waiting_for(self.workflow) if waits else None,
+            steps_expected=None if expected is None else int(expected),
+            progress=None,
+            progress_message=None,
         )
+        if last is not None and info["status"] in ("running", "waitingForPause"):
+            reported = decode_progress(last)
+            if split_key(str(reported.get("k", "#0")))[0] == info["current_step"]:
+                info.update(progress=reported.get("p"), progress_message=reported.get("m"))
         ended = instance_status(status, output, error)
         info.update((k, summarized(v)) for k, v in ended.items() if k != "status")
         return info
@@ -920,47 +939,57 @@ class WorkflowInstance:
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""
-        return self._read_steps(None)[0]
+        return self._read_steps()[0]
 
     def _read_steps(
-        self, seen_key: str | None
-    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
-        """Step entries in run order, and (same round trip) the fingerprints hash
-        ``seen_key`` (see ``nbflow.store.Keys.fingerprints``)."""
+        self, seen_key: str | None = None, with_progress: bool = False
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str], dict[str, dict[str, Any]]]:
+        """Step entries in run order and, in the same round trip, the fingerprints hash
+        ``seen_key`` (see ``nbflow.store.Keys.fingerprints``) and, if asked, each
+        step's last reported progress."""
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hgetall(self.engine.keys.steps(self.id))
         pipe.hget(self.engine.keys.state(self.id), "createdAt")
         if seen_key is not None:
             pipe.hgetall(seen_key)
-        raw, created, *rest = pipe.execute()
+        else:
+            pipe.echo("")  # keeps the replies' positions
+        if with_progress:
+            pipe.hgetall(self.engine.keys.progress(self.id))
+        raw, created, seen_raw, *more = pipe.execute()
         base = datetime.fromisoformat(text(created)).timestamp() if created else 0.0
         entries = [(text(k), decode_entry(k, v, base)) for k, v in raw.items()]
         entries.sort(key=lambda kv: int(kv[1]["i"]))
-        seen = {text(k): text(v) for k, v in rest[0].items()} if rest else {}
-        return entries, seen
+        seen = {text(k): text(v) for k, v in seen_raw.items()} if seen_key is not None else {}
+        progress = {text(k): decode_progress(v) for k, v in (more[0] if more else {}).items()}
+        return entries, seen, progress
 
     def steps(self) -> pd.DataFrame:
         """One row per step in the order they first started.
 
         Columns: step, kind, count, status, attempts, started_at, finished_at,
-        duration_s, output, error, stale.  ``stale`` is True for a completed step
-        whose callback code (its own and that of the user functions it calls) differs
-        in the class registered on this engine now from when it ran: found from the
-        class's methods and the current globals by name, else from what a run with the
-        current class saw when it passed the step (``nbflow.fingerprint``).  Without
-        the class registered here, or when unknown, it is False.  A result stored as an
-        artifact is not loaded: its ``output`` is a summary such as ``DataFrame 1,000,000 ×
-        12 (96 MB)`` (``step_output`` loads it).
+        duration_s, output, error, stale, progress, message.  ``stale`` is True for a
+        completed step whose callback code (its own and that of the user functions it
+        calls) differs in the class registered on this engine now from when it ran:
+        found from the class's methods and the current globals by name, else from what
+        a run with the current class saw when it passed the step
+        (``nbflow.fingerprint``).  Without the class registered here, or when unknown,
+        it is False.  ``progress`` (0-1) and ``message`` are what ``ctx.progress`` last
+        reported (None when nothing was).  A result stored as an artifact is not
+        loaded: its ``output`` is a summary such as ``DataFrame 1,000,000 × 12 (96 MB)``
+        (``step_output`` loads it).
         """
         cls = self.engine.backend.classes.get(self.workflow)
         seen_key = None
         if cls is not None:
             seen_key = self.engine.keys.fingerprints(self.workflow, class_version(cls))
-        entries, seen = self._read_steps(seen_key)
-        rows = [step_row(key, e) for key, e in entries]
+        entries, seen, progress = self._read_steps(seen_key, with_progress=True)
+        rows = [step_row(key, e, progress.get(key)) for key, e in entries]
         for row, stale in zip(rows, stale_steps(cls, entries, seen), strict=True):
             row["stale"] = stale
         frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+        for column in ("progress", "message"):  # None where nothing was reported, not NaN
+            frame[column] = pd.Series([r[column] for r in rows], index=frame.index, dtype=object)
         outputs = [row["output"] for row in rows]
         if any(isinstance(v, codec.ArtifactSummary) for v in outputs):
             # as objects: a str column would drop the summaries' ``.ref``
@@ -1010,6 +1039,50 @@ class WorkflowInstance:
         """
         new_id = fork_instance(self.engine.backend, self.id, self.workflow, from_step, id, params)
         return WorkflowInstance(self.engine, new_id, self.workflow)
+
+    def logs(self, step: str | None = None) -> pd.DataFrame:
+        """What the workflow's code printed or logged while workers ran it (SPEC 8.3).
+
+        Columns: time (UTC), step (None for lines ``run`` wrote between steps),
+        stream (``stdout``, ``stderr`` or a log level such as ``INFO``), line; oldest
+        first.  ``step="load"`` keeps the lines of every occurrence of that step,
+        ``"load#2"`` those of its 2nd; a step that printed nothing gives no rows, a step
+        the instance does not have ``ValueError`` naming its steps.  Each step keeps the
+        last 64 KiB of its lines; a first line says how many older ones were dropped.
+        """
+        keys = self.engine.keys
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.exists(keys.state(self.id))
+        pipe.hgetall(keys.logs(self.id))
+        exists, raw = pipe.execute()
+        if not exists:
+            raise InstanceNotFoundError(
+                f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+            )
+        fields = {text(k): text(v) for k, v in raw.items()}
+        if step is not None:
+            fields = self._log_fields_of(step, fields)
+        rows = [row for field, value in fields.items() for row in log_rows(field, value)]
+        rows.sort(key=lambda r: (r["t"], r["seq"]))
+        frame = pd.DataFrame(rows, columns=["t", *LOG_COLUMNS[1:]], dtype=object)
+        micros = (frame.pop("t").astype(float) * 1e6).round().astype("int64")
+        frame.insert(0, "time", pd.to_datetime(micros, unit="us", utc=True))
+        return frame
+
+    def _log_fields_of(self, step: str, fields: dict[str, str]) -> dict[str, str]:
+        """The log fields of step ``step`` (every occurrence of a bare name)."""
+        key = step_key(step)
+        wanted = {f: v for f, v in fields.items() if f == key or split_key(f)[0] == step}
+        if wanted:
+            return wanted
+        known = [k for k, _ in self._entries()]
+        if key in known or any(split_key(k)[0] == step for k in known):
+            return {}  # the step ran and printed nothing
+        labels = [log_label(k) for k in known]
+        raise ValueError(
+            f"instance {self.id!r} has no step {step!r} (its steps: "
+            f"{', '.join(str(label) for label in labels) or 'none yet'})"
+        )
 
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).

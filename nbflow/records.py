@@ -22,6 +22,7 @@ after ``s`` (the scripts count references by it).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -66,7 +67,11 @@ STEP_COLUMNS = [
     "output",
     "error",
     "stale",
+    "progress",
+    "message",
 ]
+#: ``inst.logs()`` columns (SPEC 8.3).
+LOG_COLUMNS = ["time", "step", "stream", "line"]
 
 
 def text(value: Any) -> str:
@@ -175,8 +180,11 @@ def decode_entry(key: Any, raw: Any, base: float) -> dict[str, Any]:
     return value
 
 
-def step_row(key: str, e: Mapping[str, Any]) -> dict[str, Any]:
-    """One row of ``steps()`` (columns ``STEP_COLUMNS``) from a decoded entry."""
+def step_row(
+    key: str, e: Mapping[str, Any], progress: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One row of ``steps()`` (columns ``STEP_COLUMNS``) from a decoded entry and the
+    step's last reported progress (``decode_progress``), if any."""
     name, count = split_key(key)
     t0, d = e.get("t0"), e.get("d")
     t1 = None if t0 is None or d is None else float(t0) + float(d)
@@ -193,6 +201,8 @@ def step_row(key: str, e: Mapping[str, Any]) -> dict[str, Any]:
         "output": summarized(e.get("v")),
         "error": {"name": err["name"], "message": err["message"]} if err else None,
         "stale": False,  # the engine knows the current code (nbflow.fingerprint)
+        "progress": None if progress is None or progress.get("p") is None else float(progress["p"]),
+        "message": None if progress is None else progress.get("m"),
     }
 
 
@@ -204,6 +214,83 @@ def summarized(value: Any) -> Any:
     if isinstance(value, dict) and isinstance(value.get("payload"), codec.ArtifactRef):
         return {**value, "payload": codec.ArtifactSummary(value["payload"])}
     return value
+
+
+# -- progress (SPEC 8.4) ---------------------------------------------------------------
+
+
+def progress_json(seq: int, fraction: float | None, message: str | None) -> str:
+    """A step's reported progress as stored in ``{p}:{id}:progress``: ``q`` (first, so Lua
+    reads it: a write older than the stored one is ignored) is when it was reported, in
+    microseconds; ``p`` the fraction done (0-1) or null, ``m`` the message or null."""
+    p = "null" if fraction is None else f"{fraction:.6g}"
+    return f'{{"q":{seq},"p":{p},"m":{json.dumps(message, ensure_ascii=False)}}}'
+
+
+def decode_progress(raw: Any) -> dict[str, Any]:
+    """A stored progress value as a dict (``q``, ``p``, ``m``)."""
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else {}
+
+
+# -- logs (SPEC 8.3) ------------------------------------------------------------------
+
+#: The field of the instance's log hash that holds lines ``run`` wrote outside steps
+#: after reaching the step of order n is ``"#n"`` (``"#-1"``: before any step); a step's
+#: own lines are under its key.  No step key starts with ``#`` (names are not empty).
+RUN_FIELD_PREFIX = "#"
+#: Each step's log keeps at most this many bytes (in Redis and in a run's memory); older
+#: lines are dropped and a marker line says how many.
+STEP_LOG_BYTES = 64 * 1024
+
+
+def log_line(t: float, stream: str, line: str) -> str:
+    """One captured line as stored (JSON on one line): time, stream, text."""
+    return f'{{"t":{t:.6f},"s":"{stream}","l":{json.dumps(line, ensure_ascii=False)}}}'
+
+
+def log_label(field: str) -> str | None:
+    """The ``step`` shown for a log field: None for ``run``'s own lines, else the step as
+    a user names it (``name``, or ``name#n`` for its n-th occurrence)."""
+    if field.startswith(RUN_FIELD_PREFIX):
+        return None
+    name, count = split_key(field)
+    return name if count == 1 else field
+
+
+def log_rows(field: str, raw: str) -> list[dict[str, Any]]:
+    """The rows (``LOG_COLUMNS`` plus ``seq``, the order written) of one field of the
+    log hash.  Its first line may be the marker ``{"dropped":N}`` left by trimming,
+    shown as a ``WARNING`` line saying how many lines were dropped."""
+    step = log_label(field)
+    rows: list[dict[str, Any]] = []
+    dropped = 0
+    for n, text_line in enumerate(raw.split("\n")):
+        if not text_line:
+            continue
+        item = json.loads(text_line)
+        if "dropped" in item:
+            dropped = int(item["dropped"])
+            continue
+        rows.append(
+            {"t": float(item["t"]), "seq": n, "step": step, "stream": item["s"], "line": item["l"]}
+        )
+    if dropped:
+        first = rows[0]["t"] if rows else 0.0
+        what = "this step" if step is not None else "run() between steps"
+        rows.insert(
+            0,
+            {
+                "t": first,
+                "seq": -1,
+                "step": step,
+                "stream": "WARNING",
+                "line": f"[nbflow] {dropped} earlier line{'s' if dropped != 1 else ''} of "
+                f"{what} dropped (each step keeps the last {STEP_LOG_BYTES // 1024} KiB "
+                "of its log)",
+            },
+        )
+    return rows
 
 
 # -- events and statuses ---------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
-from nbflow import codec, records
+from nbflow import capture, codec, progress, records
 from nbflow.backend import Backend
 from nbflow.batch import Batch, unreachable
 from nbflow.callbacks import run_blocking
@@ -126,6 +126,7 @@ def run_many(
     ``stopping`` tells runs to hand their instance back at the next step; ``listener``
     is the worker's side of the stop handshake (``nbflow.handshake``).
     """
+    capture.install()  # again per job: something may have replaced sys.stdout since
     runs, outcomes = _claim(backend, ids, stopping, listener)
     async_runs: list[tuple[int, Run]] = []
     for n, run in runs:
@@ -323,6 +324,12 @@ class Run:
         self.positions: dict[int, tuple[str, str]] | None = None
         self._noted: set[tuple[str, str]] = set()
         self._children: list[str] = []  # children created whose RQ job is not sent yet
+        # what the workflow's code prints or logs (nbflow.capture), kept until the next
+        # write; lines run() writes between steps are dropped while it replays
+        self.log = capture.RunLog(self._log_position, replaying=bool(self.cache))
+        self.log.notify = self._log_waits
+        self._log_queued = False  # the flusher has _log_due on its list
+        self.board: progress.Board | None = None  # reported progress, made on first use
 
     def forget(self) -> None:
         """The run is over: no more lease heartbeats or stop requests for it here."""
@@ -364,6 +371,7 @@ class Run:
         request or a refusal already read stops the run first.  From its return the
         callback counts as running (until its outcome is recorded), so a stop request
         waits for it rather than pausing under it."""
+        self.log.replaying = False  # a step does real work: run()'s lines are new again
         self._stop_if_halted()
         self._raise_refused()
         asked = self._stop_asked()
@@ -396,6 +404,9 @@ class Run:
         with the run's next call (merged with the next step's start when that comes
         next), always before another callback of the run starts."""
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
+        self.log.replaying = False
+        if final and self.board is not None:
+            self.board.close(key)
         self._flush_pending()
         self._pending = [*self._own(), key, entry, "1" if final else "0", event, hist]
         if self.callbacks_running > 1 and self.batch is not None:
@@ -408,6 +419,7 @@ class Run:
         self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
+        self.log.replaying = False
         self._stop_if_halted()
         self._raise_refused()
         self._flush_pending()
@@ -433,6 +445,7 @@ class Run:
         self, key: str, entry: str, wake_at: float, event_type: str | None = None
     ) -> NoReturn:
         """Parks the run: the wait is written when the whole run has unwound."""
+        self.log.replaying = False
         self.waits.append((key, entry))
         self.wake_at = wake_at if self.wake_at is None else min(self.wake_at, wake_at)
         if event_type is not None:
@@ -556,6 +569,47 @@ class Run:
             self.backend.enqueue_many([parent], at_front=True)
         return outcome
 
+    def report_progress(self, key: str, fraction: float | None, message: str | None) -> None:
+        """``ctx.progress`` of the step ``key``: kept in memory, written at most ten times
+        a second by ``nbflow.progress``'s flusher thread or with the run's next write."""
+        board = self.board
+        if board is None:
+            with self._index_lock:
+                if self.board is None:
+                    self.board = progress.Board(self.backend, self.iid, self.token)
+                board = self.board
+        board.report(key, fraction, message)
+
+    def _log_waits(self) -> None:
+        """Lines wait for the next write: if that does not come soon (a long step), the
+        background flusher writes them (see ``_log_due``)."""
+        if not self._log_queued:
+            self._log_queued = True
+            progress.FLUSHER.poke(self._log_due)
+
+    def _log_due(self, now: float) -> bool:
+        """The flusher's turn: writes lines older than ``progress.LOG_FLUSH_AFTER`` (their
+        step still runs); True once nothing is left waiting."""
+        self._log_queued = False  # before reading first_at: a line added now pokes again
+        first = self.log.first_at
+        if first is None:
+            return True  # the run wrote them itself meanwhile
+        if now - first < progress.LOG_FLUSH_AFTER:
+            self._log_queued = True
+            return False
+        taken = self.log.take()
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            try:
+                self.backend.scripts.log_append(args=args)
+            except Exception as exc:  # Redis away: these lines are lost, the run goes on
+                log.warning("nbflow: log lines of %s not stored: %r", self.iid, exc)
+        return True
+
+    def _log_position(self) -> int:
+        """Where run() stands for its log: the order of the last step it reached."""
+        return self._next - 1
+
     # -- the stop handshake (see nbflow.handshake) ----------------------------------
 
     def _stop_asked(self) -> int:
@@ -589,10 +643,34 @@ class Run:
         now, now_iso = clock()
         return [self.iid, self.token, f"{now:.6f}", now_iso]
 
+    def _send_side(self) -> None:
+        """Queues the lines captured and the progress reported since the last write, so
+        they go out in the same write as the call queued next (nothing when there are
+        none: a step that prints nothing pays nothing)."""
+        assert self.batch is not None
+        taken = self.log.take() if self.log.fields else None
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            self.batch.send("log_append", args, self._on_side_write)
+        board = self.board
+        if board is not None and board.dirty:
+            taken = board.take()
+            if taken:
+                args = [self.backend.prefix, self.iid, self.token, *taken]
+                self.batch.send("progress", args, self._on_side_write)
+
+    def _on_side_write(self, reply: Any) -> None:
+        """A log or progress write needs no answer: one refused (the run lost the instance)
+        changes nothing; an error is only logged, the run goes on."""
+        if isinstance(reply, Exception):
+            log.warning("nbflow: logs or progress of %s not stored: %r", self.iid, reply)
+
     def _send_start(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Queues a step attempt's start, with the last step's result when one is
         pending (one ``step_next`` script call)."""
         assert self.batch is not None
+        if self.log.fields or self.board is not None:
+            self._send_side()
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
         start = [*self._own(), key, entry, name, hist]
         if self._pending is None:
@@ -645,6 +723,8 @@ class Run:
         """Sends a result written behind on its own (the next call is no step start)."""
         if self._pending is not None:
             assert self.batch is not None
+            if self.log.fields or self.board is not None:
+                self._send_side()
             args = [self.backend.prefix, *self._pending]
             self._pending = None
             self.batch.send("step_finish", args, self._on_write)
@@ -738,6 +818,7 @@ class Run:
                     caught.append(exc)
                     raise
 
+            sink = capture.enter(self.log, None)  # what run() itself writes
             try:
                 ending = self._outcome(body)
                 ending = run_blocking(self._roll_back(step, ending, caught))
@@ -749,11 +830,14 @@ class Run:
                 except (Suspend, redis.RedisError):
                     pass  # Redis is away: the lease (or the orphan sweep) takes it back
                 raise
+            finally:
+                capture.leave(sink)
         return run_blocking(self._end(*ending))
 
     async def execute_async(self) -> str:
         """Runs an ``async def run`` on the shared loop; its writes go through the batch."""
         _current_run.set(self)
+        capture.enter(self.log, None)  # what run() itself writes (this task's context)
         self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         holder: dict[str, Any] = {}
         step = WorkflowStep(self)
@@ -818,6 +902,10 @@ class Run:
         ending = self._ending(status, value)
         if ending is None:
             return self.reason
+        if self.log.partial:
+            self.log.close()
+        if self.log.fields or self.board is not None:
+            self._send_side()  # ahead of the ending, while the run still owns the instance
         try:
             # replies come in order: when this one is in, so are the earlier writes'
             res = await self._reply(*ending)

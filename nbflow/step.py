@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
-from nbflow import callbacks, codec, errors, fingerprint, records
+from nbflow import callbacks, capture, codec, errors, fingerprint, records
 from nbflow.compose import ComposeRun, ComposeSteps, rollback_config
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
@@ -86,6 +86,8 @@ class StepRun(ComposeRun, Protocol):
     positions: dict[int, tuple[str, str]] | None
     #: the workflow class the run runs (its callbacks are named relative to it)
     cls: type | None
+    #: where what the callbacks print or log goes (``nbflow.capture``)
+    log: capture.RunLog
 
     def next_index(self) -> int: ...
 
@@ -112,6 +114,8 @@ class StepRun(ComposeRun, Protocol):
     def step_begins(self) -> None: ...
 
     def step_done(self) -> None: ...
+
+    def report_progress(self, key: str, fraction: float | None, message: str | None) -> None: ...
 
 
 class _Overran(Exception):
@@ -408,14 +412,18 @@ class _StepBase(ComposeSteps):
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
             try:
-                if blocking:
-                    result = self._call_blocking(callback, ctx, cfg)
-                else:
-                    inside = _in_callback.set(True)  # (see _Step: nested steps)
-                    try:
-                        result = await self._call_async(st, callback, ctx, cfg, is_async)
-                    finally:
-                        _in_callback.reset(inside)
+                sink = capture.enter(self._run.log, st.key)  # what the callback writes
+                try:
+                    if blocking:
+                        result = self._call_blocking(callback, ctx, cfg)
+                    else:
+                        inside = _in_callback.set(True)  # (see _Step: nested steps)
+                        try:
+                            result = await self._call_async(st, callback, ctx, cfg, is_async)
+                        finally:
+                            _in_callback.reset(inside)
+                finally:
+                    capture.leave(sink)
                 # inside the attempt: an artifact that cannot be written (a full disk)
                 # fails the attempt, and the step's retries apply
                 stored = self._encode(st, result, attempt, t0)
@@ -687,7 +695,14 @@ class _StepBase(ComposeSteps):
     ) -> StepContext | None:
         if not callbacks.wants_context(callback):
             return None
-        return StepContext(name=st.name, count=st.count, attempt=attempt, config=cfg.as_dict())
+        return StepContext(
+            name=st.name,
+            count=st.count,
+            attempt=attempt,
+            config=cfg.as_dict(),
+            _run=self._run,
+            _key=st.key,
+        )
 
     def _timeout_error(self, st: _Step, attempt: int, cfg: StepConfig) -> errors.StepTimeoutError:
         return errors.StepTimeoutError(

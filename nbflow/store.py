@@ -21,6 +21,14 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
     {p}:{id}:children     hash  child instance id -> the parent's step key that started it
                                 (``step.run_workflow``: termination cascades, restarts reset)
+    {p}:{id}:logs         hash  what the workflow's code printed or logged (SPEC 8.3): step
+                                key -> its lines, one JSON object a line ({"t","s","l"}),
+                                bounded (a first line {"dropped":N} counts what was cut);
+                                "#n" -> lines ``run`` wrote between steps after reaching the
+                                step of order n (``records.log_rows`` reads them)
+    {p}:{id}:progress     hash  step key -> its last reported progress (SPEC 8.4,
+                                ``records.progress_json``); "@last" -> the newest of them
+                                with its step key "k" (what a status card shows)
     {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``):
                           its final status, then a space and the output or error JSON
                           when that is at most 4 KB
@@ -75,6 +83,8 @@ match and a step without one pays nothing), the ``output`` field, or an event's
 ``payload``.  The scripts that write or drop references count them in the two
 hashes above and return the URLs no reference names any more; the caller deletes
 those files after the script (Redis state first, files after).
+    {p}:stepcount         hash  workflow name -> steps done by its last completed instance
+                                (what a running one shows as "3/7 steps")
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -126,6 +136,7 @@ class Keys:
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
         self.schedules = f"{prefix}:schedules"
+        self.stepcount = f"{prefix}:stepcount"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -188,6 +199,12 @@ class Keys:
     def instance_artifacts(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:artifacts"
 
+    def logs(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:logs"
+
+    def progress(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:progress"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -197,6 +214,8 @@ local function k_state(id) return P .. ':' .. id .. ':state' end
 local function k_steps(id) return P .. ':' .. id .. ':steps' end
 local function k_meta(id) return P .. ':' .. id .. ':metadata' end
 local function k_hist(id) return P .. ':' .. id .. ':history' end
+local function k_logs(id) return P .. ':' .. id .. ':logs' end
+local function k_prog(id) return P .. ':' .. id .. ':progress' end
 local function hist(id, now, ev, extra)
   local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
   if extra and extra ~= '' then e = e .. ',' .. extra end
@@ -776,6 +795,10 @@ local function finish_run(o)
   if outcome == 'complete' then
     redis.call('HSET', st, 'output', value)
     ref_add(id, value_ref(value))
+    local wf = redis.call('HGET', k_meta(id), 'workflowName')
+    if wf then
+      redis.call('HSET', P .. ':stepcount', wf, redis.call('HGET', st, 'stepsDone') or 0)
+    end
   else
     redis.call('HSET', st, 'error', value)
   end
@@ -1122,12 +1145,13 @@ local sk = k_steps(id)
 local done = 0
 local gone = {}
 local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
+local lk, pk = k_logs(id), k_prog(id)
 if from_key == '' then
   if arts then
     local all = redis.call('HVALS', sk)
     for i = 1, #all do ref_drop(id, entry_ref(all[i]), gone) end
   end
-  redis.call('DEL', sk)
+  redis.call('DEL', sk, lk, pk)
 else
   local target = redis.call('HGET', sk, from_key)
   if not target then return {'nostep', from_key} end
@@ -1139,9 +1163,16 @@ else
     if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
       if arts then ref_drop(id, entry_ref(all[i + 1]), gone) end
       redis.call('HDEL', sk, all[i])
+      redis.call('HDEL', lk, all[i])
+      redis.call('HDEL', pk, all[i], '@last')
     elseif s == 'complete' then
       done = done + 1
     end
+  end
+  -- what run() wrote between steps after the cut is written again by the new run
+  for _, f in ipairs(redis.call('HKEYS', lk)) do
+    local at = string.match(f, '^#(%-?%d+)$')
+    if at and tonumber(at) >= cut then redis.call('HDEL', lk, f) end
   end
 end
 if arts then ref_drop(id, value_ref(redis.call('HGET', st, 'output')), gone) end
@@ -1182,7 +1213,8 @@ for _, id in ipairs(ids) do
   for _, t in ipairs(redis.call('SMEMBERS', types)) do
     redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
   end
-  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, P .. ':' .. id .. ':children')
+  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, k_logs(id), k_prog(id),
+             P .. ':' .. id .. ':children')
   redis.call('ZREM', P .. ':expiry', id)
   if wf then redis.call('ZREM', P .. ':ready:' .. wf, id) end
 end
@@ -1275,6 +1307,69 @@ redis.call('HSET', k_state(ARGV[2]), 'rollback', ARGV[6])
 return 'ok'
 """
 
+# ARGV: prefix, id, token, limit (bytes per field), then field, dropped, lines triples
+# (``nbflow.capture.RunLog.take``).  Appends a run's captured lines to the instance's log,
+# each field kept to `limit` bytes: the oldest lines go, and a first line
+# {"dropped":N} counts them.  Sent in the same pipelined write as the step record it
+# goes with; a run that no longer owns the instance appends nothing.
+_LOG_APPEND = r"""
+local id, token, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local lk = k_logs(id)
+for i = 5, #ARGV, 3 do
+  local field, dropped, body = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local cur = redis.call('HGET', lk, field)
+  if cur then
+    local n = string.match(cur, '^{"dropped":(%d+)}')
+    if n then
+      dropped = dropped + tonumber(n)
+      local nl = string.find(cur, '\n', 1, true)
+      cur = nl and string.sub(cur, nl + 1) or ''
+    end
+    if cur ~= '' then body = cur .. '\n' .. body end
+  end
+  if #body > limit then
+    -- cut whole lines from the front: up to the first newline past the excess
+    local nl = string.find(body, '\n', #body - limit, true)
+    if nl then
+      local _, cut = string.gsub(string.sub(body, 1, nl), '\n', '')
+      dropped = dropped + cut
+      body = string.sub(body, nl + 1)
+    end
+  end
+  if dropped > 0 then body = '{"dropped":' .. dropped .. '}\n' .. body end
+  redis.call('HSET', lk, field, body)
+end
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, then key, seq, progress JSON triples.  Stores the steps'
+# latest progress (SPEC 8.4); a value older (by seq) than the stored one is ignored,
+# since the worker's background flusher and the run's own writes use two connections.
+_PROGRESS = r"""
+local id, token = ARGV[2], ARGV[3]
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local pk = k_prog(id)
+local last = redis.call('HGET', pk, '@last')
+local top = last and tonumber(string.match(last, '^{"q":(%d+)')) or -1
+local newest
+for i = 4, #ARGV, 3 do
+  local cur = redis.call('HGET', pk, ARGV[i])
+  local q, seq = cur and tonumber(string.match(cur, '^{"q":(%d+)')), tonumber(ARGV[i + 1])
+  if not q or q < seq then
+    redis.call('HSET', pk, ARGV[i], ARGV[i + 2])
+    if seq > top then top, newest = seq, i end
+  end
+end
+if newest then  -- what a card shows: the newest report, with its step key
+  local v = string.sub(ARGV[newest + 2], 1, -2) .. ',"k":' .. cjson.encode(ARGV[newest]) .. '}'
+  redis.call('HSET', pk, '@last', v)
+end
+return 'ok'
+"""
+
 _SOURCES = {
     "create": _CREATE,
     "create_opts": _CREATE_OPTS,
@@ -1307,6 +1402,8 @@ _SOURCES = {
     "purge": _PURGE,
     "start_child": _START_CHILD,
     "rollback_report": _ROLLBACK_REPORT,
+    "log_append": _LOG_APPEND,
+    "progress": _PROGRESS,
 }
 
 

@@ -16,6 +16,10 @@ the housekeeping every worker does beside it.  A worker is given an engine's
   advances and promises that no new step of them starts.
 * ``ThreadWorker`` is the in-process worker behind ``engine.start_worker()``;
   ``run_foreground`` is ``engine.run_worker()``; ``serve`` is ``nbflow worker``.
+
+Every worker installs ``nbflow.capture`` when it starts (and each job checks it again),
+so what workflow code prints or logs lands in its instance's log, never in a notebook
+cell or the worker's console.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
-from nbflow import runner, schedules
+from nbflow import capture, runner, schedules
 from nbflow.backend import JOB_FUNCTION, Backend
 from nbflow.handshake import StopListener
 from nbflow.routing import Routes, hand_back
@@ -139,6 +143,8 @@ class NbflowWorker(SimpleWorker):
         """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
         self.bootstrap(logging_level)
         self._install_signal_handlers()
+        # what workflow code prints or logs goes to its instance's log, not to a cell
+        capture.install()
         listener = self.listener = StopListener(self.backend)
         listener.start()
         slice_s = 0.2 if self.in_thread else 1.0

@@ -38,6 +38,8 @@ STEP_COLUMNS = [
     "output",
     "error",
     "stale",
+    "progress",  # SPEC 8.4
+    "message",
 ]
 
 

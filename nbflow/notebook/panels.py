@@ -21,12 +21,28 @@ from typing import Any
 import ipywidgets  # type: ignore[import-untyped]  # ships no type hints
 import pandas as pd
 
-from nbflow.notebook.display import status_badge, step_label, value_html, value_summary
+from nbflow.notebook.display import (
+    progress_bar,
+    status_badge,
+    step_label,
+    value_html,
+    value_summary,
+)
 
 __all__ = ["Controls", "InstanceTable", "Quiet", "StepView", "age_text"]
 
 TABLE_COLUMNS = ["id", "workflow", "status", "current_step", "steps_done", "age"]
-STEP_COLUMNS = ["step", "kind", "count", "status", "attempts", "duration_s", "output", "error"]
+STEP_COLUMNS = [
+    "step",
+    "kind",
+    "count",
+    "status",
+    "attempts",
+    "duration_s",
+    "progress",
+    "output",
+    "error",
+]
 ERROR_COLOUR = "#dc3545"
 
 
@@ -153,7 +169,16 @@ def steps_html(iid: str, steps: pd.DataFrame | None) -> str:
         for v, s in zip(steps["output"], steps["status"], strict=True)
     ]
     shown["error"] = [_error_line(e) for e in steps["error"]]
-    return title + shown.to_html(index=False, border=0, na_rep="–")
+    # every cell escaped here, so the progress bars (HTML) can go in unescaped
+    for column in shown.columns:
+        if column != "progress":
+            shown[column] = [_cell(v) if v != "" else "" for v in shown[column]]
+    messages = steps["message"] if "message" in steps else [None] * len(steps)
+    shown["progress"] = [
+        "–" if p is None or pd.isna(p) else progress_bar(p, m or "", width=60)
+        for p, m in zip(steps["progress"], messages, strict=True)
+    ]
+    return title + shown.to_html(index=False, border=0, escape=False)
 
 
 def output_html(key: str, row: Any) -> str:
