@@ -64,3 +64,31 @@ class FanOut(WorkflowEntrypoint[Any, P]):
     async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
         calls = (step.run_workflow("leaf", "Leaf", {"x": i}) for i in range(event.payload["n"]))
         return sum(await asyncio.gather(*calls))
+
+
+_ENTER = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+return n
+"""
+_clients: dict[str, Any] = {}
+
+
+class Limited(WorkflowEntrypoint[Any, P]):
+    """One step that holds for ``payload["ms"]`` and counts, in Redis, how many
+    instances are inside it at once (``{fx}:cur``, maximum ``{fx}:max``): the
+    instance of the limits benchmark (``limits.py``)."""
+
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
+        import redis
+
+        p = event.payload
+        r = _clients.get(p["url"]) or _clients.setdefault(p["url"], redis.Redis.from_url(p["url"]))
+
+        async def work() -> int:
+            r.eval(_ENTER, 2, p["fx"] + ":cur", p["fx"] + ":max")
+            await asyncio.sleep(p["ms"] / 1000)
+            r.decr(p["fx"] + ":cur")
+            return 1
+
+        return await step.do("work", work)

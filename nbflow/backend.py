@@ -69,21 +69,40 @@ class Backend:
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.redis, serializer=JSONSerializer, default_timeout=-1)
 
-    def queue_for(self, workflow: str) -> Queue:
+    def queue_for(self, workflow: str, priority: int = 5) -> Queue:
         """The RQ queue of ``workflow``'s instances: ``{queue}:{workflow}``.
 
         One queue per workflow is what routes an instance to a worker that can run
         it: a worker listens only to the queues of the workflows it has registered
         (``nbflow.routing``), so nothing of another workflow ever reaches it, and
         ``rq info`` lists each workflow's backlog.  (Workflow names have no ``:``.)
+
+        ``priority`` (spec 10.2, ``nbflow.limits``): new instances of priority 5 (the
+        default) and every woken or re-queued one go on ``{queue}:{workflow}``; new
+        ones of another priority on ``{queue}:{workflow}:p{n}``.  Workers BLPOP them in
+        priority order (``queue_keys``), and BLPOP serves the first non-empty key.
         """
-        q = self._queues.get(workflow)
+        name = workflow if priority == 5 else f"{workflow}:p{priority}"
+        q = self._queues.get(name)
         if q is None:
-            q = self._queues[workflow] = self._queue(f"{self.queue_name}:{workflow}")
+            q = self._queues[name] = self._queue(f"{self.queue_name}:{name}")
         return q
 
+    def queue_keys(self, workflow: str) -> list[str]:
+        """The keys a worker BLPOPs for ``workflow``, first served first: its ``go``
+        list (held instances whose slot freed), then its RQ queues by priority."""
+        return [
+            self.keys.go(workflow),
+            *(self.queue_for(workflow, n).key for n in range(10)),
+        ]
+
     def enqueue(
-        self, ids: Sequence[str], workflow: str, at_front: bool = False, pipe: Any = None
+        self,
+        ids: Sequence[str],
+        workflow: str,
+        at_front: bool = False,
+        pipe: Any = None,
+        priority: int = 5,
     ) -> None:
         """One RQ job that advances ``ids`` (all of ``workflow``), on that workflow's
         queue; inside ``pipe`` when given (atomic with it).  An instance whose stored
@@ -94,11 +113,11 @@ class Backend:
         request key of its own): a resend after a lost reply pushes no second job."""
         if pipe is None:
             self.scripts.push_jobs(
-                lambda p: self.enqueue(ids, workflow, at_front=at_front, pipe=p),
+                lambda p: self.enqueue(ids, workflow, at_front=at_front, pipe=p, priority=priority),
                 self.keys.request(),
             )
             return
-        queue = self.queue_for(workflow) if workflow else self.base_queue
+        queue = self.queue_for(workflow, priority) if workflow else self.base_queue
         queue.enqueue_call(
             JOB_FUNCTION,
             args=(self.prefix, list(ids)),

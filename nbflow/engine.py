@@ -35,6 +35,15 @@ from nbflow.errors import (
 )
 from nbflow.fingerprint import class_version, stale_steps
 from nbflow.fork import fork as fork_instance
+from nbflow.limits import (
+    DEFAULT_PRIORITY,
+    OptionTypeError,
+    StartOptions,
+    check_limits,
+    check_start,
+    read_limits,
+    store_limits,
+)
 from nbflow.records import (
     FINAL_STATUSES,
     INSTANCE_COLUMNS,
@@ -69,6 +78,9 @@ W = TypeVar("W", bound=WorkflowEntrypoint[Any, Any])
 DEFAULT_MAX_STEP_BYTES = 16 * 1024 * 1024
 #: create_batch writes this many instances per MULTI/EXEC.
 BATCH_CHUNK = 500
+#: what a ``create_batch`` item may hold (spec 10.2 adds the flow-control options)
+_BATCH_ORDER = ("id", "params", "priority", "concurrency_key", "start_at", "delay")
+_BATCH_KEYS = frozenset(_BATCH_ORDER)
 #: Instances per RQ job, at most: a job's runs advance together with their Redis
 #: calls grouped (fewer round trips, so bigger is cheaper); a batch of 50 or more is
 #: still cut into at least two jobs (of 25 or more) so two workers can share it.
@@ -222,12 +234,28 @@ class Engine:
 
     # -- workflows ----------------------------------------------------------------
 
-    def register(self, cls: type[W], name: str | None = None) -> Workflow[W]:
+    def register(
+        self,
+        cls: type[W],
+        name: str | None = None,
+        *,
+        concurrency: int | None = None,
+        rate_limit: Mapping[str, Any] | None = None,
+    ) -> Workflow[W]:
         """Make ``cls`` runnable under ``name`` (default: the class name).
 
         Registering a name again replaces the class, so re-running a notebook cell
         that redefines a workflow uses the new definition for new runs.
+
+        ``concurrency``: at most that many instances running at once, across every
+        worker; ``rate_limit={"limit": 50, "period": "1 minute"}``: at most 50 starts
+        per period; both count per ``concurrency_key`` of ``create`` when given
+        (spec 10.2, ``nbflow.limits``).  They are stored in Redis, so they bind every
+        worker and engine, also those that register the class without limits:
+        registering without limits leaves the stored ones; registering with either
+        replaces both (``Workflow.set_limits()`` with no arguments removes them).
         """
+        conc, rate = check_limits(concurrency, rate_limit)
         if not isinstance(cls, type) or not callable(getattr(cls, "run", None)):
             raise TypeError(
                 f"register() takes a WorkflowEntrypoint subclass with a run(event, step) "
@@ -242,6 +270,8 @@ class Engine:
                 "(not starting with '-'), at most 100 characters"
             ) from None
         class_version(cls)  # a bad ``version`` attribute fails here, not at create
+        if conc is not None or rate is not None:
+            store_limits(self.backend, wf_name, conc, rate)
         self.backend.classes[wf_name] = cls
         return Workflow(self, wf_name)
 
@@ -579,34 +609,77 @@ class Workflow(Generic[W]):
             )
         return iid, payload
 
-    def _write(self, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+    def _write(
+        self, pairs: Sequence[tuple[str, str]], opts: Sequence[StartOptions] | None = None
+    ) -> list[bool]:
         engine = self.engine
         now, now_iso = _now()
         retention = "" if engine.retention is None else f"{engine.retention:.6f}"
         cls = engine.backend.classes.get(self.name)
         version = "" if cls is None else class_version(cls)
         args = [engine.prefix, now, now_iso, self.name, retention, version]
-        for iid, payload in pairs:
+        if opts is not None and all(o.default for o in opts):
+            opts = None
+        script = "create" if opts is None else "create_opts"
+        # new instances to enqueue, per priority (delayed ones get none: wake_due queues them)
+        by_priority: dict[int, list[str]] = {}
+        for n, (iid, payload) in enumerate(pairs):
             args += [iid, payload]
-        ids = [iid for iid, _ in pairs]
-
-        size = min(JOB_SIZE, max(MIN_JOB_SIZE, -(-len(ids) // 2)))
+            if opts is None:
+                by_priority.setdefault(DEFAULT_PRIORITY, []).append(iid)
+                continue
+            args += opts[n].fields()
+            if opts[n].start_at is None:
+                by_priority.setdefault(opts[n].priority, []).append(iid)
 
         def jobs(pipe: Any) -> None:
-            for start in range(0, len(ids), size):
-                engine.backend.enqueue(ids[start : start + size], self.name, pipe=pipe)
+            for priority, ids in by_priority.items():
+                size = min(JOB_SIZE, max(MIN_JOB_SIZE, -(-len(ids) // 2)))
+                for start in range(0, len(ids), size):
+                    engine.backend.enqueue(
+                        ids[start : start + size], self.name, pipe=pipe, priority=priority
+                    )
 
         once = engine.keys.request()  # a resent transaction answers as the first one
-        flags = engine.backend.scripts.execute([("create", args)], jobs, once=once)[0]
+        flags = engine.backend.scripts.execute([(script, args)], jobs, once=once)[0]
         return [bool(f) for f in flags]
 
-    def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
+    def set_limits(
+        self, concurrency: int | None = None, rate_limit: Mapping[str, Any] | None = None
+    ) -> None:
+        """Replaces this workflow's stored limits (spec 10.2); with no arguments it
+        removes them.  Held instances the new limits allow start at once."""
+        conc, rate = check_limits(concurrency, rate_limit)
+        store_limits(self.engine.backend, self.name, conc, rate)
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        """The limits stored for this workflow: ``{"concurrency": n or None,
+        "rate_limit": {"limit": n, "period": seconds} or None}``."""
+        return read_limits(self.engine.backend, self.name)
+
+    def create(
+        self,
+        id: str | None = None,
+        params: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        concurrency_key: str | None = None,
+        start_at: datetime | float | None = None,
+        delay: str | float | timedelta | None = None,
+    ) -> WorkflowInstance:
         """Create an instance and queue it to run; ``id`` defaults to a fresh uuid4 hex.
+
+        ``priority`` 0 (first) to 9 (last) orders it among queued instances of its
+        workflow; ``concurrency_key`` makes the workflow's limits count per key;
+        ``start_at`` (an aware datetime or epoch seconds) or ``delay`` (a duration)
+        keeps it ``waiting`` until then, holding no worker (spec 10.2).
 
         Raises ``InstanceExistsError`` if an instance with that id exists.
         """
+        opts = check_start(priority, concurrency_key, start_at, delay)
         iid, payload = self._prepare(id, params)
-        if not self._write([(iid, payload)])[0]:
+        if not self._write([(iid, payload)], [opts])[0]:
             raise InstanceExistsError(f"an instance with id {iid!r} already exists")
         return WorkflowInstance(self.engine, iid, self.name)
 
@@ -618,24 +691,41 @@ class Workflow(Generic[W]):
         result, which keeps input order.  Written in chunks of ``BATCH_CHUNK``.
         """
         pairs: list[tuple[str, str]] = []
+        opts: list[StartOptions] = []
         seen: set[str] = set()
+        now = time.time()
         for n, item in enumerate(items):
             if not isinstance(item, Mapping):
                 raise TypeError(f"create_batch item {n} must be a dict with 'id' and/or 'params'")
-            extra = set(item) - {"id", "params"}
+            extra = set(item) - _BATCH_KEYS
             if extra:
                 raise ValueError(
-                    f"create_batch item {n} has unknown key(s) {sorted(extra)}; allowed: id, params"
+                    f"create_batch item {n} has unknown key(s) {sorted(extra)}; allowed: "
+                    + ", ".join(sorted(_BATCH_KEYS, key=_BATCH_ORDER.index))
                 )
+            try:
+                opt = check_start(
+                    item.get("priority", DEFAULT_PRIORITY),
+                    item.get("concurrency_key"),
+                    item.get("start_at"),
+                    item.get("delay"),
+                    now,
+                )
+            except OptionTypeError as exc:
+                raise OptionTypeError(f"create_batch item {n}: {exc}") from None
+            except ValueError as exc:
+                raise ValueError(f"create_batch item {n}: {exc}") from None
             iid, payload = self._prepare(item.get("id"), item.get("params"))
             if iid in seen:
                 raise ValueError(f"create_batch: id {iid!r} appears more than once in the batch")
             seen.add(iid)
             pairs.append((iid, payload))
+            opts.append(opt)
         created: list[WorkflowInstance] = []
         for start in range(0, len(pairs), BATCH_CHUNK):
             chunk = pairs[start : start + BATCH_CHUNK]
-            for (iid, _), ok in zip(chunk, self._write(chunk), strict=True):
+            written = self._write(chunk, opts[start : start + BATCH_CHUNK])
+            for (iid, _), ok in zip(chunk, written, strict=True):
                 if ok:
                     created.append(WorkflowInstance(self.engine, iid, self.name))
         return created

@@ -58,6 +58,8 @@ class Routes:
         self.workflows: list[str] = []
         self.queues: list[Queue] = [backend.base_queue]
         self.keys: list[str] = [backend.base_queue.key]
+        self.groups: list[list[str]] = []
+        self.go_keys: set[str] = set()
         self._known = -1
         self.closed = False  # withdrawn: the worker takes nothing more
 
@@ -72,16 +74,28 @@ class Routes:
             return False
         self.workflows = names
         self.queues = [*(self.backend.queue_for(wf) for wf in names), self.backend.base_queue]
-        self.keys = [q.key for q in self.queues]
+        #: per workflow, its keys in the order BLPOP serves them (``Backend.queue_keys``:
+        #: admitted held instances, then priorities 0 to 9)
+        self.groups = [self.backend.queue_keys(wf) for wf in names]
+        self._flatten()
         return True
 
+    def _flatten(self) -> None:
+        self.keys = [k for group in self.groups for k in group] + [self.backend.base_queue.key]
+        self.go_keys = {group[0] for group in self.groups}
+
     def rotate(self, key: Any) -> None:
-        """Puts the queue a job just came from last, so that a busy workflow does not
-        starve the others (BLPOP serves the first non-empty key it is given)."""
+        """Puts the workflow a job just came from last, so that a busy workflow does not
+        starve the others (BLPOP serves the first non-empty key it is given); its own
+        keys keep their priority order."""
         name = key.decode() if isinstance(key, bytes) else str(key)
-        if len(self.keys) > 2 and name in self.keys:
-            i = self.keys.index(name)
-            self.keys = self.keys[i + 1 :] + self.keys[: i + 1]
+        if len(self.groups) < 2:
+            return
+        for i, group in enumerate(self.groups):
+            if name in group:
+                self.groups = self.groups[i + 1 :] + self.groups[: i + 1]
+                self._flatten()
+                return
 
     def describe(self) -> str:
         return ", ".join(q.name for q in self.queues)

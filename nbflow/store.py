@@ -37,6 +37,17 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:ready:{wf}        zset  queued instances of workflow wf -> time queued (finds lost
                                 dispatches: see ``orphans``; one per workflow because each
                                 workflow has its own RQ queue, ``nbflow.routing``)
+    {p}:limits:{wf}       hash  concurrency, rate, period (seconds): a workflow's limits,
+                                as last registered with some (spec 10.2, ``nbflow.limits``)
+    {p}:running:{scope}   set   instances holding a slot of scope (a workflow, or
+                                "wf:key" with a concurrency key); state field ``slot``
+    {p}:held:{scope}      zset  queued instances over a limit -> priority * 1e10 + time
+                                held (started ones 10 priorities ahead); state ``held``
+    {p}:starts:{scope}    zset  starts within the rate window (expires by itself)
+    {p}:heldscopes        set   scopes with held instances (the sweep looks at them)
+    {p}:ratewake          zset  scope -> when its rate window frees a start (wake_due)
+    {p}:go:{wf}           list  held instances admitted when a slot freed (state ``pass``:
+                                their slot is reserved); workers BLPOP it first
     {p}:serving:{wf}      zset  workers that run workflow wf -> epoch until which their
                                 claim holds (renewed by their heartbeat, removed when they
                                 stop): what ``info()["waiting_for"]`` reads
@@ -184,6 +195,14 @@ class Keys:
     def events(self, iid: str, event_type: str) -> str:
         return f"{self.prefix}:{iid}:events:{event_type}"
 
+    def limits(self, workflow: str) -> str:
+        """The stored limits of a workflow (spec 10.2): concurrency, rate, period."""
+        return f"{self.prefix}:limits:{workflow}"
+
+    def go(self, workflow: str) -> str:
+        """Held instances admitted when a slot freed, for workers to BLPOP (ids)."""
+        return f"{self.prefix}:go:{workflow}"
+
     def ready(self, workflow: str) -> str:
         return f"{self.prefix}:ready:{workflow}"
 
@@ -275,9 +294,119 @@ local function set_status(id, new, now_iso, created)
   redis.call('HSET', st, 'status', new, 'updatedAt', now_iso)
   if new ~= 'waitingForPause' then redis.call('HDEL', st, 'hardStop') end
 end
+-- Limits (spec 10.2, ``nbflow.limits``).  A workflow registered with limits has
+-- {p}:limits:{wf}; its instances count per scope: the workflow, or "wf:key" with a
+-- concurrency key.  An instance holding a slot is in {p}:running:{scope} and has
+-- `slot` in its state; one over a limit waits, still queued, in {p}:held:{scope}
+-- (`held` in its state), ordered by priority then time; `pump` admits held ones
+-- while the limits allow, reserving their slot (`pass`) and pushing them on the
+-- list {p}:go:{wf}, which workers BLPOP before their workflow's RQ queues.
+local function limits_of(wf)
+  return redis.call('HMGET', P .. ':limits:' .. wf, 'concurrency', 'rate', 'period')
+end
+local function scope_wf(scope) return string.match(scope, '^([^:]+)') end
+local function lua_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+-- Takes a slot (and a start of the rate window) for id if the limits allow: true;
+-- else false and, when the rate window is what is full, when it frees.
+local function admit(id, scope, lim, now, rated)
+  local conc, rate = tonumber(lim[1]), tonumber(lim[2])
+  local run = P .. ':running:' .. scope
+  if conc and redis.call('SCARD', run) >= conc then return false, nil end
+  if rate and not rated then
+    local starts = P .. ':starts:' .. scope
+    local period = tonumber(lim[3])
+    redis.call('ZREMRANGEBYSCORE', starts, '-inf', string.format('%.6f', now - period))
+    if redis.call('ZCARD', starts) >= rate then
+      local first = redis.call('ZRANGE', starts, 0, 0, 'WITHSCORES')
+      return false, tonumber(first[2]) + period
+    end
+    redis.call('ZADD', starts, string.format('%.6f', now), id .. '@' .. string.format('%.6f', now))
+    redis.call('PEXPIRE', starts, math.ceil(period * 1000) + 1000)
+    redis.call('HSET', k_state(id), 'rated', '1')
+  end
+  if conc then
+    redis.call('SADD', run, id)
+    redis.call('HSET', k_state(id), 'slot', scope)
+  end
+  return true, nil
+end
+local function rate_wake(scope, due)
+  redis.call('ZADD', P .. ':ratewake', 'LT', string.format('%.6f', due), scope)
+end
+-- Admits held instances of scope, first first, while the limits allow.
+local function pump(scope, lim, now)
+  local held = P .. ':held:' .. scope
+  local wf = scope_wf(scope)
+  while true do
+    local head = redis.call('ZRANGE', held, 0, 0)[1]
+    if not head then
+      redis.call('SREM', P .. ':heldscopes', scope)
+      return
+    end
+    local st = k_state(head)
+    local ok, due = admit(head, scope, lim, now, redis.call('HGET', st, 'rated'))
+    if not ok then
+      if due then rate_wake(scope, due) end
+      return
+    end
+    redis.call('ZREM', held, head)
+    redis.call('HDEL', st, 'held')
+    redis.call('HSET', st, 'pass', '1')
+    redis.call('ZADD', P .. ':ready:' .. wf, string.format('%.6f', now), head)
+    redis.call('RPUSH', P .. ':go:' .. wf, head)
+  end
+end
+-- An instance leaves `running` (or a held/admitted one leaves `queued`): its slot
+-- goes to the next held instance, in this same script.
+local function unlimit(id, slot, held)
+  local st = k_state(id)
+  if held then
+    redis.call('ZREM', P .. ':held:' .. held, id)
+    redis.call('HDEL', st, 'held')
+  end
+  if slot then
+    redis.call('SREM', P .. ':running:' .. slot, id)
+    redis.call('HDEL', st, 'slot', 'pass')
+    pump(slot, limits_of(scope_wf(slot)), lua_now())
+  end
+end
 local function release(id)
-  redis.call('HDEL', k_state(id), 'owner')
+  local st = k_state(id)
+  redis.call('HDEL', st, 'owner')
   redis.call('ZREM', P .. ':leases', id)
+  local lim = redis.call('HMGET', st, 'slot', 'held')
+  if lim[1] or lim[2] then unlimit(id, lim[1], lim[2]) end
+end
+-- The claim of an instance of a workflow with limits: nil when it may start (its
+-- slot taken), 'held' when it waits in its scope's held set (the worker moves on).
+-- An instance that ran before goes ahead of held ones that never started.
+local function limit_claim(id, wf, lim, now, started)
+  local st = k_state(id)
+  local f = redis.call('HMGET', st, 'pass', 'rated')
+  if f[1] then
+    redis.call('HDEL', st, 'pass')
+    return nil
+  end
+  local m = redis.call('HMGET', k_meta(id), 'concurrencyKey', 'priority')
+  local scope = wf
+  if m[1] then scope = wf .. ':' .. m[1] end
+  local held = P .. ':held:' .. scope
+  if redis.call('ZCARD', held) == 0 then
+    local ok, due = admit(id, scope, lim, now, f[2])
+    if ok then return nil end
+    if due then rate_wake(scope, due) end
+  end
+  local prio = tonumber(m[2] or '5')
+  if started then prio = prio - 10 end
+  redis.call('ZADD', held, string.format('%.6f', prio * 1e10 + now), id)
+  redis.call('HSET', st, 'held', scope)
+  redis.call('ZREM', P .. ':ready:' .. wf, id)
+  redis.call('SADD', P .. ':heldscopes', scope)
+  pump(scope, lim, now)
+  return 'held'
 end
 -- The workflow of an instance: its RQ queue and its `ready` zset are named for it.
 local function wf_of(id)
@@ -457,6 +586,70 @@ if made == 0 then return unchanged(out) end
 return out
 """
 
+# ARGV: as create, but groups of five after the version: id, payload, concurrency key
+# ('' = none), priority ('' = 5), start time (epoch, '' = now).  Create with the options
+# of spec 10.2 (``nbflow.limits``): the key and priority go into the metadata; an
+# instance with a start time is `waiting` on {p}:timers until then (no RQ job: the
+# housekeeper's wake_due queues it).  Returns one flag per id, as create.
+_CREATE_OPTS = r"""
+local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local out, made = {}, 0
+for i = 7, #ARGV, 5 do
+  local id, payload, ckey, prio, at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local st = k_state(id)
+  if redis.call('EXISTS', st) == 1 then
+    out[#out + 1] = 0
+  else
+    redis.call('HSET', st, 'createdAt', now_iso)
+    if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
+    local meta = k_meta(id)
+    redis.call('HSET', meta, 'workflowName', wf, 'payload', payload, 'currentStep', '',
+               'version', version)
+    if ckey ~= '' then redis.call('HSET', meta, 'concurrencyKey', ckey) end
+    if prio ~= '' then redis.call('HSET', meta, 'priority', prio) end
+    redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+    if at ~= '' then
+      set_status(id, 'waiting', now_iso, now)
+      redis.call('ZADD', P .. ':timers', at, id)
+      hist(id, now, 'waiting', '"until":' .. at .. ',"start":true')
+    else
+      make_queued(id, now, now_iso, wf)
+    end
+    out[#out + 1] = 1
+    made = made + 1
+  end
+end
+if made == 0 then return unchanged(out) end
+return out
+"""
+
+# ARGV: prefix, workflow, concurrency ('' = none), rate limit ('' = none), period
+# seconds.  Replaces the stored limits of a workflow (none at all: deletes them),
+# then admits held instances the new limits allow, in every scope of the workflow.
+_SET_LIMITS = r"""
+local wf, conc, rate, period = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = P .. ':limits:' .. wf
+redis.call('DEL', key)
+if conc ~= '' then redis.call('HSET', key, 'concurrency', conc) end
+if rate ~= '' then redis.call('HSET', key, 'rate', rate, 'period', period) end
+local lim = limits_of(wf)
+local now = lua_now()
+for _, scope in ipairs(redis.call('SMEMBERS', P .. ':heldscopes')) do
+  if scope_wf(scope) == wf then pump(scope, lim, now) end
+end
+return 1
+"""
+
+# ARGV: prefix, now, limit.  The housekeeper's sweep: admits held instances whose slot
+# is free (a limit raised, a slot freed by a script that had no reply to hand it on).
+_PUMP_HELD = r"""
+local now = tonumber(ARGV[2])
+for _, scope in ipairs(redis.call('SRANDMEMBER', P .. ':heldscopes', tonumber(ARGV[3]))) do
+  pump(scope, limits_of(scope_wf(scope)), now)
+end
+return 1
+"""
+
 # ARGV: prefix, source id, new id, now, now_iso, from_key ('' = every completed step),
 # payload JSON ('' = the source's), retention ('' = keep), version ('' = the source's).
 # A new queued instance of the source's workflow holding copies of the source's
@@ -535,6 +728,12 @@ local out = {'ok', meta[1] or '', meta[2] or '', redis.call('HGET', st, 'created
 local steps = redis.call('HGETALL', k_steps(id))
 for i = 1, #steps do out[#out + 1] = steps[i] end
 if status ~= 'queued' then return out end
+-- limits (spec 10.2): one HMGET for a workflow without them
+local lim = limits_of(out[2])
+if lim[1] or lim[2] then
+  local why = limit_claim(id, out[2], lim, tonumber(now), #steps > 0)
+  if why then return {why} end
+end
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
 redis.call('HDEL', st, 'waitType', 'childDone')
@@ -855,6 +1054,12 @@ for _, id in ipairs(due) do
     corrupt_end(id, 'status', now, now_iso)
   end
 end
+-- held instances whose rate window has freed (spec 10.2): admitted onto {p}:go:{wf}
+local rw = redis.call('ZRANGEBYSCORE', P .. ':ratewake', '-inf', now, 'LIMIT', 0, 100)
+for _, scope in ipairs(rw) do
+  redis.call('ZREM', P .. ':ratewake', scope)
+  pump(scope, limits_of(scope_wf(scope)), tonumber(now))
+end
 if #out == 0 then return unchanged(out) end
 return out
 """
@@ -884,8 +1089,9 @@ if #out == 0 then return unchanged(out) end
 return out
 """
 
-# ARGV: prefix, older_than, now, limit, then workflow, rq queue key pairs.  For each
-# workflow whose RQ queue is empty, its queued instances older than `older_than` have
+# ARGV: prefix, older_than, now, limit, then workflow, rq queue keys pairs (the keys
+# separated by spaces: its RQ queues of every priority and its {p}:go list).  For each
+# workflow whose queues are all empty, its queued instances older than `older_than` have
 # lost their job: hand them out again.  (A workflow whose queue is not empty waits
 # for a worker that has it: its jobs are there.)  Returns id, workflow, ...
 _ORPHANS = r"""
@@ -893,7 +1099,11 @@ local out = {}
 local limit = tonumber(ARGV[4])
 for i = 5, #ARGV, 2 do
   local wf = ARGV[i]
-  if redis.call('LLEN', ARGV[i + 1]) == 0 then
+  local empty = true
+  for qk in string.gmatch(ARGV[i + 1], '%S+') do
+    if empty and redis.call('LLEN', qk) > 0 then empty = false end
+  end
+  if empty then
     local ready = P .. ':ready:' .. wf
     local ids = redis.call('ZRANGEBYSCORE', ready, '-inf', ARGV[2], 'LIMIT', 0, limit)
     for _, id in ipairs(ids) do
@@ -990,6 +1200,7 @@ if not status then return unchanged({'bad', 'unknown'}) end
 local new
 if status == 'queued' or status == 'waiting' then
   new = 'paused'
+  release(id)  -- (a held instance leaves its held set; a reserved slot goes on)
   redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
   redis.call('HDEL', k_state(id), 'waitType')
@@ -1347,6 +1558,7 @@ return reply
 ONCE = frozenset(
     {
         "create",
+        "create_opts",
         "fork",
         "send_event",
         "pause",
@@ -1370,6 +1582,9 @@ def _source(name: str, body: str) -> str:
 
 _SOURCES = {
     "create": _CREATE,
+    "create_opts": _CREATE_OPTS,
+    "set_limits": _SET_LIMITS,
+    "pump_held": _PUMP_HELD,
     "fork": _FORK,
     "note_fingerprint": _NOTE_FINGERPRINT,
     "claim": _CLAIM,

@@ -58,6 +58,7 @@ SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
 ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
 WORKER_HEARTBEAT = 10.0  # seconds between RQ worker-key heartbeats
 EXIT_GRACE = 2.0  # at interpreter exit: how long runs get to hand back by themselves
+ADMITTED_PER_RUN = 50  # held instances admitted by freed slots, run together at most
 
 
 class NbflowWorker(SimpleWorker):
@@ -160,7 +161,7 @@ class NbflowWorker(SimpleWorker):
                     if burst:
                         job_id = None
                         for key in keys:
-                            job_id = self.connection.lpop(key)
+                            job_id = self.connection.lpop(key)  # (key: where it came from)
                             if job_id is not None:
                                 break
                         if job_id is None:
@@ -170,9 +171,15 @@ class NbflowWorker(SimpleWorker):
                         if popped is None:
                             continue
                         self.routes.rotate(popped[0])
-                        job_id = popped[1]
+                        got, job_id = popped
+                        key = got.decode() if isinstance(got, bytes) else str(got)
                     backoff = 0.5
-                    self._run_job(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
+                    source = key
+                    job = job_id.decode() if isinstance(job_id, bytes) else str(job_id)
+                    if source in self.routes.go_keys:
+                        self._run_admitted(source, job)
+                    else:
+                        self._run_job(job)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     # Redis is away (restarting, network cut): wait and try again; the
                     # instances this worker held are taken back by their leases if needed
@@ -191,6 +198,21 @@ class NbflowWorker(SimpleWorker):
             except redis.RedisError:
                 log.warning("nbflow worker: could not register its death (Redis unavailable)")
         return self.jobs_run > 0
+
+    def _run_admitted(self, key: str, first: str) -> None:
+        """Runs held instances that a freed slot admitted (spec 10.2): their ids come
+        on the workflow's ``go`` list rather than in an RQ job; the ones already there
+        are taken along (one more round trip) and run together like a job's ids."""
+        more: Any = self.connection.lpop(key, ADMITTED_PER_RUN - 1) or []
+        ids = [first, *(m.decode() if isinstance(m, bytes) else str(m) for m in more)]
+        try:
+            runner.run_many(self.backend, ids, self.stopping, self.listener)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # the instances stay leased (or queued: the orphan sweep)
+            log.exception("nbflow worker: admitted instances %s failed", ids[:3])
+        finally:
+            self.jobs_run += 1
 
     def _run_job(self, job_id: str) -> None:
         # The job hash is deleted as it is read: its instances' leases, not the job, are
@@ -312,10 +334,12 @@ class Housekeeper(threading.Thread):
         if workflows:
             args = [b.prefix, f"{now - orphan_age:.6f}", f"{now:.6f}", "500"]
             for wf in workflows:
-                args += [wf, b.queue_for(wf).key]
+                args += [wf, " ".join(b.queue_keys(wf))]
             lost = b.scripts.orphans(keys=[b.keys.request()], args=args)
             if lost:
                 found += b.enqueue_routed(lost)
+            # held instances whose slot is free (limits raised, say): spec 10.2
+            b.scripts.pump_held(args=[b.prefix, f"{now:.6f}", 100])
         purged = b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
         if len(purged) > 1:  # artifacts no reference names any more: files after the script
             b.artifacts.delete(purged[1:])
@@ -437,10 +461,12 @@ def _burst(backend: Backend, keeper: Housekeeper, stopping: threading.Event) -> 
 
 def _jobs_waiting(backend: Backend) -> bool:
     """Whether a job waits on a queue this process listens to."""
-    queues = [backend.base_queue, *(backend.queue_for(wf) for wf in sorted(backend.classes))]
+    keys = [backend.base_queue.key]
+    for wf in sorted(backend.classes):
+        keys += backend.queue_keys(wf)
     pipe = backend.redis.pipeline(transaction=False)
-    for q in queues:
-        pipe.llen(q.key)
+    for key in keys:
+        pipe.llen(key)
     return any(pipe.execute())
 
 
