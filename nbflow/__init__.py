@@ -15,6 +15,7 @@ from nbflow.errors import (
     InstanceExistsError,
     InstanceNotFoundError,
     InvalidStateError,
+    NonDeterminismError,
     NonRetryableError,
     RedisUnavailableError,
     StepTimeoutError,
@@ -23,6 +24,7 @@ from nbflow.errors import (
     WorkflowTimeoutError,
 )
 from nbflow.notebook import display as _display  # noqa: F401  (registers the notebook displays)
+from nbflow.schedules import Schedule
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 
 __version__ = "0.1.0"
@@ -44,6 +46,7 @@ __all__ = [
     "Engine",
     "Workflow",
     "WorkflowInstance",
+    "Schedule",
     "WorkflowEntrypoint",
     "WorkflowEvent",
     "WorkflowStep",
@@ -58,6 +61,7 @@ __all__ = [
     "InstanceExistsError",
     "InvalidStateError",
     "WorkflowNotRegisteredError",
+    "NonDeterminismError",
     "RedisUnavailableError",
     "load_ipython_extension",
     "__version__",

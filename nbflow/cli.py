@@ -6,6 +6,7 @@
                   [--processes N] [--burst]
     nbflow list [--status S] [--workflow NAME] [--limit N]
     nbflow status ID
+    nbflow schedules [--redis URL] [--prefix P]
     nbflow demo
     nbflow server start|stop|status
 """
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show one instance and its steps")
     _engine_args(st)
     st.add_argument("id")
+
+    sc = sub.add_parser("schedules", help="list the cron schedules (engine.schedule)")
+    _engine_args(sc)
 
     sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
 
@@ -182,6 +186,28 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedules(args: argparse.Namespace) -> int:
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    df = engine.schedules()
+    if df.empty:
+        print("no schedules")
+        return 0
+    shown = df[
+        ["name", "workflow", "cron", "timezone", "overlap", "paused", "next_run", "last_instance"]
+    ].copy()
+    shown["next_run"] = [_utc_text(t) for t in shown["next_run"]]
+    shown["last_instance"] = shown["last_instance"].fillna("-")
+    print(shown.to_string(index=False))
+    return 0
+
+
+def _utc_text(stamp: Any) -> str:
+    """A schedule's next run for the table: ISO 8601 UTC to the second, '-' when paused."""
+    if stamp is None or stamp != stamp:  # None or NaT
+        return "-"
+    return str(stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from nbflow.demo import DemoOrder
 
@@ -268,6 +294,7 @@ _COMMANDS = {
     "worker": _worker,
     "list": _list,
     "status": _status,
+    "schedules": _schedules,
     "demo": _demo,
     "server": _server,
 }

@@ -20,6 +20,7 @@ import pandas as pd
 import redis as redis_lib
 
 from nbflow import codec, handshake, reprs, server
+from nbflow import schedules as _schedules
 from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
@@ -30,6 +31,8 @@ from nbflow.errors import (
     WorkflowNotRegisteredError,
     rebuild_error,
 )
+from nbflow.fingerprint import class_version, stale_steps
+from nbflow.fork import fork as fork_instance
 from nbflow.records import (
     FINAL_STATUSES,
     INSTANCE_COLUMNS,
@@ -46,6 +49,7 @@ from nbflow.records import (
     text,
     text_or_none,
 )
+from nbflow.schedules import Schedule
 from nbflow.store import Keys, clock
 from nbflow.validate import check_event_type, check_instance_id
 from nbflow.worker import ThreadWorker, run_foreground
@@ -194,6 +198,7 @@ class Engine:
                 f"invalid workflow name {wf_name!r}: use letters, digits, '_' and '-' "
                 "(not starting with '-'), at most 100 characters"
             ) from None
+        class_version(cls)  # a bad ``version`` attribute fails here, not at create
         self.backend.classes[wf_name] = cls
         return Workflow(self, wf_name)
 
@@ -227,7 +232,7 @@ class Engine:
         """Instances newest first, as a DataFrame (read from indexes, never a key scan).
 
         Columns: id, workflow, status, created_at, updated_at, current_step,
-        steps_done, error.
+        steps_done, error, version (the workflow's code version at creation).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
@@ -271,7 +276,7 @@ class Engine:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
-            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep")
+            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version")
         res = pipe.execute()
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
@@ -286,7 +291,74 @@ class Engine:
                 "current_step": text_or_none(meta[1]) or None,
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
+                "version": text_or_none(meta[2]) or None,
             }
+
+    # -- schedules (nbflow.schedules) ---------------------------------------------
+
+    def schedule(
+        self,
+        workflow: Workflow[Any] | str,
+        cron: str,
+        *,
+        name: str | None = None,
+        params: Any = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+    ) -> Schedule[WorkflowInstance]:
+        """Start ``workflow`` on every tick of ``cron`` (croniter syntax, in ``timezone``).
+
+        Each tick creates one instance, id ``{name}-{tick in UTC as YYYYMMDDTHHMMSS}``,
+        however many engines and workers run; any worker on this prefix fires the
+        ticks.  ``name`` defaults to the workflow's name; calling this again with the
+        same name updates that schedule.  ``overlap="skip"`` skips a tick while the
+        schedule's previous instance is unfinished, ``"allow"`` does not.  Ticks missed
+        while nothing ran are not made up (``Schedule.backfill`` does that on request).
+        Details and the choices made: ``nbflow.schedules``.
+        """
+        if isinstance(workflow, Workflow):
+            if workflow.engine.prefix != self.prefix:
+                raise ValueError(
+                    f"workflow {workflow.name!r} belongs to an engine with prefix "
+                    f"{workflow.engine.prefix!r}, not {self.prefix!r}"
+                )
+            wf_name = workflow.name
+        elif isinstance(workflow, str):
+            wf_name = workflow
+        else:
+            raise TypeError(
+                f"schedule() takes a Workflow or the name of a registered one, not {workflow!r}"
+            )
+        if wf_name not in self.backend.classes:
+            known = ", ".join(sorted(self.backend.classes)) or "none"
+            raise ValueError(
+                f"cannot schedule unknown workflow {wf_name!r}: register it on this engine "
+                f"first (registered: {known})"
+            )
+        return _schedules.put(
+            self.backend,
+            wf_name,
+            cron,
+            self._instance_handle,
+            name=name,
+            params=params,
+            timezone=timezone,
+            overlap=overlap,
+        )
+
+    def get_schedule(self, name: str) -> Schedule[WorkflowInstance]:
+        """The schedule called ``name`` (made by any engine on this prefix); ``LookupError``
+        if there is none."""
+        return _schedules.get(self.backend, name, self._instance_handle)
+
+    def schedules(self) -> pd.DataFrame:
+        """Every schedule, by name: name, workflow, cron, timezone, overlap, paused,
+        next_run, last_run (UTC timestamps), last_instance, and the counters fired,
+        skipped, missed, triggered, backfilled."""
+        return _schedules.listing(self.backend)
+
+    def _instance_handle(self, iid: str, workflow: str) -> WorkflowInstance:
+        return WorkflowInstance(self, iid, workflow)
 
     # -- workers ------------------------------------------------------------------
 
@@ -421,7 +493,9 @@ class Workflow(Generic[W]):
         engine = self.engine
         now, now_iso = _now()
         retention = "" if engine.retention is None else f"{engine.retention:.6f}"
-        args = [engine.prefix, now, now_iso, self.name, retention]
+        cls = engine.backend.classes.get(self.name)
+        version = "" if cls is None else class_version(cls)
+        args = [engine.prefix, now, now_iso, self.name, retention, version]
         for iid, payload in pairs:
             args += [iid, payload]
         ids = [iid for iid, _ in pairs]
@@ -528,8 +602,9 @@ class WorkflowInstance:
         """A cheap summary in one round trip (what listings and live cards show).
 
         Keys: id, workflow, status, current_step, steps_done, created_at,
-        updated_at, and output (when complete) or error (when errored).  Step
-        results are not read, so this stays cheap however large they are.
+        updated_at, version (the workflow's code version recorded at creation), and
+        output (when complete) or error (when errored).  Step results are not read, so
+        this stays cheap however large they are.
         """
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hmget(
@@ -541,8 +616,8 @@ class WorkflowInstance:
             "output",
             "error",
         )
-        pipe.hget(self.engine.keys.metadata(self.id), "currentStep")
-        (status, created, updated, done, output, error), current = pipe.execute()
+        pipe.hmget(self.engine.keys.metadata(self.id), "currentStep", "version")
+        (status, created, updated, done, output, error), (current, version) = pipe.execute()
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
             return {**info, "status": "unknown"}
@@ -552,6 +627,7 @@ class WorkflowInstance:
             steps_done=int(done or 0),
             created_at=pd.Timestamp(text(created)),
             updated_at=pd.Timestamp(text(updated)),
+            version=text_or_none(version) or None,
         )
         ended = instance_status(status, output, error)
         info.update((k, v) for k, v in ended.items() if k != "status")
@@ -675,23 +751,89 @@ class WorkflowInstance:
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""
+        return self._read_steps(None)[0]
+
+    def _read_steps(
+        self, seen_key: str | None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
+        """Step entries in run order, and (same round trip) the fingerprints hash
+        ``seen_key`` (see ``nbflow.store.Keys.fingerprints``)."""
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hgetall(self.engine.keys.steps(self.id))
         pipe.hget(self.engine.keys.state(self.id), "createdAt")
-        raw, created = pipe.execute()
+        if seen_key is not None:
+            pipe.hgetall(seen_key)
+        raw, created, *rest = pipe.execute()
         base = datetime.fromisoformat(text(created)).timestamp() if created else 0.0
         entries = [(text(k), decode_entry(k, v, base)) for k, v in raw.items()]
         entries.sort(key=lambda kv: int(kv[1]["i"]))
-        return entries
+        seen = {text(k): text(v) for k, v in rest[0].items()} if rest else {}
+        return entries, seen
 
     def steps(self) -> pd.DataFrame:
         """One row per step in the order they first started.
 
         Columns: step, kind, count, status, attempts, started_at, finished_at,
-        duration_s, output, error.
+        duration_s, output, error, stale.  ``stale`` is True for a completed step
+        whose callback code (its own and that of the user functions it calls) differs
+        in the class registered on this engine now from when it ran: found from the
+        class's methods and the current globals by name, else from what a run with the
+        current class saw when it passed the step (``nbflow.fingerprint``).  Without
+        the class registered here, or when unknown, it is False.
         """
-        rows = [step_row(key, e) for key, e in self._entries()]
+        cls = self.engine.backend.classes.get(self.workflow)
+        seen_key = None
+        if cls is not None:
+            seen_key = self.engine.keys.fingerprints(self.workflow, class_version(cls))
+        entries, seen = self._read_steps(seen_key)
+        rows = [step_row(key, e) for key, e in entries]
+        for row, stale in zip(rows, stale_steps(cls, entries, seen), strict=True):
+            row["stale"] = stale
         return pd.DataFrame(rows, columns=STEP_COLUMNS)
+
+    def rerun_stale(self) -> None:
+        """Restart from the first stale step (see ``steps()``), keeping the results of
+        the steps before it: after redefining a function a step uses (say ``clean``
+        in a notebook cell), this re-runs that step and everything after it.
+
+        ``ValueError`` naming the instance when no step is stale;
+        ``InstanceNotFoundError`` when there is no such instance.
+        """
+        steps = self.steps()
+        stale = steps[steps["stale"].astype(bool)]
+        if stale.empty:
+            if not self.engine.redis.exists(self.engine.keys.state(self.id)):
+                raise InstanceNotFoundError(
+                    f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+                )
+            raise ValueError(
+                f"instance {self.id!r} has no stale step: every completed step's code is "
+                "what the registered class runs now (redefine a function or the class, "
+                "register it, then rerun_stale)"
+            )
+        first = stale.iloc[0]
+        self.restart(from_step=f"{first['step']}#{int(first['count'])}")
+
+    def fork(
+        self,
+        from_step: str | None = None,
+        *,
+        id: str | None = None,
+        params: Any = None,
+    ) -> WorkflowInstance:
+        """A new queued instance of the same workflow that starts with copies of this
+        one's results of every step that completed before ``from_step`` (``"name"`` or
+        ``"name#3"``; all completed steps when None), so only the steps from there on
+        run (with the code registered now).  ``id``: a fresh uuid4 hex unless given;
+        ``params``: this instance's unless given.  This instance is not changed, whatever
+        its status.
+
+        Raises ``InstanceExistsError`` (the id is taken), ``ValueError`` (a bad id, or a
+        step this instance does not have: the message lists its step keys),
+        ``InstanceNotFoundError`` (no such instance).
+        """
+        new_id = fork_instance(self.engine.backend, self.id, self.workflow, from_step, id, params)
+        return WorkflowInstance(self.engine, new_id, self.workflow)
 
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).

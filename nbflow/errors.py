@@ -12,6 +12,7 @@
           +-- InstanceExistsError           (also a ValueError) ``create`` with an id in use
           +-- InvalidStateError             a lifecycle call that the current status forbids
           +-- WorkflowNotRegisteredError    an instance names a workflow nobody registered
+          +-- NonDeterminismError           a replay asked for another step than the recorded one
           +-- RedisUnavailableError         (also a ConnectionError) no Redis server answered
 
 Bad arguments are plain ``ValueError`` / ``TypeError`` with a message that says
@@ -75,6 +76,14 @@ class InvalidStateError(WorkflowError):
 
 class WorkflowNotRegisteredError(WorkflowError):
     """An instance names a workflow class this engine or worker does not know."""
+
+
+class NonDeterminismError(WorkflowError):
+    """A replay of ``run`` asked for a different step (name or kind) than the one recorded
+    at that position: the code changed under a running instance, or ``run`` depends on
+    something other than its params and step results.  The instance ends ``errored``
+    with it and no stored result is handed to a different step; restart the instance
+    (from that step or earlier) to run the new code."""
 
 
 class RedisUnavailableError(WorkflowError, ConnectionError):
@@ -179,5 +188,6 @@ __all__ = [
     "InstanceExistsError",
     "InvalidStateError",
     "WorkflowNotRegisteredError",
+    "NonDeterminismError",
     "RedisUnavailableError",
 ]

@@ -12,6 +12,10 @@ for ``do`` steps and ``a`` (attempts) when it is 1; ``t0`` is the start time in 
 since the instance's creation (short numbers keep small hashes in Redis's listpack
 encoding), ``d`` the duration, ``u`` the epoch deadline of a wait, ``ty`` the event
 type, ``e`` the error ``{name, message, ...}`` and ``v`` the result (codec JSON).
+``n`` is the step's position in its run's sequence of step calls (0 for the first
+call of ``run``; what the determinism check of a replay compares); a completed ``do``
+step also has ``f``, its callback's fingerprint, and ``q``, the name its callback is
+found by again (``nbflow.fingerprint``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ INSTANCE_COLUMNS = [
     "current_step",
     "steps_done",
     "error",
+    "version",
 ]
 STEP_COLUMNS = [
     "step",
@@ -57,6 +62,7 @@ STEP_COLUMNS = [
     "duration_s",
     "output",
     "error",
+    "stale",
 ]
 
 
@@ -115,6 +121,9 @@ def entry(
     ty: str | None = None,
     err: Mapping[str, Any] | None = None,
     value_json: str | None = None,
+    n: int | None = None,
+    f: str | None = None,
+    q: str | None = None,
 ) -> str:
     """A step entry as compact JSON; ``s`` stays first (see the module docstring).
 
@@ -125,6 +134,8 @@ def entry(
     if kind != "do":
         parts.append(f',"k":"{kind}"')
     parts.append(f',"i":{index}')
+    if n is not None:
+        parts.append(f',"n":{n}')
     if attempts != 1:
         parts.append(f',"a":{attempts}')
     parts.append(f',"t0":{t0 - base:.3f}')
@@ -136,6 +147,10 @@ def entry(
         parts.append(f',"ty":"{ty}"')
     if err is not None:
         parts.append(f',"e":{codec.encode(dict(err))}')
+    if f is not None:
+        parts.append(f',"f":"{f}"')
+    if q is not None:
+        parts.append(f',"q":{codec.encode(q)}' if '"' in q or "\\" in q else f',"q":"{q}"')
     if value_json is not None:
         parts.append(f',"v":{value_json}')
     parts.append("}")
@@ -170,6 +185,7 @@ def step_row(key: str, e: Mapping[str, Any]) -> dict[str, Any]:
         "duration_s": None if d is None else float(d),
         "output": e.get("v"),
         "error": {"name": err["name"], "message": err["message"]} if err else None,
+        "stale": False,  # the engine knows the current code (nbflow.fingerprint)
     }
 
 

@@ -44,6 +44,7 @@ from nbflow.batch import Batch, unreachable
 from nbflow.callbacks import run_blocking
 from nbflow.definition import WorkflowEvent
 from nbflow.errors import FatalRunError, StoreUnavailable, Suspend, error_dict, rebuild_error
+from nbflow.fingerprint import class_version
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 from nbflow.store import LEASE_SECONDS, clock
 
@@ -89,6 +90,10 @@ def _loop() -> asyncio.AbstractEventLoop:
         loop.set_task_factory(_task_factory)
         _loops.loop = loop
     return loop
+
+
+def _ignore(reply: Any) -> None:
+    """The reply of a write nobody waits for (a noted fingerprint)."""
 
 
 def run_job(prefix: str, ids: list[str]) -> None:
@@ -288,6 +293,9 @@ class Run:
         self._refused: str | None = None
         self._write_error: Exception | None = None
         self._stop_seen = 0  # the last stop request a checkpoint found no reason to obey
+        self.calls = 0  # step calls made so far (the determinism check's positions)
+        self.positions: dict[int, tuple[str, str]] | None = None
+        self._noted: set[tuple[str, str]] = set()
 
     def forget(self) -> None:
         """The run is over: no more lease heartbeats or stop requests for it here."""
@@ -370,14 +378,15 @@ class Run:
             self.batch.flush()
 
     async def take_event(
-        self, key: str, event_type: str, index: int, t0: float
+        self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
         self._stop_if_halted()
         self._raise_refused()
         self._flush_pending()
         rel = f"{t0 - self.created_ts:.3f}"
-        args = [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}"]
+        where = "" if pos is None else str(pos)
+        args = [*self._args(), key, event_type, str(index), rel, f"{t0:.6f}", where]
         res = await self._reply("take_event", args)  # replies come in order
         self._raise_refused()
         if isinstance(res, Exception):
@@ -402,6 +411,26 @@ class Run:
         if event_type is not None:
             self.wait_types.add(event_type)
         raise self.halt("wait")
+
+    def parallel(self) -> bool:
+        """Whether another branch of this run (``asyncio.gather``) is under way."""
+        return not self.blocking and not self._alone()
+
+    def note_fingerprint(self, key: str, fingerprint: str) -> None:
+        """A replayed step's callback has another fingerprint now than when the step
+        ran: remembered per workflow and class version (``fingerprints`` key), so that
+        ``steps()`` can say ``stale`` where it cannot find the callback by name.  Sent
+        behind the run's writes without waiting; once per step key and fingerprint
+        per run."""
+        if self.cls is None or (key, fingerprint) in self._noted or self.batch is None:
+            return
+        self._noted.add((key, fingerprint))
+        try:
+            version = class_version(self.cls)
+        except (TypeError, ValueError):
+            return
+        field = self.backend.keys.fingerprints(self.workflow_name, version)
+        self.batch.send("note_fingerprint", [self.backend.prefix, field, key, fingerprint], _ignore)
 
     def note_callback_error(self, exc: BaseException) -> None:
         """A step callback raised ``exc``: if it reaches ``run``'s caller it is the

@@ -27,6 +27,7 @@ they await completes without suspending (sleeps block, calls wait for their repl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -35,7 +36,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
-from nbflow import callbacks, codec, errors, records
+from nbflow import callbacks, codec, errors, fingerprint, records
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
 from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
@@ -44,6 +45,12 @@ from nbflow.validate import StepConfig, check_event_type, check_step_name, resol
 log = logging.getLogger("nbflow")
 
 T = TypeVar("T")
+
+#: Whether the running code is a step callback of an async run (its task's context):
+#: steps it calls are nested steps, which take no position in the run's sequence.
+_in_callback: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nbflow_in_callback", default=False
+)
 
 #: Retry waits up to this long are slept inline; longer ones park the instance
 #: in Redis (status ``waiting``) so the worker is free meanwhile.
@@ -63,6 +70,12 @@ class StepRun(Protocol):
     cache: dict[str, dict[str, Any]]
     #: callbacks started whose outcome is not recorded yet
     callbacks_running: int
+    #: step calls made so far by this run (the next call's position)
+    calls: int
+    #: recorded position -> (step key, kind), built on a replay's first check
+    positions: dict[int, tuple[str, str]] | None
+    #: the workflow class the run runs (its callbacks are named relative to it)
+    cls: type | None
 
     def next_index(self) -> int: ...
 
@@ -75,8 +88,12 @@ class StepRun(Protocol):
     ) -> NoReturn: ...
 
     async def take_event(
-        self, key: str, event_type: str, index: int, t0: float
+        self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None: ...
+
+    def parallel(self) -> bool: ...
+
+    def note_fingerprint(self, key: str, fingerprint: str) -> None: ...
 
     def note_callback_error(self, exc: BaseException) -> None: ...
 
@@ -100,17 +117,89 @@ def _seconds(value: float) -> str:
 
 
 class _Step:
-    """One call of a step method: its key, order, cached entry and config."""
+    """One call of a step method: its key, order, position, cached entry and config.
 
-    __slots__ = ("name", "count", "key", "entry", "index")
+    ``pos`` is the call's position in the run's sequence of step calls; on a replay
+    the call is checked against what was recorded there (``_check_replay``) before
+    any stored result is used.
+    """
 
-    def __init__(self, run: StepRun, name: str) -> None:
+    __slots__ = ("name", "count", "key", "entry", "index", "pos")
+
+    def __init__(self, run: StepRun, name: str, kind: str) -> None:
         self.name = check_step_name(name)
         self.count = run.counts.get(name, 0) + 1
         run.counts[name] = self.count
         self.key = records.make_key(name, self.count)
+        # a step called from inside another step's callback has no position of its own:
+        # a replay that returns the outer step's stored result never calls it
+        if run.callbacks_running > 0 if run.blocking else _in_callback.get():
+            self.pos: int | None = None
+        else:
+            self.pos = run.calls
+            run.calls += 1
         self.entry: dict[str, Any] | None = run.cache.get(self.key)
+        if run.cache:  # a replay (a first run has nothing to compare with)
+            _check_replay(run, self, kind)
         self.index = int(self.entry["i"]) if self.entry else run.next_index()
+
+
+def _describe(key: str, kind: str) -> str:
+    name, count = records.split_key(key)
+    return f"{kind} step {name!r}" + ("" if count == 1 else f" (call {count})")
+
+
+def _check_replay(run: StepRun, st: _Step, kind: str) -> None:
+    """The determinism check: a replayed run must ask for the recorded steps, in the
+    recorded order, with the recorded kinds.  Fails the instance with
+    ``NonDeterminismError`` (no stored result is handed to a different step).
+
+    Order is checked only while the run has one branch going: parallel branches
+    (``asyncio.gather``) reach their steps in an order that depends on timing, so among
+    them only names and kinds count (a step key names one call of one name, so no result
+    goes to another step either way).  A step started but never finished (in flight at
+    a crash) is recorded at its position and runs again normally.
+    """
+    e = st.entry
+    if e is not None:
+        recorded_kind = e.get("k", "do")
+        if recorded_kind != kind:
+            _nondeterministic(
+                st.pos, _describe(st.key, recorded_kind), _describe(st.key, kind), run.iid
+            )
+        n = e.get("n")
+        if n is None or n == st.pos or st.pos is None or run.parallel():
+            return
+    elif st.pos is None or run.parallel():
+        return
+    positions = run.positions
+    if positions is None:
+        positions = run.positions = {
+            int(entry["n"]): (key, entry.get("k", "do"))
+            for key, entry in run.cache.items()
+            if "n" in entry
+        }
+    there = positions.get(st.pos)
+    if there is None:
+        if e is None:
+            return  # nothing recorded here: a new step after the recorded ones
+        _nondeterministic(
+            st.pos,
+            f"{_describe(st.key, kind)} at position {e['n']}",
+            _describe(st.key, kind),
+            run.iid,
+        )
+    if there[0] != st.key:
+        _nondeterministic(st.pos, _describe(*there), _describe(st.key, kind), run.iid)
+
+
+def _nondeterministic(pos: int | None, recorded: str, asked: str, iid: str) -> NoReturn:
+    message = (
+        f"instance {iid!r} is not deterministic: at step position {pos} the run asked for "
+        f"{asked} where {recorded} was recorded; restart it (from that step or earlier) "
+        "to run the new code"
+    )
+    raise FatalRunError("NonDeterminismError", message)
 
 
 class _StepBase:
@@ -127,9 +216,12 @@ class _StepBase:
     def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
         raise NotImplementedError
 
-    def _e(self, status: str, kind: str, index: int, attempts: int, t0: float, **kw: Any) -> str:
-        """A step entry of this run (times stored relative to the instance's creation)."""
-        return records.entry(status, kind, index, attempts, t0, base=self._run.created_ts, **kw)
+    def _e(self, status: str, kind: str, st: _Step, attempts: int, t0: float, **kw: Any) -> str:
+        """A step entry of this run (times stored relative to the instance's creation,
+        with the step's position in the run)."""
+        return records.entry(
+            status, kind, st.index, attempts, t0, base=self._run.created_ts, n=st.pos, **kw
+        )
 
     # -- step.do: argument forms ------------------------------------------------
 
@@ -192,7 +284,7 @@ class _StepBase:
 
     def _begin_do(self, name: str, config: Mapping[str, Any] | None) -> tuple[_Step, StepConfig]:
         cfg = resolve_step_config(config)
-        st = _Step(self._run, name)
+        st = _Step(self._run, name, "do")
         return st, cfg
 
     # -- step.do: one step ---------------------------------------------------------
@@ -200,6 +292,11 @@ class _StepBase:
     async def _do(self, st: _Step, cfg: StepConfig, callback: Callable[..., Any]) -> Any:
         done, value = self._replayed(st)
         if done:
+            recorded = st.entry.get("f") if st.entry else None
+            if recorded is not None:
+                current = fingerprint.step_identity(self._run.cls, callback)[0]
+                if current != recorded:  # the step is stale for this run's class
+                    self._run.note_fingerprint(st.key, current)
             return value
         attempt, wait = self._first_attempt(st, cfg)
         t0 = float(st.entry["t0"]) if st.entry else _now()
@@ -247,7 +344,7 @@ class _StepBase:
         counted = error_returned = False
         try:
             await self._run.start_step(
-                st.key, st.name, self._e("running", "do", st.index, attempt, t0), attempt
+                st.key, st.name, self._e("running", "do", st, attempt, t0), attempt
             )
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
@@ -255,7 +352,11 @@ class _StepBase:
                 if blocking:
                     result = self._call_blocking(callback, ctx, cfg)
                 else:
-                    result = await self._call_async(st, callback, ctx, cfg, is_async)
+                    inside = _in_callback.set(True)  # (see _Step: nested steps)
+                    try:
+                        result = await self._call_async(st, callback, ctx, cfg, is_async)
+                    finally:
+                        _in_callback.reset(inside)
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except (callbacks.Alarm, _Overran):
@@ -267,7 +368,7 @@ class _StepBase:
                 error_returned = True
                 self._run.note_callback_error(caught)
                 return caught, None
-            return None, self._succeed(st, result, attempt, t0)
+            return None, self._succeed(st, result, attempt, t0, callback)
         finally:
             if counted and not error_returned:  # recorded (or it raised past us)
                 self._run.callbacks_running -= 1
@@ -378,12 +479,14 @@ class _StepBase:
             retry_at = _now() + wait
             self._run.request_wait(
                 st.key,
-                self._e("retrying", "do", st.index, attempt - 1, t0, u=retry_at, err=err),
+                self._e("retrying", "do", st, attempt - 1, t0, u=retry_at, err=err),
                 retry_at,
             )
         return wait
 
-    def _succeed(self, st: _Step, value: Any, attempt: int, t0: float) -> Any:
+    def _succeed(
+        self, st: _Step, value: Any, attempt: int, t0: float, callback: Callable[..., Any]
+    ) -> Any:
         try:
             text = codec.encode(value)
         except TypeError as exc:
@@ -400,9 +503,10 @@ class _StepBase:
                 f"step {st.name!r} returned {size} bytes, more than max_step_bytes={limit}; "
                 "store large data elsewhere and return a reference",
             )
+        f, q = fingerprint.step_identity(self._run.cls, callback)
         self._run.record(
             st.key,
-            self._e("complete", "do", st.index, attempt, t0, t1=_now(), value_json=text),
+            self._e("complete", "do", st, attempt, t0, t1=_now(), value_json=text, f=f, q=q),
             final=True,
             event="step.finished",
             attempt=attempt,
@@ -413,7 +517,7 @@ class _StepBase:
         err = {"name": name, "message": message}
         self._run.record(
             st.key,
-            self._e("errored", "do", st.index, attempt, t0, t1=_now(), err=err),
+            self._e("errored", "do", st, attempt, t0, t1=_now(), err=err),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -442,7 +546,7 @@ class _StepBase:
         if delay <= INLINE_WAIT_MAX:
             self._run.record(
                 st.key,
-                self._e("retrying", "do", st.index, attempt, t0, u=_now() + delay, err=err),
+                self._e("retrying", "do", st, attempt, t0, u=_now() + delay, err=err),
                 final=False,
                 event="step.retrying",
                 attempt=attempt,
@@ -460,7 +564,7 @@ class _StepBase:
         )
         self._run.record(
             st.key,
-            self._e("errored", "do", st.index, attempt, t0, t1=_now(), err=error_dict(exc)),
+            self._e("errored", "do", st, attempt, t0, t1=_now(), err=error_dict(exc)),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -482,7 +586,7 @@ class _StepBase:
 
     def _sleep_until_epoch(self, name: str, deadline: float | None, duration: float) -> None:
         """Records and (unless due) parks a sleep; the first run fixes its deadline."""
-        st = _Step(self._run, name)
+        st = _Step(self._run, name, "sleep")
         e = st.entry
         if e is not None and e["s"] == "complete":
             return
@@ -494,13 +598,13 @@ class _StepBase:
         if now >= until:
             self._run.record(
                 st.key,
-                self._e("complete", "sleep", st.index, 1, t0, t1=now, u=until, value_json="null"),
+                self._e("complete", "sleep", st, 1, t0, t1=now, u=until, value_json="null"),
                 final=True,
                 event="slept",
                 attempt=1,
             )
             return
-        self._run.request_wait(st.key, self._e("waiting", "sleep", st.index, 1, t0, u=until), until)
+        self._run.request_wait(st.key, self._e("waiting", "sleep", st, 1, t0, u=until), until)
 
     # -- events ------------------------------------------------------------------
 
@@ -508,7 +612,7 @@ class _StepBase:
         """Replays a wait, takes a buffered event, times out, or parks the run."""
         check_event_type(event_type)
         seconds = parse_duration(timeout)
-        st = _Step(self._run, name)
+        st = _Step(self._run, name, "event")
         e = st.entry
         if e is not None and e["s"] == "complete":
             replayed: dict[str, Any] = cast(dict[str, Any], e.get("v"))
@@ -520,7 +624,7 @@ class _StepBase:
         else:
             t0 = _now()
             deadline = t0 + seconds
-        got = await self._run.take_event(st.key, event_type, st.index, t0)
+        got = await self._run.take_event(st.key, event_type, st.index, t0, st.pos)
         if got is not None:
             taken: dict[str, Any] = cast(dict[str, Any], got.get("v"))
             return taken
@@ -528,7 +632,7 @@ class _StepBase:
         if now < deadline:
             self._run.request_wait(
                 st.key,
-                self._e("waiting", "event", st.index, 1, t0, u=deadline, ty=event_type),
+                self._e("waiting", "event", st, 1, t0, u=deadline, ty=event_type),
                 deadline,
                 event_type=event_type,
             )
@@ -540,7 +644,7 @@ class _StepBase:
             self._e(
                 "errored",
                 "event",
-                st.index,
+                st,
                 1,
                 t0,
                 t1=now,

@@ -27,6 +27,21 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
     {p}:index:wf:{name}   zset  instances of a workflow -> creation epoch (newest first)
     {p}:index:status:{s}  zset  instances in status s -> creation epoch; every instance is
                                 in exactly one, so merging them lists all instances
+    {p}:schedules         zset  schedule name -> when the firing loop looks at it next: its
+                                next tick (epoch), a claim's expiry while a housekeeper
+                                fires it, +inf while paused (``nbflow.schedules``)
+    {p}:schedule:{name}   hash  workflow, cron, timezone, overlap, params (JSON), retention,
+                                paused, nextTick, lastTick, lastInstance, claim (token of
+                                the housekeeper firing it), counters fired / skipped /
+                                missed / triggered / backfilled, createdAt, updatedAt
+    {p}:schedule:{name}:history  list  JSON events of the schedule (newest last, capped)
+    {p}:fp:{wf}:{version} hash  step key -> the callback fingerprint a run of workflow wf
+                                with class version `version` found on replay, where it
+                                differed from the recorded one (``steps()``'s ``stale``
+                                for callbacks not found by name; written rarely, never
+                                scanned)
+
+The metadata hash also holds ``version``, the workflow code version at creation.
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -78,6 +93,7 @@ class Keys:
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
+        self.schedules = f"{prefix}:schedules"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -108,6 +124,15 @@ class Keys:
 
     def ack(self, nonce: str) -> str:
         return f"{self.prefix}:ack:{nonce}"
+
+    def schedule(self, name: str) -> str:
+        return f"{self.prefix}:schedule:{name}"
+
+    def schedule_history(self, name: str) -> str:
+        return f"{self.prefix}:schedule:{name}:history"
+
+    def fingerprints(self, workflow: str, version: str) -> str:
+        return f"{self.prefix}:fp:{workflow}:{version}"
 
 
 # Shared Lua prelude: key helpers and the one function that changes a status
@@ -197,12 +222,12 @@ local function entry_status(entry)
 end
 """
 
-# ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), then id, payload pairs.
-# Returns one flag per id: 1 created, 0 already existed.
+# ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), code version, then
+# id, payload pairs. Returns one flag per id: 1 created, 0 already existed.
 _CREATE = r"""
-local now, now_iso, wf, retention = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local out = {}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local id, payload = ARGV[i], ARGV[i + 1]
   local st = k_state(id)
   if redis.call('EXISTS', st) == 1 then
@@ -210,7 +235,8 @@ for i = 6, #ARGV, 2 do
   else
     redis.call('HSET', st, 'createdAt', now_iso)
     if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
-    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '')
+    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
+               'version', version)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     make_queued(id, now, now_iso)
     out[#out + 1] = 1
@@ -218,6 +244,60 @@ for i = 6, #ARGV, 2 do
 end
 return out
 """
+
+# ARGV: prefix, source id, new id, now, now_iso, from_key ('' = every completed step),
+# payload JSON ('' = the source's), retention ('' = keep), version ('' = the source's).
+# A new queued instance of the source's workflow holding copies of the source's
+# completed steps that started before from_key (by their order field), their start
+# times kept (moved relative to the new creation time). The source is not touched.
+# Returns {'ok', copied} or {'bad', 'unknown'} / {'exists'} / {'nostep', from_key}.
+_FORK = r"""
+local src, id, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local from_key, payload, retention, version = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+if redis.call('EXISTS', k_state(src)) == 0 then return {'bad', 'unknown'} end
+if redis.call('EXISTS', k_state(id)) == 1 then return {'exists'} end
+local sk = k_steps(src)
+local cut = nil
+if from_key ~= '' then
+  local target = redis.call('HGET', sk, from_key)
+  if not target then return {'nostep', from_key} end
+  cut = tonumber(string.match(target, '"i":(%d+)'))
+end
+local meta = redis.call('HMGET', k_meta(src), 'workflowName', 'payload', 'version')
+local wf = meta[1] or ''
+if payload == '' then payload = meta[2] or 'null' end
+if version == '' then version = meta[3] or '' end
+local created = tonumber(redis.call('ZSCORE', P .. ':index:wf:' .. wf, src) or now)
+local shift = created - tonumber(now)
+local all = redis.call('HGETALL', sk)
+local copied = 0
+local dst = k_steps(id)
+for i = 1, #all, 2 do
+  local e = all[i + 1]
+  local idx = tonumber(string.match(e, '"i":(%d+)'))
+  if entry_status(e) == 'complete' and (cut == nil or idx < cut) then
+    -- t0 comes before the result in an entry, so the first match is the field
+    e = string.gsub(e, '"t0":(%-?[%d%.]+)', function(t)
+      return '"t0":' .. string.format('%.3f', tonumber(t) + shift)
+    end, 1)
+    redis.call('HSET', dst, all[i], e)
+    copied = copied + 1
+  end
+end
+local st = k_state(id)
+redis.call('HSET', st, 'createdAt', now_iso)
+if copied > 0 then redis.call('HSET', st, 'stepsDone', copied) end
+if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
+redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
+           'version', version)
+redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+make_queued(id, now, now_iso)
+hist(id, now, 'forked', '"from":' .. cjson.encode(src) .. ',"step":' .. cjson.encode(from_key))
+return {'ok', copied}
+"""
+
+# ARGV: prefix, fingerprints key, step key, fingerprint (see Keys.fingerprints).
+_NOTE_FINGERPRINT = "return redis.call('HSET', ARGV[2], ARGV[3], ARGV[4])"
 
 # ARGV: prefix, id, token, now, now_iso, lease_until.
 # Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
@@ -366,8 +446,9 @@ hist(id, now, 'waiting', ARGV[8])
 return 'waiting'
 """
 
-# ARGV: prefix, id, token, now, now_iso, key, type, index, t0 (since creation), t0 epoch.
-# Takes the oldest buffered event of the type into the step's entry, if any.
+# ARGV: prefix, id, token, now, now_iso, key, type, index, t0 (since creation), t0 epoch,
+# position in the run ('' = none). Takes the oldest buffered event of the type into the
+# step's entry, if any.
 _TAKE_EVENT = r"""
 local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key, etype, idx, t0, t0_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -381,7 +462,9 @@ local ev = redis.call('LPOP', P .. ':' .. id .. ':events:' .. etype)
 if not ev then return {'none'} end
 local st = k_state(id)
 local d = string.format('%.3f', tonumber(now) - tonumber(t0_epoch))
-local e = '{"s":"complete","k":"event","i":' .. idx .. ',"t0":' .. t0 .. ',"d":' .. d ..
+local pos = ''
+if ARGV[11] and ARGV[11] ~= '' then pos = ',"n":' .. ARGV[11] end
+local e = '{"s":"complete","k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 .. ',"d":' .. d ..
           ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
@@ -653,6 +736,8 @@ return #ids
 
 _SOURCES = {
     "create": _CREATE,
+    "fork": _FORK,
+    "note_fingerprint": _NOTE_FINGERPRINT,
     "claim": _CLAIM,
     "step_start": _STEP_START,
     "step_finish": _STEP_FINISH,
@@ -676,6 +761,230 @@ _SOURCES = {
     "restart": _RESTART,
     "purge": _PURGE,
 }
+
+
+# -- schedules (``nbflow.schedules``) --------------------------------------------------
+# A tick is fired by whichever housekeeper claims it: `schedule_due` hands each due
+# schedule to one caller (a claim token, and its score moved to the claim's expiry, so
+# other housekeepers skip it meanwhile); `schedule_fire` then advances the schedule to
+# its next tick and creates the tick's instance, in one script, only while the claim
+# holds (a pause, update or delete in between drops the claim).  The instance is written
+# by the very `create` script above (wrapped as a function), so a scheduled instance is
+# created exactly as `Workflow.create` creates one; the caller sends the RQ job in the
+# same MULTI/EXEC.  Its id is derived from the tick, so even a claim that expired
+# (a housekeeper stalled for CLAIM_SECONDS) cannot create a second instance.
+_SCHEDULE_FUNCTIONS = (
+    r"""
+local function k_sched(name) return P .. ':schedule:' .. name end
+local function sched_hist(name, now, ev, extra)
+  local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
+  if extra and extra ~= '' then e = e .. ',' .. extra end
+  local hk = k_sched(name) .. ':history'
+  redis.call('RPUSH', hk, e .. '}')
+  redis.call('LTRIM', hk, -200, -1)
+end
+local function create_script(ARGV)
+"""
+    + _CREATE
+    + r"""
+end
+-- creates instance `iid` of the schedule's workflow with its params: 1, or 0 if it exists
+local function sched_create(key, iid, now, now_iso)
+  local f = redis.call('HMGET', key, 'workflow', 'params', 'retention', 'version')
+  return create_script({P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'})[1]
+end
+"""
+)
+
+# ARGV: prefix, name, workflow, cron, timezone, overlap, params, retention, next_tick,
+# now, now_iso, version (of the workflow's class where it is scheduled, for its
+# instances' metadata).  Creates or updates a schedule; an update that keeps cron and time zone
+# keeps the tick it waits for (re-running a notebook cell loses no tick).  A paused
+# schedule stays paused.  Returns 'created' or 'updated'.
+_SCHEDULE_PUT = r"""
+local name, wf, cron, tz, overlap = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local params, retention, nxt, now, now_iso = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local version = ARGV[12] or ''
+local key = k_sched(name)
+local old = redis.call('HMGET', key, 'cron', 'timezone', 'nextTick', 'paused')
+local result = 'created'
+if old[1] then
+  result = 'updated'
+  if old[1] == cron and old[2] == tz and old[3] then nxt = old[3] end
+else
+  redis.call('HSET', key, 'createdAt', now_iso, 'paused', '0', 'fired', 0, 'skipped', 0,
+             'missed', 0, 'triggered', 0, 'backfilled', 0)
+end
+redis.call('HSET', key, 'workflow', wf, 'cron', cron, 'timezone', tz, 'overlap', overlap,
+           'params', params, 'retention', retention, 'nextTick', nxt, 'updatedAt', now_iso,
+           'version', version)
+redis.call('HDEL', key, 'claim')
+if old[4] == '1' then
+  redis.call('ZADD', P .. ':schedules', '+inf', name)
+else
+  redis.call('ZADD', P .. ':schedules', nxt, name)
+end
+sched_hist(name, now, result, '"cron":' .. cjson.encode(cron) .. ',"timezone":' .. cjson.encode(tz))
+return result
+"""
+
+# ARGV: prefix, now, token, claim_until, limit.  Claims the schedules whose tick is due
+# for the caller and returns {earliest score or '', {name, workflow, cron, timezone,
+# overlap, nextTick, lastInstance, its status}, ...}.  With no schedule at all it reads
+# two empty keys: what every housekeeper pays for schedules nobody uses.
+_SCHEDULE_DUE = r"""
+local now, token, claim_until, limit = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local zk = P .. ':schedules'
+local due = redis.call('ZRANGEBYSCORE', zk, '-inf', now, 'LIMIT', 0, limit)
+local out = {''}
+for _, name in ipairs(due) do
+  local key = k_sched(name)
+  local f = redis.call('HMGET', key, 'workflow', 'cron', 'timezone', 'overlap', 'nextTick',
+                       'lastInstance', 'paused')
+  if not f[1] or not f[5] then
+    redis.call('ZREM', zk, name)
+  elseif f[7] == '1' then
+    redis.call('ZADD', zk, '+inf', name)
+  else
+    redis.call('ZADD', zk, claim_until, name)
+    redis.call('HSET', key, 'claim', token)
+    local last = ''
+    if f[6] then last = redis.call('HGET', k_state(f[6]), 'status') or '' end
+    out[#out + 1] = {name, f[1], f[2], f[3], f[4], f[5], f[6] or '', last}
+  end
+end
+local first = redis.call('ZRANGE', zk, 0, 0, 'WITHSCORES')
+if first[2] then out[1] = first[2] end
+return out
+"""
+
+# ARGV: prefix, name, token, action ('fire' | 'miss'), tick, next_tick, instance id, now,
+# now_iso, may_create ('1' when the caller sends the RQ job in the same transaction).
+# While the caller's claim holds: 'miss' records a tick nobody fired in time; 'fire'
+# skips the tick if overlap is 'skip' and the last instance is not finished, else
+# creates the tick's instance (or finds it made already, by a backfill).  Either way
+# the schedule moves on to next_tick.  Returns 'created', 'exists', 'skipped',
+# 'missed', 'lost' (no claim: nothing written) or 'retry' (it would create, but
+# may_create is '0': nothing written).
+_SCHEDULE_FIRE = r"""
+local name, token, action, tick, nxt, iid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local now, now_iso, may_create = ARGV[8], ARGV[9], ARGV[10]
+local key = k_sched(name)
+local f = redis.call('HMGET', key, 'claim', 'overlap', 'lastInstance')
+if f[1] ~= token then return 'lost' end
+local result
+if action == 'miss' then
+  redis.call('HINCRBY', key, 'missed', 1)
+  sched_hist(name, now, 'missed', '"tick":' .. tick .. ',"next":' .. nxt)
+  result = 'missed'
+else
+  local blocked = false
+  if f[2] == 'skip' and f[3] then
+    local s = redis.call('HGET', k_state(f[3]), 'status')
+    blocked = s and s ~= 'complete' and s ~= 'errored' and s ~= 'terminated'
+  end
+  if blocked then
+    redis.call('HINCRBY', key, 'skipped', 1)
+    sched_hist(name, now, 'skipped', '"tick":' .. tick .. ',"running":' .. cjson.encode(f[3]))
+    result = 'skipped'
+  elseif may_create ~= '1' then
+    return 'retry'
+  else
+    local made = sched_create(key, iid, now, now_iso)
+    local extra = ''
+    if made == 1 then
+      result = 'created'
+      redis.call('HINCRBY', key, 'fired', 1)
+    else
+      result = 'exists'
+      extra = ',"existed":true'
+    end
+    redis.call('HSET', key, 'lastTick', tick, 'lastInstance', iid)
+    sched_hist(name, now, 'fired', '"tick":' .. tick .. ',"instance":"' .. iid .. '"' .. extra)
+  end
+end
+redis.call('HSET', key, 'nextTick', nxt)
+redis.call('HDEL', key, 'claim')
+redis.call('ZADD', P .. ':schedules', nxt, name)
+return result
+"""
+
+# ARGV: prefix, name, instance id, now, now_iso.  One instance now (`trigger()`).
+# Returns 'created', 'exists' (that id is taken) or 'unknown' (no such schedule).
+_SCHEDULE_TRIGGER = r"""
+local name, iid, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if sched_create(key, iid, now, now_iso) ~= 1 then return 'exists' end
+redis.call('HINCRBY', key, 'triggered', 1)
+redis.call('HSET', key, 'lastInstance', iid)
+sched_hist(name, now, 'triggered', '"instance":"' .. iid .. '"')
+return 'created'
+"""
+
+# ARGV: prefix, name, now, now_iso, then instance ids.  Creates the instances of past
+# ticks (`backfill()`): {'ok', flag per id (1 created, 0 existed)} or {'unknown'}.
+_SCHEDULE_BACKFILL = r"""
+local name, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return {'unknown'} end
+local flags, made = {}, 0
+for i = 5, #ARGV do
+  flags[#flags + 1] = sched_create(key, ARGV[i], now, now_iso)
+  made = made + flags[#flags]
+end
+redis.call('HINCRBY', key, 'backfilled', made)
+sched_hist(name, now, 'backfilled', '"created":' .. made)
+return {'ok', flags}
+"""
+
+# ARGV: prefix, name, now. Returns 'paused' or 'unknown'.
+_SCHEDULE_PAUSE = r"""
+local name, now = ARGV[2], ARGV[3]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if redis.call('HGET', key, 'paused') ~= '1' then
+  redis.call('HSET', key, 'paused', '1')
+  redis.call('HDEL', key, 'claim')
+  redis.call('ZADD', P .. ':schedules', '+inf', name)
+  sched_hist(name, now, 'paused', '')
+end
+return 'paused'
+"""
+
+# ARGV: prefix, name, next_tick, now.  A paused schedule waits for its next tick from
+# now on (the ticks it slept through are not made up).  Returns 'active' or 'unknown'.
+_SCHEDULE_RESUME = r"""
+local name, nxt, now = ARGV[2], ARGV[3], ARGV[4]
+local key = k_sched(name)
+if redis.call('EXISTS', key) == 0 then return 'unknown' end
+if redis.call('HGET', key, 'paused') == '1' then
+  redis.call('HSET', key, 'paused', '0', 'nextTick', nxt)
+  redis.call('HDEL', key, 'claim')
+  redis.call('ZADD', P .. ':schedules', nxt, name)
+  sched_hist(name, now, 'resumed', '')
+end
+return 'active'
+"""
+
+# ARGV: prefix, name. Returns 1 if it existed. Its instances are left alone.
+_SCHEDULE_DELETE = r"""
+local key = k_sched(ARGV[2])
+redis.call('ZREM', P .. ':schedules', ARGV[2])
+return redis.call('DEL', key, key .. ':history') > 0 and 1 or 0
+"""
+
+_SCHEDULE_SOURCES = {
+    "schedule_put": _SCHEDULE_PUT,
+    "schedule_due": _SCHEDULE_DUE,
+    "schedule_fire": _SCHEDULE_FIRE,
+    "schedule_trigger": _SCHEDULE_TRIGGER,
+    "schedule_backfill": _SCHEDULE_BACKFILL,
+    "schedule_pause": _SCHEDULE_PAUSE,
+    "schedule_resume": _SCHEDULE_RESUME,
+    "schedule_delete": _SCHEDULE_DELETE,
+}
+_SOURCES.update({name: _SCHEDULE_FUNCTIONS + body for name, body in _SCHEDULE_SOURCES.items()})
 
 
 class Scripts:

@@ -7,7 +7,8 @@ the housekeeping every worker does beside it.  A worker is given an engine's
 * ``Housekeeper`` (a thread next to each worker) wakes instances whose timer
   is due, renews the leases of runs in progress, takes back instances whose
   worker died (expired lease), re-dispatches queued instances whose RQ job was
-  lost, and deletes instances past their retention.
+  lost, deletes instances past their retention, and fires the ticks of cron
+  schedules that are due (``nbflow.schedules``).
 * a ``StopListener`` (``nbflow.handshake``, a thread next to each worker) hears
   ``pause()``, ``terminate()`` and ``restart()`` of the instances the worker
   advances and promises that no new step of them starts.
@@ -34,7 +35,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
-from nbflow import runner
+from nbflow import runner, schedules
 from nbflow.backend import JOB_FUNCTION, Backend
 from nbflow.handshake import StopListener
 from nbflow.store import LEASE_SECONDS, clock
@@ -186,7 +187,7 @@ class Housekeeper(threading.Thread):
         self.beats_only = beats_only  # a burst worker wakes and sweeps by itself
 
     def run(self) -> None:
-        next_beat = next_sweep = 0.0
+        next_beat = next_sweep = next_ticks = 0.0
         while not self.stopping.is_set():
             try:
                 if self.beats_only:
@@ -194,6 +195,8 @@ class Housekeeper(threading.Thread):
                     self.stopping.wait(HEARTBEAT_INTERVAL)
                     continue
                 self.wake_due()
+                if time.time() >= next_ticks:  # (wall clock: ticks are wall-clock times)
+                    next_ticks = schedules.fire_due(self.backend)
                 now = time.monotonic()
                 if now >= next_beat:
                     self.heartbeat()

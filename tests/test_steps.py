@@ -38,6 +38,7 @@ STEP_COLUMNS = [
     "duration_s",
     "output",
     "error",
+    "stale",
 ]
 
 

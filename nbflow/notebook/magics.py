@@ -8,12 +8,15 @@ in the JupySQL / sparkmagic style::
     %wf status ID
     %wf pause|resume|terminate ID
     %wf restart ID [--from STEP]
+    %wf rerun ID --stale | --from STEP
+    %wf fork ID [--from STEP] [--id NEW]
     %wf event ID TYPE [JSON]
     %wf steps ID
     %wf output ID STEP
     %wf wait ID [--timeout SECONDS]
     %wf worker start|stop|status
     %wf dashboard [--refresh SECONDS]
+    %wf schedule list|pause|resume|delete|trigger|next [NAME] [-n N]
     %wf help
 
 Every user mistake -- an unknown subcommand, a missing argument, bad JSON, an
@@ -71,16 +74,22 @@ USAGE: dict[str, str] = {
     "resume": "%wf resume ID",
     "terminate": "%wf terminate ID",
     "restart": "%wf restart ID [--from STEP]",
+    "rerun": "%wf rerun ID --stale | --from STEP",
+    "fork": "%wf fork ID [--from STEP] [--id NEW]",
     "event": "%wf event ID TYPE [JSON]",
     "steps": "%wf steps ID",
     "output": "%wf output ID STEP",
     "wait": "%wf wait ID [--timeout SECONDS]",
     "worker": "%wf worker start|stop|status",
     "dashboard": "%wf dashboard [--refresh SECONDS]",
+    "schedule": "%wf schedule list | %wf schedule pause|resume|delete|trigger NAME | "
+    "%wf schedule next NAME [-n N]",
     "help": "%wf help",
 }
 
 _OVERVIEW = "%wf " + "|".join(USAGE) + " ..."
+#: What ``%wf schedule`` does (all but ``list`` name a schedule).
+SCHEDULE_ACTIONS = ("list", "pause", "resume", "delete", "trigger", "next")
 
 
 def _one_line(text: str) -> str:
@@ -145,6 +154,14 @@ def _parsers() -> dict[str, _Parser]:
     p = parsers["restart"]
     p.add_argument("id", metavar="ID")
     p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p = parsers["rerun"]
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--stale", action="store_true")
+    p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p = parsers["fork"]
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--from", dest="from_step", nargs="+", metavar="STEP")
+    p.add_argument("--id", dest="new_id", metavar="NEW")
     p = parsers["event"]
     p.add_argument("id", metavar="ID")
     p.add_argument("type", metavar="TYPE")
@@ -159,6 +176,10 @@ def _parsers() -> dict[str, _Parser]:
     p.add_argument("action", choices=["start", "stop", "status"], metavar="start|stop|status")
     p = parsers["dashboard"]
     p.add_argument("--refresh", type=_positive_float, default=1.0, metavar="SECONDS")
+    p = parsers["schedule"]
+    p.add_argument("action", choices=SCHEDULE_ACTIONS, metavar="|".join(SCHEDULE_ACTIONS))
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-n", dest="n", type=_limit, default=5, metavar="N")
     return parsers
 
 
@@ -288,12 +309,15 @@ class WorkflowMagics(Magics):
             "resume": self._resume,
             "terminate": self._terminate,
             "restart": self._restart,
+            "rerun": self._rerun,
+            "fork": self._fork,
             "event": self._event,
             "steps": self._steps,
             "output": self._output,
             "wait": self._wait,
             "worker": self._worker,
             "dashboard": self._open_dashboard,
+            "schedule": self._schedule,
             "help": lambda _args: _Help(),
         }
 
@@ -307,12 +331,18 @@ class WorkflowMagics(Magics):
         %wf status ID                              its status dict
         %wf pause|resume|terminate ID              lifecycle calls
         %wf restart ID [--from STEP]               run again (from a step)
+        %wf rerun ID --stale | --from STEP         re-run from the first stale step (or a step)
+        %wf fork ID [--from STEP] [--id NEW]       a new instance reusing earlier results
         %wf event ID TYPE [JSON]                   send an event
         %wf steps ID                               its steps (DataFrame)
         %wf output ID STEP                         a step's stored result
         %wf wait ID [--timeout SECONDS]            block until it finishes
         %wf worker start|stop|status               the worker inside this kernel
         %wf dashboard [--refresh SECONDS]          the live dashboard
+        %wf schedule list                          cron schedules (DataFrame)
+        %wf schedule pause|resume|delete NAME      steer a schedule
+        %wf schedule trigger NAME                  one instance now (returns it)
+        %wf schedule next NAME [-n N]              its next N run times
         """
         try:
             tokens = split_line(line)
@@ -428,6 +458,27 @@ class WorkflowMagics(Magics):
             inst.restart(from_step=from_step)
         return inst
 
+    def _rerun(self, args: argparse.Namespace) -> WorkflowInstance:
+        """``--stale``: from the first step whose code changed (``rerun_stale``), with the
+        class as the notebook defines it now; ``--from STEP``: as ``restart --from``."""
+        if args.stale == (args.from_step is not None):
+            raise _fail("rerun", "give either --stale or --from STEP")
+        inst = self._instance("rerun", args.id)
+        self._reregister(inst)
+        with _as_usage("rerun"):
+            if args.stale:
+                inst.rerun_stale()
+            else:
+                inst.restart(from_step=" ".join(args.from_step))
+        return inst
+
+    def _fork(self, args: argparse.Namespace) -> WorkflowInstance:
+        inst = self._instance("fork", args.id)
+        from_step = None if args.from_step is None else " ".join(args.from_step)
+        self._reregister(inst)
+        with _as_usage("fork"):
+            return inst.fork(from_step, id=args.new_id)
+
     def _event(self, args: argparse.Namespace) -> WorkflowInstance:
         inst = self._instance("event", args.id)
         payload = None if args.payload is None else _json("event", "the payload", args.payload)
@@ -473,6 +524,34 @@ class WorkflowMagics(Magics):
         elif args.action == "stop":
             engine.stop_worker()
         return WorkerState(engine.worker_running)
+
+    def _schedule(self, args: argparse.Namespace) -> Any:
+        """``%wf schedule ...``: list returns the DataFrame, trigger the new instance,
+        next the run times, and pause/resume/delete the schedule's info afterwards
+        (delete: the list that is left)."""
+        engine = self.engine
+        if args.action == "list":
+            with _as_usage("schedule"):
+                return engine.schedules()
+        if args.name is None:
+            raise _fail("schedule", f"%wf schedule {args.action} needs a schedule NAME")
+        with _as_usage("schedule"):
+            try:
+                sched = engine.get_schedule(args.name)
+            except LookupError:
+                known = ", ".join(engine.schedules()["name"]) or "none"
+                raise _fail(
+                    "schedule", f"unknown schedule {args.name!r} (schedules: {known})"
+                ) from None
+            if args.action == "trigger":
+                return sched.trigger()
+            if args.action == "next":
+                return [t.isoformat() for t in sched.next_runs(args.n)]
+            if args.action == "delete":
+                sched.delete()
+                return engine.schedules()
+            getattr(sched, args.action)()
+            return sched.info()
 
     def _open_dashboard(self, args: argparse.Namespace) -> Dashboard:
         from nbflow.notebook.widgets import Dashboard
