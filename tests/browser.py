@@ -156,8 +156,7 @@ class Lab:
 
     def kernel_status(self) -> str | None:
         status: str | None = self.page.evaluate(
-            "window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status"
-            " ?? null"
+            "window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status ?? null"
         )
         return status
 
@@ -172,16 +171,23 @@ class Lab:
         """Clear every output, then run all cells (Run → Run All Cells); returns at once."""
         self.command("notebook:clear-all-cell-outputs")
         self.page.wait_for_function(
-            "[...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')]"
+            "[...window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
             ".every(e => !/\\d/.test(e.textContent))"
         )
         self.command("notebook:run-all-cells")
 
+    def run_cell(self, index: int) -> None:
+        """Run code cell number ``index`` (0-based, among all cells); returns at once."""
+        self.page.evaluate(
+            "i => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = i; }", index
+        )
+        self.command("notebook:run-cell")
+
     def wait_cells_done(self, timeout: float = 120.0) -> None:
         """Wait until every code cell has run (each prompt shows an execution count)."""
         self.page.wait_for_function(
-            "(() => { const p = [...document.querySelectorAll("
-            "'.jp-Notebook .jp-CodeCell .jp-InputPrompt')];"
+            "(() => { const p = [...window.jupyterapp.shell.currentWidget.node.querySelectorAll("
+            "'.jp-CodeCell .jp-InputPrompt')];"
             " return p.length > 0 && p.every(e => /\\[\\d+\\]/.test(e.textContent)); })()",
             timeout=timeout * 1000,
         )
@@ -189,7 +195,7 @@ class Lab:
     def cell_outputs(self) -> list[str]:
         """The visible text of each code cell's outputs, in order."""
         texts: list[str] = self.page.evaluate(
-            "[...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]"
+            "[...window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-CodeCell')]"
             ".map(c => c.querySelector('.jp-OutputArea')?.innerText ?? '')"
         )
         return texts
