@@ -171,7 +171,8 @@ class Lab:
         """Clear every output, then run all cells (Run → Run All Cells); returns at once."""
         self.command("notebook:clear-all-cell-outputs")
         self.page.wait_for_function(
-            "[...window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+            "[...window.jupyterapp.shell.currentWidget.node"
+            ".querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
             ".every(e => !/\\d/.test(e.textContent))"
         )
         self.command("notebook:run-all-cells")

@@ -2,8 +2,9 @@
 
 Every control is exercised through its widget (``button.click()``, a click on a
 table row or count, ``table.click("row:ID")``, setting a selector's value) or the
-documented helpers (``select``, ``select_step``, ``filter``, ``refresh``).  Runs happen either in a burst worker in the test's thread
-(``engine.run_worker()``, deterministic) or in the in-process worker when a
+documented helpers (``select``, ``select_step``, ``filter``, ``refresh``).  Runs
+happen either in a burst worker in the test's thread (``engine.run_worker()``,
+deterministic) or in the in-process worker when a
 state is only observable while a run is under way.
 """
 
