@@ -499,6 +499,14 @@ def test_fork_and_rerun_stale_buttons(
     assert CALLS == {"a": 1, "b": 1, "c": 2}  # only the forked-from step ran again
     assert status_of(engine, "f1") == "complete"
 
+    dash.select("f1")
+    dash.fork_id.value = "f1-copy"
+    dash.fork_button.click()  # no step selected: every completed step is copied
+    assert dash.message.value == "forked 'f1' with all its completed steps as 'f1-copy'"
+    assert dash.selected == "f1-copy"
+    dash.fork_button.click()
+    assert "f1-copy" in dash.message.value and "exists" in dash.message.value
+
 
 def test_close_leaves_the_static_html_in_place_of_each_view(
     engine: Engine,

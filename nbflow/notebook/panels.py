@@ -294,6 +294,9 @@ class Controls:
         self.fork_button = button(
             description="fork from step", icon="code-fork", tooltip="fork(from_step=step)"
         )
+        self.fork_id = ipywidgets.Text(
+            placeholder="fork's id (empty: a fresh one)", layout=ipywidgets.Layout(width="220px")
+        )
         self.refresh_button = button(description="refresh", icon="refresh")
         self.event_type = ipywidgets.Text(description="event", placeholder="type, e.g. approved")
         self.event_payload = ipywidgets.Text(placeholder='JSON payload, e.g. {"ok": true}')
@@ -323,7 +326,8 @@ class Controls:
                         self.refresh_button,
                     ]
                 ),
-                row([step_select, self.rerun_button, self.fork_button, self.rerun_stale_button]),
+                row([step_select, self.rerun_button, self.rerun_stale_button]),
+                row([self.fork_button, self.fork_id]),
                 row([self.event_type, self.event_payload, self.send_event_button]),
                 row(
                     [

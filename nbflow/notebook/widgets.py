@@ -16,7 +16,8 @@ The dashboard is an ``ipywidgets.VBox``.  Its parts are public attributes so cod
   ``error_html``, ``logs_html``;
 * buttons: ``pause_button``, ``resume_button``, ``terminate_button``,
   ``restart_button``, ``rerun_button`` (re-run from the selected step),
-  ``rerun_stale_button``, ``fork_button`` (fork from the selected step), the event
+  ``rerun_stale_button``, ``fork_button`` (fork from the selected step, with the id
+  typed in ``fork_id`` or a fresh one; the fork is then selected), the event
   sender (``event_type``, ``event_payload``, ``send_event_button``), and over every
   instance the filters match ``bulk_terminate_button``, ``bulk_resume_button``,
   ``bulk_restart_button``;
@@ -222,6 +223,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
             "rerun_button",
             "rerun_stale_button",
             "fork_button",
+            "fork_id",
             "refresh_button",
             "event_type",
             "event_payload",
@@ -647,7 +649,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
 
         def fork(inst: WorkflowInstance) -> str:
             step = self.selected_step
-            new = inst.fork(from_step=step)
+            new = inst.fork(from_step=step, id=self.fork_id.value.strip() or None)
             forked.append(new.id)
             where = "with all its completed steps" if step is None else f"from step {step!r}"
             return f"forked {inst.id!r} {where} as {new.id!r}"
