@@ -179,10 +179,12 @@ class Lab:
 
     def run_cell(self, index: int) -> None:
         """Run code cell number ``index`` (0-based, among all cells); returns at once."""
+        # Not ``command()``: its promise settles only when the cell has finished running.
         self.page.evaluate(
-            "i => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = i; }", index
+            "i => { window.jupyterapp.shell.currentWidget.content.activeCellIndex = i;"
+            " window.jupyterapp.commands.execute('notebook:run-cell'); }",
+            index,
         )
-        self.command("notebook:run-cell")
 
     def wait_cells_done(self, timeout: float = 120.0) -> None:
         """Wait until every code cell has run (each prompt shows an execution count)."""

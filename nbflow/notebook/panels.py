@@ -90,14 +90,14 @@ class InstanceList:
         self.counts = ClickableHTML("")
         self.table = ClickableHTML("<i>not refreshed yet</i>")
         self.status_filter = ipywidgets.Dropdown(
-            options=[("all", None), *[(s, s) for s in STATUSES]],
-            value=None,
+            options=[("all", ""), *[(s, s) for s in STATUSES]],
+            value="",
             description="status",
             layout=ipywidgets.Layout(width="220px"),
         )
         self.workflow_filter = ipywidgets.Dropdown(
-            options=[("all", None)],
-            value=None,
+            options=[("all", "")],
+            value="",
             description="workflow",
             layout=ipywidgets.Layout(width="260px"),
         )
@@ -164,18 +164,18 @@ class InstanceList:
         names = sorted({str(w) for w in self.frame["workflow"] if isinstance(w, str)})
         if self.workflow is not None and self.workflow not in names:
             names.append(self.workflow)
-        options = [("all", None), *[(n, n) for n in names]]
+        options = [("all", ""), *[(n, n) for n in names]]
         if list(self.workflow_filter.options) != options:
             with quiet:
                 self.workflow_filter.options = options
-                self.workflow_filter.value = self.workflow
+                self.workflow_filter.value = self.workflow or ""
 
     def set_filters(self, status: str | None, workflow: str | None, quiet: Quiet) -> None:
         self.status, self.workflow = status, workflow
         self._workflow_options(quiet)
-        with quiet:
-            self.status_filter.value = status
-            self.workflow_filter.value = workflow
+        with quiet:  # "" is the dropdowns' "all" (None would show as no choice at all)
+            self.status_filter.value = status or ""
+            self.workflow_filter.value = workflow or ""
 
 
 # -- the step view ------------------------------------------------------------------------

@@ -561,7 +561,9 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
 
     def _on_filter_change(self, change: Mapping[str, Any]) -> None:
         self._on_user_choice(
-            lambda: self.filter(self.status_filter.value, self.workflow_filter.value)
+            lambda: self.filter(
+                self.status_filter.value or None, self.workflow_filter.value or None
+            )
         )
 
     def _on_user_choice(self, show: Callable[[], None]) -> None:
