@@ -62,14 +62,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def cleanup(prefix: str, queue: str) -> None:
     """Deletes a run's keys: its prefix, its queue and the RQ jobs still on it."""
     client = redis.Redis.from_url(redis_url())
-    job_ids = client.lrange(f"rq:queue:{queue}", 0, -1)
+    # the engine's queue and its workflows' queues (``{queue}:{workflow}``)
+    queue_keys = [f"rq:queue:{queue}".encode(), *client.scan_iter(match=f"rq:queue:{queue}:*")]
+    job_ids = [j for key in queue_keys for j in client.lrange(key, 0, -1)]
     for i in range(0, len(job_ids), 500):
         client.delete(*(b"rq:job:" + j for j in job_ids[i : i + 500]))
     for pattern in (f"{prefix}:*", f"rq:queue:{queue}*", f"rq:*:{queue}*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         for i in range(0, len(keys), 500):
             client.delete(*keys[i : i + 500])
-    client.srem("rq:queues", f"rq:queue:{queue}")
+    client.srem("rq:queues", *queue_keys)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nbflow import SyncWorkflowStep, WorkflowEntrypoint, WorkflowEvent, WorkflowStep
@@ -47,3 +48,19 @@ class ManyStepsThenWait(WorkflowEntrypoint[Any, P]):
             total += await step.do("s", lambda i=i: i)
         await step.wait_for_event("go", "go", timeout="1 hour")
         return total
+
+
+class Leaf(WorkflowEntrypoint[Any, P]):
+    """One trivial step: the child of the fan-out benchmark (``children.py``)."""
+
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
+        x = int(event.payload["x"])
+        return await step.do("leaf", lambda: x * 2)
+
+
+class FanOut(WorkflowEntrypoint[Any, P]):
+    """``payload["n"]`` children (``Leaf``) started at once, their outputs gathered."""
+
+    async def run(self, event: WorkflowEvent[P], step: WorkflowStep) -> int:
+        calls = (step.run_workflow("leaf", "Leaf", {"x": i}) for i in range(event.payload["n"]))
+        return sum(await asyncio.gather(*calls))

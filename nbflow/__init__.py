@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nbflow.definition import StepContext, WorkflowEntrypoint, WorkflowEvent
+from nbflow.definition import RollbackContext, StepContext, WorkflowEntrypoint, WorkflowEvent
 from nbflow.engine import Engine, Workflow, WorkflowInstance
 from nbflow.errors import (
+    ArtifactError,
     EventTimeoutError,
     InstanceExistsError,
     InstanceNotFoundError,
@@ -53,6 +54,7 @@ __all__ = [
     "WorkflowStep",
     "SyncWorkflowStep",
     "StepContext",
+    "RollbackContext",
     "WorkflowError",
     "NonRetryableError",
     "WorkflowTimeoutError",
@@ -64,6 +66,7 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "NonDeterminismError",
     "RedisUnavailableError",
+    "ArtifactError",
     "load_ipython_extension",
     "__version__",
 ]

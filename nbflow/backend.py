@@ -1,21 +1,23 @@
 """What runs and workers need from an engine, and nothing a user calls.
 
 An ``Engine`` (``nbflow.engine``) is the public facade a user holds; underneath it is
-one ``Backend``: the Redis client, the scripts, the key names, the RQ queue, the
-registered classes, ``env``/``ctx``, the limits and the runs this process is
-advancing.  Runners and workers are handed the backend, so neither knows the engine
-and nothing reaches into an object's private members.
+one ``Backend``: the Redis client, the scripts, the key names, the RQ queues (one
+per workflow, ``queue_for``), the registered classes, ``env``/``ctx``, the limits
+and the runs this process is advancing.  Runners and workers are handed the
+backend, so neither knows the engine and nothing reaches into an object's private
+members.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from nbflow.artifacts import ArtifactStore
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.store import Keys, Scripts
 
@@ -37,6 +39,7 @@ class Backend:
         ctx: Any,
         max_step_bytes: int,
         retention: float | None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.redis = client
         self.prefix = prefix
@@ -45,24 +48,84 @@ class Backend:
         self.ctx = ctx
         self.max_step_bytes = max_step_bytes
         self.retention = retention
+        #: where results too large for Redis go (``nbflow.artifacts``)
+        self.artifacts = artifacts if artifacts is not None else ArtifactStore(None, prefix=prefix)
         self.keys = Keys(prefix)
         self.scripts = Scripts(client)
-        self.queue = Queue(queue, connection=client, serializer=JSONSerializer, default_timeout=-1)
+        #: the engine's queue itself: nothing is enqueued on it any more, but workers
+        #: still listen to it (jobs from before routing, hand-enqueued jobs) and are
+        #: registered on it, so ``rq info`` groups them under the engine's queue name
+        self.base_queue = self._queue(queue)
+        self._queues: dict[str, Queue] = {}
         #: workflow name -> class, as registered in this process
         self.classes: dict[str, type[WorkflowEntrypoint[Any, Any]]] = {}
         #: instance id -> token of the run this process is advancing (lease heartbeats)
         self.runs: dict[str, str] = {}
 
-    def enqueue(self, ids: Sequence[str], at_front: bool = False, pipe: Any = None) -> None:
-        """One RQ job that advances ``ids``; inside ``pipe`` when given (atomic with it)."""
-        self.queue.enqueue_call(
+    def _queue(self, name: str) -> Queue:
+        return Queue(name, connection=self.redis, serializer=JSONSerializer, default_timeout=-1)
+
+    def queue_for(self, workflow: str) -> Queue:
+        """The RQ queue of ``workflow``'s instances: ``{queue}:{workflow}``.
+
+        One queue per workflow is what routes an instance to a worker that can run
+        it: a worker listens only to the queues of the workflows it has registered
+        (``nbflow.routing``), so nothing of another workflow ever reaches it, and
+        ``rq info`` lists each workflow's backlog.  (Workflow names have no ``:``.)
+        """
+        q = self._queues.get(workflow)
+        if q is None:
+            q = self._queues[workflow] = self._queue(f"{self.queue_name}:{workflow}")
+        return q
+
+    def enqueue(
+        self, ids: Sequence[str], workflow: str, at_front: bool = False, pipe: Any = None
+    ) -> None:
+        """One RQ job that advances ``ids`` (all of ``workflow``), on that workflow's
+        queue; inside ``pipe`` when given (atomic with it).  An instance whose stored
+        workflow name is missing (damaged state) goes on the engine's own queue, which
+        every worker takes, and is ended there with an error saying so."""
+        queue = self.queue_for(workflow) if workflow else self.base_queue
+        queue.enqueue_call(
             JOB_FUNCTION,
             args=(self.prefix, list(ids)),
             timeout=-1,
             result_ttl=0,
             failure_ttl=24 * 3600,
-            description=f"nbflow {self.prefix} {ids[0]}"
+            description=f"nbflow {self.prefix} {workflow} {ids[0]}"
             + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
             at_front=at_front,
             pipeline=pipe,
         )
+
+    def enqueue_many(self, ids: Sequence[str], at_front: bool = False) -> None:
+        """RQ jobs for many instances of any workflows (the children of a fan-out, a
+        parent woken by its child): their workflow names read in one round trip, then
+        per workflow jobs of 25 to 100 ids, at least two for 50 or more so two workers
+        share them (as ``create_batch`` cuts its jobs), sent in one more."""
+        read = self.redis.pipeline(transaction=False)
+        for iid in ids:
+            read.hget(self.keys.metadata(iid), "workflowName")
+        by_wf: dict[str, list[str]] = {}
+        for iid, wf in zip(ids, read.execute(), strict=True):
+            by_wf.setdefault("" if wf is None else wf.decode(), []).append(iid)
+        pipe = self.redis.pipeline(transaction=False)
+        for wf, group in by_wf.items():
+            size = min(100, max(25, -(-len(group) // 2)))
+            for start in range(0, len(group), size):
+                self.enqueue(group[start : start + size], wf, at_front=at_front, pipe=pipe)
+        pipe.execute()
+
+    def enqueue_routed(self, reply: Iterable[Any], at_front: bool = False) -> int:
+        """Enqueues what a script returned as ``id, workflow, id, workflow, ...`` (bytes):
+        one job per workflow, all in one round trip.  Returns how many ids."""
+        flat = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        by_wf: dict[str, list[str]] = {}
+        for iid, wf in zip(flat[::2], flat[1::2], strict=True):
+            by_wf.setdefault(wf, []).append(iid)
+        if by_wf:
+            pipe = self.redis.pipeline(transaction=False)
+            for wf, ids in by_wf.items():
+                self.enqueue(ids, wf, at_front=at_front, pipe=pipe)
+            pipe.execute()
+        return len(flat) // 2

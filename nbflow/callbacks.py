@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import asyncio
+import contextvars
 import inspect
 import logging
 import signal
@@ -66,8 +67,12 @@ def seen_slow(workflow: str, step: str) -> bool:
 
 def submit(callback: Callable[..., Any], ctx: StepContext | None, *, blocking: bool) -> Future[Any]:
     """Runs a callback on the pool.  ``blocking``: an awaitable it returns is run there
-    too (a plain ``def run`` has no loop to await it on); else it is the result."""
-    return _POOL.submit(_invoke_blocking if blocking else call, callback, ctx)
+    too (a plain ``def run`` has no loop to await it on); else it is the result.
+
+    It runs in a copy of the caller's context (as ``asyncio.to_thread`` does), so what it
+    prints or logs reaches the step's log sink (``nbflow.capture``)."""
+    run = contextvars.copy_context().run
+    return _POOL.submit(run, _invoke_blocking if blocking else call, callback, ctx)
 
 
 def abandon(future: Future[Any]) -> None:

@@ -3,10 +3,12 @@
 ::
 
     nbflow worker [--redis URL] [--prefix P] [--queue Q] [--import MODULE ...]
-                  [--processes N] [--burst]
+                  [--processes N] [--burst] [--artifacts URL]
     nbflow list [--status S] [--workflow NAME] [--limit N]
     nbflow status ID
     nbflow schedules [--redis URL] [--prefix P]
+    nbflow gc [--artifacts URL] [--min-age DURATION] [--dry-run]
+    nbflow logs ID [--step STEP]
     nbflow demo
     nbflow server start|stop|status
 """
@@ -50,10 +52,16 @@ def import_workflows(engine: Engine, modules: Sequence[str]) -> list[str]:
     return names
 
 
-def make_engine(redis: str | None, prefix: str, queue: str, imports: Sequence[str]) -> Engine:
+def make_engine(
+    redis: str | None,
+    prefix: str,
+    queue: str,
+    imports: Sequence[str],
+    artifacts: str | None = None,
+) -> Engine:
     """An engine with the imported workflows registered (picklable via partial for spawn)."""
     sys.path.insert(0, ".")  # `--import mymodule` finds modules in the working directory
-    engine = Engine(redis, prefix=prefix, queue=queue)
+    engine = Engine(redis, prefix=prefix, queue=queue, artifacts=artifacts)
     import_workflows(engine, imports)
     return engine
 
@@ -70,7 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbflow", description="Durable workflows on Redis and RQ")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("worker", help="run workers (any number, on any number of machines)")
+    w = sub.add_parser(
+        "worker",
+        help="run workers (any number, on any number of machines)",
+        description="Run nbflow workers.  A worker runs only the workflows it imports: it "
+        "listens to one RQ queue per workflow, QUEUE:WORKFLOW (see `rq info`), so instances "
+        "of other workflows wait, queued, for a worker that has them.",
+    )
     _engine_args(w)
     w.add_argument(
         "--import",
@@ -78,9 +92,17 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE",
-        help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable)",
+        help="module whose WorkflowEntrypoint subclasses this worker runs (repeatable); "
+        "it takes instances of those workflows only",
     )
     w.add_argument("--processes", type=int, default=1, help="worker processes to start (default 1)")
+    w.add_argument(
+        "--artifacts",
+        metavar="URL",
+        help="where results too large for Redis go: a directory or an fsspec URL "
+        "(s3://bucket/path ...) that every engine and worker reaches "
+        "(default: $NBFLOW_HOME/artifacts)",
+    )
     w.add_argument("--burst", action="store_true", help="exit when nothing is due")
     w.add_argument("-v", "--verbose", action="store_true", help="log at INFO instead of WARNING")
 
@@ -96,6 +118,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("schedules", help="list the cron schedules (engine.schedule)")
     _engine_args(sc)
+    gc = sub.add_parser("gc", help="delete artifacts that no instance refers to any more (orphans)")
+    _engine_args(gc)
+    gc.add_argument(
+        "--artifacts", metavar="URL", help="artifact location (default: $NBFLOW_HOME/artifacts)"
+    )
+    gc.add_argument(
+        "--min-age",
+        default="1 hour",
+        help="leave files younger than this alone: one may be being written (default 1 hour)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list the orphans, delete nothing")
+    lg = sub.add_parser("logs", help="what an instance's code printed or logged, oldest first")
+    _engine_args(lg)
+    lg.add_argument("id")
+    lg.add_argument("--step", help="only this step ('name', or 'name#2' for its 2nd occurrence)")
 
     sub.add_parser("demo", help="run a demo workflow end to end (starts the embedded server)")
 
@@ -139,17 +176,26 @@ def _worker(args: argparse.Namespace) -> int:
     )
     if args.processes < 1:
         raise ValueError(f"--processes must be at least 1, not {args.processes}")
-    engine = make_engine(args.redis, args.prefix, args.queue, args.imports)
+    engine = make_engine(args.redis, args.prefix, args.queue, args.imports, args.artifacts)
     names = sorted(engine.workflows)
+    queues = [engine.backend.queue_for(n).name for n in names]
     print(
         f"nbflow worker: {server.describe(engine.redis)} prefix={args.prefix!r} "
-        f"queue={args.queue!r} processes={args.processes} workflows: {', '.join(names) or 'none'}",
+        f"queue={args.queue!r} processes={args.processes} artifacts={engine.artifacts} "
+        f"workflows: {', '.join(names) or 'none'}",
+        flush=True,
+    )
+    print(
+        f"nbflow worker: listening to queues {', '.join(queues) or '(none: no workflows)'}"
+        + ("" if names else "; it takes nothing (import a module with --import)"),
         flush=True,
     )
     if args.processes == 1:
         serve(engine.backend, burst=args.burst, logging_level=level)
     else:
-        factory = functools.partial(make_engine, args.redis, args.prefix, args.queue, args.imports)
+        factory = functools.partial(
+            make_engine, args.redis, args.prefix, args.queue, args.imports, args.artifacts
+        )
         serve_many(factory, args.processes, burst=args.burst, logging_level=level)
     return 0
 
@@ -206,6 +252,46 @@ def _utc_text(stamp: Any) -> str:
     if stamp is None or stamp != stamp:  # None or NaT
         return "-"
     return str(stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from nbflow.artifacts import collect_garbage
+    from nbflow.durations import parse_duration
+
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue, artifacts=args.artifacts)
+    store = engine.backend.artifacts
+    orphans = collect_garbage(
+        store,
+        engine.redis,
+        engine.keys.artifacts,
+        min_age=parse_duration(args.min_age),
+        dry_run=args.dry_run,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    for url in orphans:
+        print(f"{verb} {url}")
+    print(f"nbflow gc: {verb} {len(orphans)} orphaned artifact(s) under {store.root}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    """One line per captured line: time, step (``-`` for run's own), stream, text."""
+    engine = Engine(args.redis, prefix=args.prefix, queue=args.queue)
+    try:
+        inst = engine.instance(args.id)
+        frame = inst.logs(args.step)
+    except InstanceNotFoundError as exc:
+        print(f"nbflow logs: {exc}", file=sys.stderr)
+        return 1
+    if frame.empty:
+        print("no log lines" + (f" for step {args.step!r}" if args.step else ""))
+        return 0
+    times = frame["time"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str[:-3] + "Z"
+    for when, step, stream, line in zip(
+        times, frame["step"], frame["stream"], frame["line"], strict=True
+    ):
+        print(f"{when} {'-' if step is None else step} {stream}: {line}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -295,6 +381,8 @@ _COMMANDS = {
     "list": _list,
     "status": _status,
     "schedules": _schedules,
+    "gc": _gc,
+    "logs": _logs,
     "demo": _demo,
     "server": _server,
 }

@@ -40,7 +40,7 @@ from itertools import chain
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
-__all__ = ["TAG", "UnstorableValueError", "decode", "encode"]
+__all__ = ["TAG", "ArtifactRef", "ArtifactSummary", "UnstorableValueError", "decode", "encode"]
 
 #: The reserved object key that marks an envelope.
 TAG: Final = "$nbflow"
@@ -80,11 +80,49 @@ def _float_envelope(value: float) -> dict[str, object]:
     return {TAG: "float", "value": text}
 
 
-def _tz_spec(tz: datetime.tzinfo | None) -> dict[str, object] | None:
+_DATEUTIL_ZONES: Final = "zoneinfo/"
+_TIME_ZONES: Final = (
+    "time zones must be zoneinfo.ZoneInfo, datetime.timezone, pytz, or dateutil's "
+    "tz.gettz(name) / tzutc() / tzoffset() / tzlocal()"
+)
+
+
+def _dateutil_spec(tz: datetime.tzinfo) -> dict[str, object] | None:
+    """A dateutil time zone as a spec, or None if ``tz`` is not one nbflow can rebuild.
+
+    ``tz.gettz("Europe/Paris")`` and pandas' ``tz="dateutil/Europe/Paris"`` are a
+    ``tzfile`` read from a file whose path ends in the zone's name; ``tzutc``,
+    ``tzoffset`` and ``tzlocal`` are kept as what they are.  (Stored as a plain
+    ``{"name": str(tz)}`` they used to come back as ``ZoneInfoNotFoundError``.)
+    """
+    module = sys.modules.get("dateutil.tz")
+    if module is None or not type(tz).__module__.startswith("dateutil"):
+        return None
+    if isinstance(tz, module.tzutc):
+        return {"dateutil": "UTC"}
+    if isinstance(tz, module.tzlocal):
+        return {"dateutil": "local"}
+    if isinstance(tz, module.tzoffset):
+        offset = tz.utcoffset(None)
+        name = tz.tzname(None)
+        if offset is None:
+            return None
+        return {"dateutil_offset": int(offset.total_seconds()), "name": name}
+    if isinstance(tz, module.tzfile):
+        path = str(getattr(tz, "_filename", "") or "")
+        key = path.rpartition(_DATEUTIL_ZONES)[2] if _DATEUTIL_ZONES in path else path
+        if key and not key.startswith("/") and module.gettz(key) == tz:
+            return {"dateutil": key}
+    return None
+
+
+def _tz_spec(tz: datetime.tzinfo | None, value: object = None) -> dict[str, object] | None:
     """Describe a time zone so it can be rebuilt: a zone name if it has one, else an offset.
 
     An ISO string keeps only the UTC offset; keeping the zone name too means an
-    ``Europe/Paris`` datetime comes back in ``Europe/Paris`` (and DST rules).
+    ``Europe/Paris`` datetime comes back in ``Europe/Paris`` (and DST rules).  A time
+    zone that cannot be rebuilt exactly is refused (``UnstorableValueError``) rather
+    than stored in a form that cannot be read back.
     """
     if tz is None:
         return None
@@ -96,23 +134,53 @@ def _tz_spec(tz: datetime.tzinfo | None) -> dict[str, object] | None:
     if isinstance(tz, datetime.timezone):
         seconds = tz.utcoffset(None).total_seconds()
         return {"offset": int(seconds) if seconds.is_integer() else seconds}
-    return {"name": str(tz)}
+    spec = _dateutil_spec(tz)
+    if spec is not None:
+        return spec
+    held = "" if value is None else f" in a value of type {type(value).__name__!r}"
+    raise UnstorableValueError(
+        f"cannot store a value of type {type(tz).__name__!r} (the time zone {tz!r}{held}): "
+        f"{_TIME_ZONES}; {_STORABLE}"
+    )
 
 
-def _tz_from_spec(spec: dict[str, Any]) -> datetime.tzinfo | str:
-    """Inverse of :func:`_tz_spec`; an unknown name is handed on as a string (pandas parses it)."""
+def _tz_from_spec(spec: dict[str, Any]) -> datetime.tzinfo:
+    """Inverse of :func:`_tz_spec`; ``ValueError`` for a zone this machine does not know."""
     if "zone" in spec:
         return ZoneInfo(spec["zone"])
     if "offset" in spec:
         # timezone(timedelta(0)) is the datetime.timezone.utc singleton.
         return datetime.timezone(datetime.timedelta(seconds=spec["offset"]))
-    return str(spec["name"])
+    if "dateutil" in spec or "dateutil_offset" in spec:
+        from dateutil import tz as dateutil_tz  # type: ignore[import-untyped, unused-ignore]
+
+        made: datetime.tzinfo | None
+        key = str(spec.get("dateutil", ""))
+        if "dateutil_offset" in spec:
+            made = dateutil_tz.tzoffset(spec.get("name"), spec["dateutil_offset"])
+        elif key == "UTC":
+            made = dateutil_tz.tzutc()
+        elif key == "local":
+            made = dateutil_tz.tzlocal()
+        else:
+            made = dateutil_tz.gettz(key)
+        if made is None:
+            raise ValueError(f"dateutil knows no time zone {key!r} on this machine")
+        return made
+    # written by an older nbflow as {"name": str(tz)}: dateutil zones are readable again
+    name = str(spec.get("name"))
+    if name.startswith("tzfile(") and _DATEUTIL_ZONES in name:
+        key = name.rpartition(_DATEUTIL_ZONES)[2].rstrip("')\"")
+        return _tz_from_spec({"dateutil": key})
+    if name == "tzutc()":
+        return _tz_from_spec({"dateutil": "UTC"})
+    raise ValueError(f"time zone {name!r} cannot be rebuilt")
 
 
 def _encode_datetime(value: datetime.datetime) -> dict[str, object]:
     """ISO 8601 keeps microseconds and the UTC offset; the zone name rides alongside."""
     envelope: dict[str, object] = {TAG: "datetime", "iso": value.isoformat()}
-    spec = _tz_spec(value.tzinfo)
+    spec = _tz_spec(value.tzinfo, value)
     if spec is not None and "offset" not in spec:
         envelope["tz"] = spec
     return envelope
@@ -136,12 +204,92 @@ def _encode_timedelta(value: datetime.timedelta) -> dict[str, object]:
     }
 
 
+def _size_text(n: int) -> str:
+    """Bytes as a short decimal size: ``96 MB``, ``1.5 kB``, ``12 B``."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            if unit == "B":
+                return f"{int(size)} B"
+            return f"{size:.0f} {unit}" if size >= 10 else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+class ArtifactSummary(str):
+    """What ``steps()`` shows for a result stored as an artifact: a one-line summary
+    such as ``DataFrame 1,000,000 × 12 (96 MB)`` (a ``str``, so it compares and prints
+    as text), with the reference itself as ``.ref``.  Showing it never loads the data."""
+
+    ref: ArtifactRef
+
+    def __new__(cls, ref: ArtifactRef) -> ArtifactSummary:
+        obj = super().__new__(cls, ref.summary())
+        obj.ref = ref
+        return obj
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class ArtifactRef:
+    """Where a large value is stored instead of Redis (``nbflow.artifacts``), as Redis keeps
+    it: the envelope ``{"$nbflow": "artifact", "url": ..., "format": "parquet"|"json",
+    "bytes": ..., "sha256": ..., "type": ..., "rows"/"columns" (frames), "mem" (bytes in
+    memory), "host" (who wrote it)}``, well under 1 KB.
+
+    Decoding stored JSON gives this object, never the value: whoever hands a value to a
+    user loads it (``ArtifactStore.load``), and listings show ``summary()``.  ``url``
+    comes first in the envelope, so the Lua scripts find it with an anchored match.
+    """
+
+    __slots__ = ("url", "format", "size", "sha256", "meta")
+
+    def __init__(self, url: str, format: str, size: int, sha256: str, **meta: Any) -> None:
+        self.url = url
+        self.format = format
+        self.size = size
+        self.sha256 = sha256
+        self.meta = meta
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            TAG: "artifact",
+            "url": self.url,
+            "format": self.format,
+            "bytes": self.size,
+            "sha256": self.sha256,
+            **self.meta,
+        }
+
+    def summary(self) -> str:
+        """``DataFrame 1,000,000 × 12 (96 MB)``, ``Series 5,000 (40 kB)``, ``list (3.2 MB)``:
+        the size in memory when known, else the size stored."""
+        kind = str(self.meta.get("type", "value"))
+        size = _size_text(int(self.meta.get("mem", self.size)))
+        if "rows" in self.meta and "columns" in self.meta:
+            return f"{kind} {self.meta['rows']:,} × {self.meta['columns']:,} ({size})"
+        if "rows" in self.meta:
+            return f"{kind} {self.meta['rows']:,} ({size})"
+        return f"{kind} ({size})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArtifactRef) and other.envelope() == self.envelope()
+
+    def __hash__(self) -> int:
+        return hash((self.url, self.sha256))
+
+    def __repr__(self) -> str:
+        return f"<artifact {self.summary()} at {self.url}>"
+
+
 # Exact-type dispatch for the common special types: one dict lookup, no isinstance chain.
 _SIMPLE_ENCODERS: Final[dict[type, Callable[[Any], dict[str, object]]]] = {
     bytes: _encode_bytes,
     datetime.datetime: _encode_datetime,
     datetime.date: _encode_date,
     datetime.timedelta: _encode_timedelta,
+    ArtifactRef: ArtifactRef.envelope,
 }
 
 
@@ -321,8 +469,7 @@ def _decode_datetime(envelope: dict[str, Any]) -> object:
             tz = _tz_from_spec(envelope["tz"])
         except (KeyError, ValueError):  # zone unknown on this machine: keep the UTC offset
             return value
-        if isinstance(tz, datetime.tzinfo):
-            value = value.astimezone(tz)
+        value = value.astimezone(tz)
     return value
 
 
@@ -417,7 +564,7 @@ def _encode_array(data: Any, labels: bool = False) -> dict[str, object]:
         return {
             TAG: "datetimes",
             "unit": dtype.unit,
-            "tz": _tz_spec(dtype.tz),
+            "tz": _tz_spec(dtype.tz, data),
             "i8": utc.view("i8").tolist(),
         }
     elif isinstance(dtype, pd.StringDtype):
@@ -504,7 +651,7 @@ def _encode_pandas(value: object) -> dict[str, object] | None:
             "iso": value.isoformat(),
             "unit": value.unit,
         }
-        spec = _tz_spec(value.tzinfo)
+        spec = _tz_spec(value.tzinfo, value)
         if spec is not None:
             envelope["tz"] = spec
         return envelope
@@ -627,6 +774,18 @@ def _decode_timestamp(envelope: dict[str, Any]) -> object:
     return value
 
 
+def _decode_artifact(envelope: dict[str, Any]) -> object:
+    known = (TAG, "url", "format", "bytes", "sha256")
+    fields = {k: v for k, v in envelope.items() if k not in known}
+    return ArtifactRef(
+        str(envelope["url"]),
+        str(envelope["format"]),
+        int(envelope["bytes"]),
+        str(envelope["sha256"]),
+        **fields,
+    )
+
+
 def _decode_nat(envelope: dict[str, Any]) -> object:
     import pandas as pd
 
@@ -660,6 +819,7 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], object]]] = {
     "timestamp": _decode_timestamp,
     "nat": _decode_nat,
     "na": _decode_na,
+    "artifact": _decode_artifact,
 }
 
 

@@ -1,5 +1,6 @@
 """What a user writes against: ``WorkflowEntrypoint``, the ``WorkflowEvent`` a run
-receives, and the ``StepContext`` a step callback may take.
+receives, the ``StepContext`` a step callback may take, and the ``RollbackContext`` a
+rollback callback receives.
 
 These are plain data holders with no Redis in them, so a workflow module can be
 imported (by a CLI worker, a notebook, mypy) without touching the engine.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
+
+from nbflow.validate import check_progress
 
 Env = TypeVar("Env")
 Params = TypeVar("Params")
@@ -103,10 +106,44 @@ class StepContext:
     ``count`` is the occurrence of this name in the run (1 for the first
     ``step.do("x", ...)``, 2 for the second), ``attempt`` is 1-based, and
     ``config`` is the resolved config (defaults merged in), so a callback can
-    log or adapt to its retry situation.
+    log or adapt to its retry situation.  ``progress`` reports how far it got.
     """
 
     name: str
     count: int
     attempt: int
     config: dict[str, Any]
+    #: the run the step belongs to (what ``progress`` reports to) and the step's key
+    _run: Any = field(default=None, repr=False, compare=False)
+    _key: str = field(default="", repr=False, compare=False)
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report how far the step got: ``progress(3, 10)`` (counts), ``progress(0.3)``
+        (a fraction, without ``total``), optionally with a short ``message``.
+
+        Shown by ``steps()`` (columns ``progress``, 0-1, and ``message``), status cards
+        and the dashboard.  It never waits for Redis: the latest value is kept and
+        written at most about ten times a second (and always once more with the step's
+        result), so calling it in a tight loop is fine.  Bad values raise at the call:
+        ``TypeError`` for non-numbers, ``ValueError`` for negative ones, ``done`` above
+        ``total`` (or above 1 without it) and ``total <= 0`` (see
+        ``nbflow.validate.check_progress``).  Reports after the step finished are ignored.
+        """
+        fraction, text = check_progress(done, total, message)
+        if self._run is not None:
+            self._run.report_progress(self._key, fraction, text)
+
+
+@dataclass(frozen=True)
+class RollbackContext:
+    """Passed to a ``rollback=`` callback of ``step.do`` when the instance failed.
+
+    ``output`` is what the step returned (its stored result), ``error`` the exception
+    that failed the instance, and ``step`` the step's own ``StepContext`` (its name,
+    occurrence, the attempt that succeeded and its config), so one undo function can
+    serve several steps.
+    """
+
+    output: Any
+    error: BaseException
+    step: StepContext

@@ -9,6 +9,7 @@ Lua script each (``nbflow.store``) and change the status before they return.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,8 +20,9 @@ from typing import Any, Generic, TypeVar
 import pandas as pd
 import redis as redis_lib
 
-from nbflow import codec, handshake, reprs, server
+from nbflow import codec, handshake, reprs, routing, server
 from nbflow import schedules as _schedules
+from nbflow.artifacts import DEFAULT_THRESHOLD, ArtifactStore
 from nbflow.backend import Backend
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.durations import parse_duration
@@ -36,16 +38,21 @@ from nbflow.fork import fork as fork_instance
 from nbflow.records import (
     FINAL_STATUSES,
     INSTANCE_COLUMNS,
+    LOG_COLUMNS,
     STATUSES,
     STEP_COLUMNS,
     InstanceStatus,
     decode_entry,
+    decode_progress,
     event_json,
     instance_status,
+    log_label,
+    log_rows,
     published_status,
     split_key,
     step_key,
     step_row,
+    summarized,
     text,
     text_or_none,
 )
@@ -81,6 +88,14 @@ class Engine:
     independent engines share one Redis; workers must use the same two.  ``env`` and
     ``ctx`` are handed to every workflow instance as ``self.env`` / ``self.ctx``.
     ``retention`` (a duration) deletes finished instances that long after they finish.
+
+    Results of any size (spec 11): a step result, run output or event payload whose
+    encoding is over ``artifact_threshold`` bytes (``None``: never) is stored as an
+    artifact under ``artifacts`` (a directory or an fsspec URL such as
+    ``s3://bucket/path``; default ``$NBFLOW_HOME/artifacts``; ``artifact_options`` are
+    the fsspec storage options, e.g. credentials or ``endpoint_url``), DataFrames and
+    Series as Parquet; Redis keeps a small reference.  ``max_step_bytes`` caps what goes
+    to Redis, ``max_artifact_bytes`` (default no limit) what goes to an artifact.
     """
 
     def __init__(
@@ -93,6 +108,10 @@ class Engine:
         ctx: Any = None,
         max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
         retention: str | float | timedelta | None = None,
+        artifacts: str | os.PathLike[str] | None = None,
+        artifact_threshold: int | None = DEFAULT_THRESHOLD,
+        max_artifact_bytes: int | None = None,
+        artifact_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in " \t\r\n"):
             raise ValueError(f"prefix must be a non-empty string without spaces, not {prefix!r}")
@@ -105,6 +124,13 @@ class Engine:
         ):
             raise ValueError(f"max_step_bytes must be a positive int, not {max_step_bytes!r}")
         kept = None if retention is None else parse_duration(retention)
+        store = ArtifactStore(
+            artifacts,
+            prefix=prefix,
+            threshold=artifact_threshold,
+            max_bytes=max_artifact_bytes,
+            options=artifact_options,
+        )
         client = server.connect(redis)
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
@@ -120,6 +146,7 @@ class Engine:
             ctx=ctx,
             max_step_bytes=max_step_bytes,
             retention=kept,
+            artifacts=store,
         )
         self._worker: ThreadWorker | None = None
         self._worker_lock = threading.Lock()
@@ -149,6 +176,11 @@ class Engine:
     def max_step_bytes(self) -> int:
         """The largest step result, params or event payload stored, in bytes."""
         return self.backend.max_step_bytes
+
+    @property
+    def artifacts(self) -> str:
+        """The URL of the artifact location (where results too large for Redis go)."""
+        return self.backend.artifacts.url
 
     @property
     def retention(self) -> float | None:
@@ -232,7 +264,8 @@ class Engine:
         """Instances newest first, as a DataFrame (read from indexes, never a key scan).
 
         Columns: id, workflow, status, created_at, updated_at, current_step,
-        steps_done, error, version (the workflow's code version at creation).
+        steps_done, error, version (the workflow's code version at creation), parent
+        (the id of the instance that started it as a child with ``step.run_workflow``).
         """
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r}; statuses are {', '.join(STATUSES)}")
@@ -276,7 +309,7 @@ class Engine:
             pipe.hmget(
                 self.keys.state(iid), "status", "createdAt", "updatedAt", "error", "stepsDone"
             )
-            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version")
+            pipe.hmget(self.keys.metadata(iid), "workflowName", "currentStep", "version", "parent")
         res = pipe.execute()
         for n, iid in enumerate(ids):
             st, meta = res[2 * n], res[2 * n + 1]
@@ -292,6 +325,7 @@ class Engine:
                 "steps_done": int(st[4] or 0),
                 "error": codec.decode(st[3]) if st[3] else None,
                 "version": text_or_none(meta[2]) or None,
+                "parent": text_or_none(meta[3]),
             }
 
     # -- schedules (nbflow.schedules) ---------------------------------------------
@@ -414,19 +448,32 @@ class Engine:
             listener.pubsub.close()
 
     def _lifecycle(
-        self, script: str, iid: str, extra: Sequence[str] = (), enqueue: bool = False
+        self,
+        script: str,
+        iid: str,
+        extra: Sequence[str] = (),
+        enqueue: str | None = None,
     ) -> str:
+        """Runs a lifecycle script; ``enqueue`` names the instance's workflow when the
+        script may queue it (its job goes on that workflow's queue, in the same MULTI)."""
         now, now_iso = _now()
 
         def job(pipe: Any) -> None:
-            self.backend.enqueue([iid], at_front=True, pipe=pipe)
+            assert enqueue is not None
+            self.backend.enqueue([iid], enqueue, at_front=True, pipe=pipe)
 
         ack = self.keys.ack(uuid.uuid4().hex)
         res = self.backend.scripts.execute(
-            [(script, [self.prefix, iid, now, now_iso, *extra, ack])], job if enqueue else None
+            [(script, [self.prefix, iid, now, now_iso, *extra, ack])],
+            job if enqueue is not None else None,
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
+            # terminate and restart: {ok, status, heard, parent to wake or '', URLs...}
+            if len(res) > 3 and res[3]:  # a child ended: its waiting parent is queued
+                self.backend.enqueue_many([text(res[3])], at_front=True)
+            if len(res) > 4:  # artifacts no reference names any more
+                self.backend.artifacts.delete(res[4:])
             if len(res) > 2 and int(res[2]) > 0:
                 handshake.await_stop(self.backend, iid, script, ack)
             return value
@@ -504,7 +551,7 @@ class Workflow(Generic[W]):
 
         def jobs(pipe: Any) -> None:
             for start in range(0, len(ids), size):
-                engine.backend.enqueue(ids[start : start + size], pipe=pipe)
+                engine.backend.enqueue(ids[start : start + size], self.name, pipe=pipe)
 
         flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
         return [bool(f) for f in flags]
@@ -592,20 +639,35 @@ class WorkflowInstance:
         return html
 
     def status(self) -> InstanceStatus:
-        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored."""
-        st, output, error = self.engine.redis.hmget(
-            self.engine.keys.state(self.id), "status", "output", "error"
+        """``{"status": s}``, plus ``output`` when complete and ``error`` when errored
+        (and ``rollback``, ``{"status", "steps"}``, when its rollbacks ran)."""
+        st, output, error, rollback = self.engine.redis.hmget(
+            self.engine.keys.state(self.id), "status", "output", "error", "rollback"
         )
-        return instance_status(st, output, error)
+        return self._loaded(instance_status(st, output, error, rollback))
+
+    def _loaded(self, status: InstanceStatus) -> InstanceStatus:
+        """The status with an output stored as an artifact read back (checked)."""
+        if isinstance(status.get("output"), codec.ArtifactRef):
+            what = f"the output of instance {self.id!r}"
+            status["output"] = self.engine.backend.artifacts.load(status["output"], what)
+        return status
 
     def info(self) -> dict[str, Any]:
         """A cheap summary in one round trip (what listings and live cards show).
 
         Keys: id, workflow, status, current_step, steps_done, created_at,
-        updated_at, version (the workflow's code version recorded at creation), and
-        output (when complete) or error (when errored).  Step results are not read, so
-        this stays cheap however large they are.
+        updated_at, version (the workflow's code version recorded at creation),
+        waiting_for, and output (when complete) or error (when errored).
+        ``waiting_for`` says what a queued instance waits for when no running worker
+        has its workflow (``"a worker with workflow 'X'"``), else None.  Step
+        results are not read, so this stays cheap however large they are.
+        Also ``steps_expected``: how many steps the last completed instance of this
+        workflow did (None before one completed), for "3/7 steps"; and ``progress``
+        (0-1) and ``progress_message``: what the current step last reported with
+        ``ctx.progress`` while the instance runs (else None).
         """
+        keys = self.engine.keys
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hmget(
             self.engine.keys.state(self.id),
@@ -617,10 +679,16 @@ class WorkflowInstance:
             "error",
         )
         pipe.hmget(self.engine.keys.metadata(self.id), "currentStep", "version")
-        (status, created, updated, done, output, error), (current, version) = pipe.execute()
+        # live workers that run this workflow (entries hold until their expiry)
+        pipe.zcount(self.engine.keys.serving(self.workflow), time.time(), "+inf")
+        pipe.hget(keys.stepcount, self.workflow)
+        pipe.hget(keys.progress(self.id), "@last")
+        state, (current, version), served, expected, last = pipe.execute()
+        status, created, updated, done, output, error = state
         info: dict[str, Any] = {"id": self.id, "workflow": self.workflow}
         if status is None:
-            return {**info, "status": "unknown"}
+            return {**info, "status": "unknown", "waiting_for": None}
+        waits = text(status) == "queued" and not served
         info.update(
             status=text(status),
             current_step=text_or_none(current) or None,
@@ -628,16 +696,26 @@ class WorkflowInstance:
             created_at=pd.Timestamp(text(created)),
             updated_at=pd.Timestamp(text(updated)),
             version=text_or_none(version) or None,
+            waiting_for=routing.waiting_for(self.workflow) if waits else None,
+            steps_expected=None if expected is None else int(expected),
+            progress=None,
+            progress_message=None,
         )
+        if last is not None and info["status"] in ("running", "waitingForPause"):
+            reported = decode_progress(last)
+            if split_key(str(reported.get("k", "#0")))[0] == info["current_step"]:
+                info.update(progress=reported.get("p"), progress_message=reported.get("m"))
         ended = instance_status(status, output, error)
-        info.update((k, v) for k, v in ended.items() if k != "status")
+        info.update((k, summarized(v)) for k, v in ended.items() if k != "status")
         return info
 
     def _call(
         self, script: str, allowed: str, enqueue: bool = False, extra: Sequence[str] = ()
     ) -> str:
         try:
-            return self.engine._lifecycle(script, self.id, extra, enqueue=enqueue)
+            return self.engine._lifecycle(
+                script, self.id, extra, enqueue=self.workflow if enqueue else None
+            )
         except InvalidStateError as exc:
             raise InvalidStateError(
                 f"cannot {script} instance {self.id!r}: it is {exc.args[0]}; "
@@ -677,7 +755,7 @@ class WorkflowInstance:
         """
         key = "" if from_step is None else step_key(from_step)
         try:
-            self.engine._lifecycle("restart", self.id, [key], enqueue=True)
+            self.engine._lifecycle("restart", self.id, [key], enqueue=self.workflow)
         except ValueError:
             known = list(dict.fromkeys(split_key(k)[0] for k, _ in self._entries()))
             raise ValueError(
@@ -692,20 +770,36 @@ class WorkflowInstance:
         ``InvalidStateError`` if the instance is complete, errored or terminated.
         """
         check_event_type(type)
+        store = self.engine.backend.artifacts
+        written: str | None = None
         try:
-            event = event_json(type, payload)
+            if store.large_frame(payload):
+                event = ""
+            else:
+                event = event_json(type, payload)
+            if not event or store.over_threshold(len(event.encode())):
+                what = f"an event {type!r} sent to instance {self.id!r}"
+                ref_json, written, _ = store.write(payload, self.id, what)
+                event = event_json(type, codec.decode(ref_json))
         except TypeError as exc:
             raise TypeError(f"event payload: {exc}") from None
-        if len(event.encode()) > self.engine.max_step_bytes:
+        if written is None and len(event.encode()) > self.engine.max_step_bytes:
             raise ValueError(
                 f"event payload is larger than max_step_bytes={self.engine.max_step_bytes}"
             )
         now, now_iso = _now()
-        res = text(
-            self.engine.backend.scripts.send_event(
-                args=[self.engine.prefix, self.id, type, event, now, now_iso]
+        try:
+            res = text(
+                self.engine.backend.scripts.send_event(
+                    args=[self.engine.prefix, self.id, type, event, now, now_iso]
+                )
             )
-        )
+        except BaseException:
+            if written is not None:
+                store.delete([written])
+            raise
+        if written is not None and res not in ("woken", "buffered"):
+            store.delete([written])  # refused: nothing refers to it
         if res == "unknown":
             raise InstanceNotFoundError(
                 f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
@@ -716,7 +810,7 @@ class WorkflowInstance:
                 "instances that are not complete, errored or terminated"
             )
         if res == "woken":
-            self.engine.backend.enqueue([self.id], at_front=True)
+            self.engine.backend.enqueue([self.id], self.workflow, at_front=True)
 
     def wait(self, timeout: float | None = None) -> InstanceStatus:
         """Block until complete, errored or terminated; returns ``status()``.
@@ -749,7 +843,11 @@ class WorkflowInstance:
                         if time.monotonic() - polled >= 1.0:
                             status, polled = self.status(), time.monotonic()
                     elif msg["type"] == "message" and msg["channel"] == channel:
-                        status = published_status(msg["data"]) or self.status()
+                        published = published_status(msg["data"])
+                        if published is None or published["status"] == "errored":
+                            status = self.status()  # errored: with its rollback report, if any
+                        else:
+                            status = self._loaded(published)
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise
@@ -758,45 +856,62 @@ class WorkflowInstance:
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         """Step entries in run order, their start times as epochs again."""
-        return self._read_steps(None)[0]
+        return self._read_steps()[0]
 
     def _read_steps(
-        self, seen_key: str | None
-    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
-        """Step entries in run order, and (same round trip) the fingerprints hash
-        ``seen_key`` (see ``nbflow.store.Keys.fingerprints``)."""
+        self, seen_key: str | None = None, with_progress: bool = False
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str], dict[str, dict[str, Any]]]:
+        """Step entries in run order and, in the same round trip, the fingerprints hash
+        ``seen_key`` (see ``nbflow.store.Keys.fingerprints``) and, if asked, each
+        step's last reported progress."""
         pipe = self.engine.redis.pipeline(transaction=False)
         pipe.hgetall(self.engine.keys.steps(self.id))
         pipe.hget(self.engine.keys.state(self.id), "createdAt")
         if seen_key is not None:
             pipe.hgetall(seen_key)
-        raw, created, *rest = pipe.execute()
+        else:
+            pipe.echo("")  # keeps the replies' positions
+        if with_progress:
+            pipe.hgetall(self.engine.keys.progress(self.id))
+        raw, created, seen_raw, *more = pipe.execute()
         base = datetime.fromisoformat(text(created)).timestamp() if created else 0.0
         entries = [(text(k), decode_entry(k, v, base)) for k, v in raw.items()]
         entries.sort(key=lambda kv: int(kv[1]["i"]))
-        seen = {text(k): text(v) for k, v in rest[0].items()} if rest else {}
-        return entries, seen
+        seen = {text(k): text(v) for k, v in seen_raw.items()} if seen_key is not None else {}
+        progress = {text(k): decode_progress(v) for k, v in (more[0] if more else {}).items()}
+        return entries, seen, progress
 
     def steps(self) -> pd.DataFrame:
         """One row per step in the order they first started.
 
         Columns: step, kind, count, status, attempts, started_at, finished_at,
-        duration_s, output, error, stale.  ``stale`` is True for a completed step
-        whose callback code (its own and that of the user functions it calls) differs
-        in the class registered on this engine now from when it ran: found from the
-        class's methods and the current globals by name, else from what a run with the
-        current class saw when it passed the step (``nbflow.fingerprint``).  Without
-        the class registered here, or when unknown, it is False.
+        duration_s, output, error, stale, progress, message.  ``stale`` is True for a
+        completed step whose callback code (its own and that of the user functions it
+        calls) differs in the class registered on this engine now from when it ran:
+        found from the class's methods and the current globals by name, else from what
+        a run with the current class saw when it passed the step
+        (``nbflow.fingerprint``).  Without the class registered here, or when unknown,
+        it is False.  ``progress`` (0-1) and ``message`` are what ``ctx.progress`` last
+        reported (None when nothing was).  A result stored as an artifact is not
+        loaded: its ``output`` is a summary such as ``DataFrame 1,000,000 × 12 (96 MB)``
+        (``step_output`` loads it).
         """
         cls = self.engine.backend.classes.get(self.workflow)
         seen_key = None
         if cls is not None:
             seen_key = self.engine.keys.fingerprints(self.workflow, class_version(cls))
-        entries, seen = self._read_steps(seen_key)
-        rows = [step_row(key, e) for key, e in entries]
+        entries, seen, progress = self._read_steps(seen_key, with_progress=True)
+        rows = [step_row(key, e, progress.get(key)) for key, e in entries]
         for row, stale in zip(rows, stale_steps(cls, entries, seen), strict=True):
             row["stale"] = stale
-        return pd.DataFrame(rows, columns=STEP_COLUMNS)
+        frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+        for column in ("progress", "message"):  # None where nothing was reported, not NaN
+            frame[column] = pd.Series([r[column] for r in rows], index=frame.index, dtype=object)
+        outputs = [row["output"] for row in rows]
+        if any(isinstance(v, codec.ArtifactSummary) for v in outputs):
+            # as objects: a str column would drop the summaries' ``.ref``
+            frame["output"] = pd.Series(outputs, index=frame.index, dtype=object)
+        return frame
 
     def rerun_stale(self) -> None:
         """Restart from the first stale step (see ``steps()``), keeping the results of
@@ -842,10 +957,56 @@ class WorkflowInstance:
         new_id = fork_instance(self.engine.backend, self.id, self.workflow, from_step, id, params)
         return WorkflowInstance(self.engine, new_id, self.workflow)
 
+    def logs(self, step: str | None = None) -> pd.DataFrame:
+        """What the workflow's code printed or logged while workers ran it (SPEC 8.3).
+
+        Columns: time (UTC), step (None for lines ``run`` wrote between steps),
+        stream (``stdout``, ``stderr`` or a log level such as ``INFO``), line; oldest
+        first.  ``step="load"`` keeps the lines of every occurrence of that step,
+        ``"load#2"`` those of its 2nd; a step that printed nothing gives no rows, a step
+        the instance does not have ``ValueError`` naming its steps.  Each step keeps the
+        last 64 KiB of its lines; a first line says how many older ones were dropped.
+        """
+        keys = self.engine.keys
+        pipe = self.engine.redis.pipeline(transaction=False)
+        pipe.exists(keys.state(self.id))
+        pipe.hgetall(keys.logs(self.id))
+        exists, raw = pipe.execute()
+        if not exists:
+            raise InstanceNotFoundError(
+                f"no instance {self.id!r} under prefix {self.engine.prefix!r}"
+            )
+        fields = {text(k): text(v) for k, v in raw.items()}
+        if step is not None:
+            fields = self._log_fields_of(step, fields)
+        rows = [row for field, value in fields.items() for row in log_rows(field, value)]
+        rows.sort(key=lambda r: (r["t"], r["seq"]))
+        frame = pd.DataFrame(rows, columns=["t", *LOG_COLUMNS[1:]], dtype=object)
+        micros = (frame.pop("t").astype(float) * 1e6).round().astype("int64")
+        frame.insert(0, "time", pd.to_datetime(micros, unit="us", utc=True))
+        return frame
+
+    def _log_fields_of(self, step: str, fields: dict[str, str]) -> dict[str, str]:
+        """The log fields of step ``step`` (every occurrence of a bare name)."""
+        key = step_key(step)
+        wanted = {f: v for f, v in fields.items() if f == key or split_key(f)[0] == step}
+        if wanted:
+            return wanted
+        known = [k for k, _ in self._entries()]
+        if key in known or any(split_key(k)[0] == step for k in known):
+            return {}  # the step ran and printed nothing
+        labels = [log_label(k) for k in known]
+        raise ValueError(
+            f"instance {self.id!r} has no step {step!r} (its steps: "
+            f"{', '.join(str(label) for label in labels) or 'none yet'})"
+        )
+
     def step_output(self, name: str) -> Any:
         """The stored result of step ``name`` (``"name#2"`` for its 2nd occurrence).
 
-        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.
+        A DataFrame stays a DataFrame.  ``LookupError`` if that step has no result.  A
+        result stored as an artifact is read here (checked against its sha256);
+        ``ArtifactError`` naming the step and the URL if it is missing or corrupt.
         """
         key = step_key(name)
         raw = self.engine.redis.hget(self.engine.keys.steps(self.id), key)
@@ -866,7 +1027,8 @@ class WorkflowInstance:
             raise LookupError(
                 f"step {name!r} of instance {self.id!r} has no result yet ({entry['s']})"
             )
-        return entry.get("v")
+        what = f"step {name!r} of instance {self.id!r}"
+        return self.engine.backend.artifacts.resolve(entry.get("v"), what)
 
     def history(self) -> list[dict[str, Any]]:
         """The instance's events in time order: created, step started / finished /
@@ -894,7 +1056,10 @@ class WorkflowInstance:
             start = "step.started" if kind == "do" else f"{kind}.started"
             middle.append({"t": float(t0), "ev": start, "step": key})
             if e["s"] == "complete" and e.get("d") is not None:
-                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}[kind]
+                done = {"do": "step.finished", "sleep": "slept", "event": "event.received"}.get(
+                    kind,
+                    f"{kind}.finished",  # a child's end (workflow), a rollback
+                )
                 entry: dict[str, Any] = {"t": float(t0) + float(e["d"]), "ev": done, "step": key}
                 if int(e.get("a", 1)) != 1:
                     entry["attempt"] = int(e["a"])

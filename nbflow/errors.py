@@ -11,9 +11,11 @@
           +-- InstanceNotFoundError         (also a LookupError) no instance with that id
           +-- InstanceExistsError           (also a ValueError) ``create`` with an id in use
           +-- InvalidStateError             a lifecycle call that the current status forbids
-          +-- WorkflowNotRegisteredError    an instance names a workflow nobody registered
+          +-- WorkflowNotRegisteredError    engine.workflow(name) of a name nobody registered
           +-- NonDeterminismError           a replay asked for another step than the recorded one
           +-- RedisUnavailableError         (also a ConnectionError) no Redis server answered
+          +-- ArtifactError                 a large result stored outside Redis (an artifact)
+                                            could not be written or read back
 
 Bad arguments are plain ``ValueError`` / ``TypeError`` with a message that says
 what was wrong and what is allowed.
@@ -46,6 +48,14 @@ class WorkflowError(Exception):
     """Base class of every error nbflow raises on purpose."""
 
 
+class ArtifactError(WorkflowError):
+    """An artifact (a result too large for Redis, stored as a file: ``nbflow.artifacts``)
+    could not be written (a full disk, a location this worker cannot reach, missing
+    credentials) or read back (missing, or its sha256 does not match).  The message
+    names the step or instance and the artifact's URL.  A write failure fails the step
+    attempt, so the step's retries apply; a read failure is never a silent None."""
+
+
 class NonRetryableError(WorkflowError):
     """Raised by a step callback to fail the step at once, without further retries."""
 
@@ -75,7 +85,9 @@ class InvalidStateError(WorkflowError):
 
 
 class WorkflowNotRegisteredError(WorkflowError):
-    """An instance names a workflow class this engine or worker does not know."""
+    """``engine.workflow(name)`` names a workflow this engine has not registered.  (An
+    instance of a workflow no running worker has is never errored for it: it waits,
+    queued, see ``nbflow.routing``.)"""
 
 
 class NonDeterminismError(WorkflowError):

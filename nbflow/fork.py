@@ -73,7 +73,7 @@ def fork(
     now, now_iso = clock()
 
     def job(pipe: Any) -> None:
-        backend.enqueue([iid], pipe=pipe)
+        backend.enqueue([iid], workflow, pipe=pipe)
 
     args = [backend.prefix, source, iid, f"{now:.6f}", now_iso, from_key, payload, retention]
     res = backend.scripts.execute([("fork", [*args, version])], job)[0]

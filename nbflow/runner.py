@@ -32,19 +32,27 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
-from nbflow import codec, records
+from nbflow import capture, codec, progress, records
 from nbflow.backend import Backend
 from nbflow.batch import Batch, unreachable
 from nbflow.callbacks import run_blocking
 from nbflow.definition import WorkflowEvent
-from nbflow.errors import FatalRunError, StoreUnavailable, Suspend, error_dict, rebuild_error
+from nbflow.errors import (
+    ArtifactError,
+    FatalRunError,
+    StoreUnavailable,
+    Suspend,
+    error_dict,
+    rebuild_error,
+)
 from nbflow.fingerprint import class_version
+from nbflow.routing import hand_back
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 from nbflow.store import LEASE_SECONDS, clock
 
@@ -118,6 +126,7 @@ def run_many(
     ``stopping`` tells runs to hand their instance back at the next step; ``listener``
     is the worker's side of the stop handshake (``nbflow.handshake``).
     """
+    capture.install()  # again per job: something may have replaced sys.stdout since
     runs, outcomes = _claim(backend, ids, stopping, listener)
     async_runs: list[tuple[int, Run]] = []
     for n, run in runs:
@@ -164,6 +173,7 @@ def _claim(
     )
     outcomes: dict[int, str] = {}
     runs: list[tuple[int, Run]] = []
+    strays: dict[str, str] = {}  # claimed, but of a workflow this process does not have
     for n, (iid, token, claim) in enumerate(zip(ids, tokens, claims, strict=True)):
         if unreachable(claim):
             raise claim  # Redis is away: the job fails, the instances stay queued
@@ -174,6 +184,15 @@ def _claim(
         if claim[0] != b"ok":
             outcomes[n] = f"skipped ({claim[0].decode()})"
             continue
+        if not claim[1]:  # no workflowName: the metadata was deleted or edited by hand
+            outcomes[n] = _fail_corrupt(backend, iid, LookupError("no workflowName in metadata"))
+            continue
+        if claim[1].decode() not in backend.classes:
+            # (a job from the engine's own queue, or enqueued by hand: workers take
+            # only their workflows' queues) never errored for it: given back below
+            strays[iid] = token
+            outcomes[n] = "handed back"
+            continue
         try:
             run = Run(backend, iid, token, claim, stopping, listener)
         except Exception as exc:  # stored state that cannot be read: end it, clearly
@@ -181,6 +200,9 @@ def _claim(
             continue
         backend.runs[iid] = token
         runs.append((n, run))
+    if strays:
+        log.info("nbflow: handing back %d instance(s) of workflows not here", len(strays))
+        hand_back(backend, strays)
     return runs, outcomes
 
 
@@ -226,7 +248,10 @@ def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:
         }
     )
     res = backend.scripts.fail(args=[backend.prefix, iid, f"{now:.6f}", now_iso, err])
-    return str(res.decode() if isinstance(res, bytes) else res)
+    outcome, _, parent = str(res.decode() if isinstance(res, bytes) else res).partition(" ")
+    if parent:  # a child: its parent waited for it and is queued now
+        backend.enqueue_many([parent], at_front=True)
+    return outcome
 
 
 class Run:
@@ -265,6 +290,8 @@ class Run:
         self._next = top + 1
         self.counts: dict[str, int] = {}
         self.max_step_bytes = backend.max_step_bytes
+        self.artifacts = backend.artifacts
+        self.artifact_values: dict[int, tuple[Any, str]] = {}
         self.suspending = False
         self.reason = ""
         self.waits: list[tuple[str, str]] = []
@@ -296,6 +323,13 @@ class Run:
         self.calls = 0  # step calls made so far (the determinism check's positions)
         self.positions: dict[int, tuple[str, str]] | None = None
         self._noted: set[tuple[str, str]] = set()
+        self._children: list[str] = []  # children created whose RQ job is not sent yet
+        # what the workflow's code prints or logs (nbflow.capture), kept until the next
+        # write; lines run() writes between steps are dropped while it replays
+        self.log = capture.RunLog(self._log_position, replaying=bool(self.cache))
+        self.log.notify = self._log_waits
+        self._log_queued = False  # the flusher has _log_due on its list
+        self.board: progress.Board | None = None  # reported progress, made on first use
 
     def forget(self) -> None:
         """The run is over: no more lease heartbeats or stop requests for it here."""
@@ -337,6 +371,7 @@ class Run:
         request or a refusal already read stops the run first.  From its return the
         callback counts as running (until its outcome is recorded), so a stop request
         waits for it rather than pausing under it."""
+        self.log.replaying = False  # a step does real work: run()'s lines are new again
         self._stop_if_halted()
         self._raise_refused()
         asked = self._stop_asked()
@@ -369,6 +404,9 @@ class Run:
         with the run's next call (merged with the next step's start when that comes
         next), always before another callback of the run starts."""
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
+        self.log.replaying = False
+        if final and self.board is not None:
+            self.board.close(key)
         self._flush_pending()
         self._pending = [*self._own(), key, entry, "1" if final else "0", event, hist]
         if self.callbacks_running > 1 and self.batch is not None:
@@ -381,6 +419,7 @@ class Run:
         self, key: str, event_type: str, index: int, t0: float, pos: int | None
     ) -> dict[str, Any] | None:
         """The stored entry of an event step if an event of its type is buffered."""
+        self.log.replaying = False
         self._stop_if_halted()
         self._raise_refused()
         self._flush_pending()
@@ -406,6 +445,7 @@ class Run:
         self, key: str, entry: str, wake_at: float, event_type: str | None = None
     ) -> NoReturn:
         """Parks the run: the wait is written when the whole run has unwound."""
+        self.log.replaying = False
         self.waits.append((key, entry))
         self.wake_at = wake_at if self.wake_at is None else min(self.wake_at, wake_at)
         if event_type is not None:
@@ -455,6 +495,121 @@ class Run:
         if self.batch is not None:
             self.batch.steps_in_flight -= 1
 
+    # -- child workflows (nbflow.compose) -------------------------------------------
+
+    def registered_workflows(self) -> Mapping[str, type]:
+        """The workflows this worker can run, by name."""
+        return self.backend.classes
+
+    async def start_child(
+        self,
+        key: str,
+        name: str,
+        child_id: str,
+        workflow: str,
+        payload: str,
+        entry: str,
+        t0: float,
+        version: str,
+    ) -> tuple[str, Any]:
+        """Starts a child (the ``start_child`` script; its RQ job follows): ('wait',
+        None) while it runs, ('final', its decoded entry) once it has ended, or
+        ('cycle' | 'exists', None) for an id that cannot be this step's child."""
+        self._stop_if_halted()
+        self._raise_refused()
+        self._flush_pending()
+        retention = "" if self.backend.retention is None else f"{self.backend.retention:.6f}"
+        args = [*self._args(), key, name, child_id, workflow, payload, entry, f"{t0:.6f}"]
+        res = await self._reply("start_child", [*args, retention, version])
+        self._raise_refused()
+        if isinstance(res, Exception):
+            raise res
+        tag = res[0].decode()
+        if tag == "created":
+            self._dispatch_child(child_id)
+            return "wait", None
+        if tag == "final":
+            return "final", records.decode_entry(key, res[1], self.created_ts)
+        if tag in ("wait", "cycle", "exists"):
+            return tag, None
+        raise self.halt(tag)
+
+    def wait_for_child(self, key: str) -> NoReturn:
+        """Parks the run until a child ends: its pending entry is stored already, and the
+        script that ends the child queues the parent (``notify_parent``)."""
+        raise self.halt("wait")
+
+    def _dispatch_child(self, child_id: str) -> None:
+        """Sends the RQ job of a child just created: in an async run, those of all the
+        children created in one loop turn go together (a fan-out is a few jobs, not one
+        per child); a blocking run sends it at once.  A job lost to a crash in between
+        is sent again by the housekeeper's orphan sweep (the child is in ``ready``)."""
+        self._children.append(child_id)
+        if self.blocking:
+            self._send_children()
+        elif len(self._children) == 1:
+            asyncio.get_running_loop().call_soon(self._send_children)
+
+    def _send_children(self) -> None:
+        ids, self._children = self._children, []
+        if not ids:
+            return
+        try:
+            self.backend.enqueue_many(ids)
+        except redis.RedisError as exc:
+            log.warning(
+                "nbflow: jobs of %d child(ren) of %s not sent (%s)", len(ids), self.iid, exc
+            )
+
+    def _wake_parent(self, reply: str) -> str:
+        """The outcome of an ending script; a parent it queued (``"errored parent-id"``)
+        gets its RQ job."""
+        outcome, _, parent = reply.partition(" ")
+        if parent:
+            self.backend.enqueue_many([parent], at_front=True)
+        return outcome
+
+    def report_progress(self, key: str, fraction: float | None, message: str | None) -> None:
+        """``ctx.progress`` of the step ``key``: kept in memory, written at most ten times
+        a second by ``nbflow.progress``'s flusher thread or with the run's next write."""
+        board = self.board
+        if board is None:
+            with self._index_lock:
+                if self.board is None:
+                    self.board = progress.Board(self.backend, self.iid, self.token)
+                board = self.board
+        board.report(key, fraction, message)
+
+    def _log_waits(self) -> None:
+        """Lines wait for the next write: if that does not come soon (a long step), the
+        background flusher writes them (see ``_log_due``)."""
+        if not self._log_queued:
+            self._log_queued = True
+            progress.FLUSHER.poke(self._log_due)
+
+    def _log_due(self, now: float) -> bool:
+        """The flusher's turn: writes lines older than ``progress.LOG_FLUSH_AFTER`` (their
+        step still runs); True once nothing is left waiting."""
+        self._log_queued = False  # before reading first_at: a line added now pokes again
+        first = self.log.first_at
+        if first is None:
+            return True  # the run wrote them itself meanwhile
+        if now - first < progress.LOG_FLUSH_AFTER:
+            self._log_queued = True
+            return False
+        taken = self.log.take()
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            try:
+                self.backend.scripts.log_append(args=args)
+            except Exception as exc:  # Redis away: these lines are lost, the run goes on
+                log.warning("nbflow: log lines of %s not stored: %r", self.iid, exc)
+        return True
+
+    def _log_position(self) -> int:
+        """Where run() stands for its log: the order of the last step it reached."""
+        return self._next - 1
+
     # -- the stop handshake (see nbflow.handshake) ----------------------------------
 
     def _stop_asked(self) -> int:
@@ -488,10 +643,34 @@ class Run:
         now, now_iso = clock()
         return [self.iid, self.token, f"{now:.6f}", now_iso]
 
+    def _send_side(self) -> None:
+        """Queues the lines captured and the progress reported since the last write, so
+        they go out in the same write as the call queued next (nothing when there are
+        none: a step that prints nothing pays nothing)."""
+        assert self.batch is not None
+        taken = self.log.take() if self.log.fields else None
+        if taken:
+            args = [self.backend.prefix, self.iid, self.token, str(self.log.limit), *taken]
+            self.batch.send("log_append", args, self._on_side_write)
+        board = self.board
+        if board is not None and board.dirty:
+            taken = board.take()
+            if taken:
+                args = [self.backend.prefix, self.iid, self.token, *taken]
+                self.batch.send("progress", args, self._on_side_write)
+
+    def _on_side_write(self, reply: Any) -> None:
+        """A log or progress write needs no answer: one refused (the run lost the instance)
+        changes nothing; an error is only logged, the run goes on."""
+        if isinstance(reply, Exception):
+            log.warning("nbflow: logs or progress of %s not stored: %r", self.iid, reply)
+
     def _send_start(self, key: str, name: str, entry: str, attempt: int) -> None:
         """Queues a step attempt's start, with the last step's result when one is
         pending (one ``step_next`` script call)."""
         assert self.batch is not None
+        if self.log.fields or self.board is not None:
+            self._send_side()
         hist = f'"step":{codec.encode(key)},"attempt":{attempt}'
         start = [*self._own(), key, entry, name, hist]
         if self._pending is None:
@@ -544,6 +723,8 @@ class Run:
         """Sends a result written behind on its own (the next call is no step start)."""
         if self._pending is not None:
             assert self.batch is not None
+            if self.log.fields or self.board is not None:
+                self._send_side()
             args = [self.backend.prefix, *self._pending]
             self._pending = None
             self.batch.send("step_finish", args, self._on_write)
@@ -566,15 +747,8 @@ class Run:
         return WorkflowEvent(self.payload, self.created_at, self.iid, self.workflow_name)
 
     def _unrunnable(self) -> tuple[str, Any] | None:
-        """The error ending an instance whose class is missing or cannot be built."""
-        if self.cls is None:
-            known = ", ".join(sorted(self.backend.classes)) or "none"
-            return "errored", {
-                "name": "WorkflowNotRegisteredError",
-                "message": f"workflow {self.workflow_name!r} is not registered on this "
-                f"worker (registered: {known}); register it or start the worker with "
-                "--import <module>",
-            }
+        """The error ending an instance whose class cannot be built.  (One whose class
+        is not registered here never gets a run: ``_claim`` hands it back.)"""
         if isinstance(self.instance, Exception):
             err = error_dict(self.instance)
             return "errored", {"name": err["name"], "message": err["message"]}
@@ -602,50 +776,112 @@ class Run:
         if self.suspending:  # the workflow swallowed a Suspend; the run still stops
             return "park", None
         try:
-            return "complete", codec.encode(output)
+            return "complete", self._output_json(output)
         except TypeError as exc:
             return "errored", {
                 "name": "TypeError",
                 "message": f"the output of run() cannot be stored: {exc}",
             }
+        except (ValueError, ArtifactError) as exc:  # over max_artifact_bytes, or unwritable
+            return "errored", {"name": type(exc).__name__, "message": str(exc)}
+
+    def _output_json(self, output: Any) -> str:
+        """What ``output`` is stored as: its JSON, or a reference to an artifact (the one
+        a step of this run got it from, when ``run`` returns that very value)."""
+        held = self.artifact_values.get(id(output))
+        if held is not None and held[0] is output:
+            return held[1]
+        store = self.artifacts
+        if not store.large_frame(output):
+            text = codec.encode(output)
+            # (characters * 4 bounds the UTF-8 size: most outputs skip encoding it)
+            if len(text) * 4 <= (store.threshold or 0) or not store.over_threshold(
+                len(text.encode())
+            ):
+                return text
+        else:
+            text = None
+        what = f"the output of instance {self.iid!r}"
+        return store.write(output, self.iid, what, text)[0]
 
     def execute_sync(self) -> str:
         """Runs a plain ``def run`` (or an instance that cannot run), without a loop."""
         ending = self._unrunnable()
         if ending is None:
+            step = SyncWorkflowStep(self)
+            caught: list[BaseException] = []
+
+            def body() -> Any:
+                try:
+                    return self.instance.run(self._event(), step)
+                except BaseException as exc:
+                    caught.append(exc)
+                    raise
+
+            sink = capture.enter(self.log, None)  # what run() itself writes
             try:
-                ending = self._outcome(
-                    lambda: self.instance.run(self._event(), SyncWorkflowStep(self))
-                )
+                ending = self._outcome(body)
+                ending = run_blocking(self._roll_back(step, ending, caught))
             except KeyboardInterrupt:
                 self._flush_pending()
                 try:  # behind the run's last writes, on the same connection
-                    run_blocking(self._reply("release", self._args()))
-                except Suspend:
-                    pass  # Redis is away: the lease runs out instead
+                    if run_blocking(self._reply("release", self._args())) == b"queued":
+                        self._requeue()
+                except (Suspend, redis.RedisError):
+                    pass  # Redis is away: the lease (or the orphan sweep) takes it back
                 raise
+            finally:
+                capture.leave(sink)
         return run_blocking(self._end(*ending))
 
     async def execute_async(self) -> str:
         """Runs an ``async def run`` on the shared loop; its writes go through the batch."""
         _current_run.set(self)
+        capture.enter(self.log, None)  # what run() itself writes (this task's context)
         self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         holder: dict[str, Any] = {}
+        step = WorkflowStep(self)
         try:
-            holder["output"] = await self.instance.run(self._event(), WorkflowStep(self))
+            holder["output"] = await self.instance.run(self._event(), step)
         except BaseException as exc:  # judged by _outcome below
             holder["error"] = exc
         finally:
             await self._wait_own_tasks()
-        if self.batch is not None:
-            self.batch.live -= 1
 
         def replay() -> Any:
             if "error" in holder:
                 raise holder["error"]
             return holder.get("output")
 
-        return await self._end(*self._outcome(replay))
+        ending = self._outcome(replay)
+        if ending[0] == "errored" and step.has_rollbacks():
+            ending = await self._roll_back(
+                step, ending, [holder["error"]] if "error" in holder else []
+            )
+            await self._wait_own_tasks()
+        if self.batch is not None:
+            self.batch.live -= 1
+        return await self._end(*ending)
+
+    async def _roll_back(
+        self, step: WorkflowStep | SyncWorkflowStep, ending: tuple[str, Any], caught: list[Any]
+    ) -> tuple[str, Any]:
+        """An errored run whose completed steps have rollbacks runs them first (spec
+        10.4, ``nbflow.compose``) and stores their report; the run ends errored after
+        them, or parks if one must wait (a long retry, a stop request, a lost lease)."""
+        if ending[0] != "errored" or not step.has_rollbacks():
+            return ending
+        error = caught[0] if caught else rebuild_error(ending[1])
+        try:
+            report = await step.roll_back(error)
+        except Suspend:
+            return "park", None
+        if self.suspending:
+            return "park", None
+        assert self.batch is not None
+        self._flush_pending()
+        self.batch.send("rollback_report", [*self._args(), codec.encode(report)], self._on_write)
+        return ending
 
     async def _wait_own_tasks(self) -> None:
         """Lets this run's parallel steps still in flight finish and store."""
@@ -662,9 +898,14 @@ class Run:
         """Sends the ending call right behind the run's last writes (one round trip);
         if one of those writes was refused (a pause, a lost lease), that wins and the
         ending call finds the instance no longer owned and changes nothing."""
+        self._send_children()
         ending = self._ending(status, value)
         if ending is None:
             return self.reason
+        if self.log.partial:
+            self.log.close()
+        if self.log.fields or self.board is not None:
+            self._send_side()  # ahead of the ending, while the run still owns the instance
         try:
             # replies come in order: when this one is in, so are the earlier writes'
             res = await self._reply(*ending)
@@ -674,15 +915,24 @@ class Run:
         if isinstance(res, Exception):
             raise res
         name = ending[0]
-        if name == "release":
+        if name == "release":  # the worker stops: another worker takes it from here
+            if res == b"queued":
+                self._requeue()
             return "released"
         text: str = res.decode()
+        if name != "suspend":
+            text = self._wake_parent(text)
         if name == "suspend":
             if text == "queued":  # an event arrived while the run unwound
-                self.backend.enqueue([self.iid], at_front=True)
+                self._requeue()
             return text
         log.info("instance %s %s", self.iid, text)
         return text
+
+    def _requeue(self) -> None:
+        """A job for the instance, queued again by this run's last call, on its
+        workflow's queue."""
+        self.backend.enqueue([self.iid], self.workflow_name, at_front=True)
 
     def _ending(self, status: str, value: Any) -> tuple[str, list[str]] | None:
         """The script call that ends the run (with the last step's result when one is

@@ -345,7 +345,7 @@ class Schedule(Generic[I]):
             iid = base if n == 1 else f"{base}-{n}"
 
             def job(pipe: Any, iid: str = iid) -> None:
-                b.enqueue([iid], pipe=pipe)
+                b.enqueue([iid], fields["workflow"], pipe=pipe)
 
             res = text(
                 b.scripts.execute(
@@ -407,7 +407,7 @@ class Schedule(Generic[I]):
 
             def jobs(pipe: Any, chunk: list[str] = chunk) -> None:
                 for iid in chunk:
-                    b.enqueue([iid], pipe=pipe)
+                    b.enqueue([iid], fields["workflow"], pipe=pipe)
 
             res = b.scripts.execute(
                 [("schedule_backfill", [b.prefix, self.name, now, now_iso, *chunk])], jobs
@@ -529,11 +529,12 @@ def fire_due(backend: Backend, now: float | None = None) -> float:
     earliest = float(text(res[0])) if res[0] else math.inf
     if len(res) == 1:
         return min(earliest, t + POLL_SECONDS)
-    creating: list[tuple[list[str], str]] = []  # (fire args, instance id)
+    creating: list[tuple[list[str], str, str]] = []  # (fire args, instance id, workflow)
     others: list[list[str]] = []
+    workflows: dict[str, str] = {}  # schedule name -> its workflow (whose queue gets the job)
     _, now_s, now_iso = _now(now)
     for entry in res[1:]:
-        name, _wf, cron, tz, overlap, tick_s, _last, last_status = (text(x) for x in entry)
+        name, wf, cron, tz, overlap, tick_s, _last, last_status = (text(x) for x in entry)
         tick = float(tick_s)
         try:
             zone = check_timezone(tz)
@@ -543,11 +544,12 @@ def fire_due(backend: Backend, now: float | None = None) -> float:
             log.exception("nbflow: schedule %r cannot be fired (cron %r, tz %r)", name, cron, tz)
             continue  # its claim expires; it is tried again then
         iid = tick_instance_id(name, tick)
+        workflows[name] = wf
         action = "miss" if stale else "fire"
         args = [b.prefix, name, token, action, f"{tick:.0f}", f"{nxt:.0f}", iid, now_s, now_iso]
         blocked = overlap == "skip" and last_status not in ("", *FINAL_STATUSES)
         if action == "fire" and not blocked:
-            creating.append((args, iid))
+            creating.append((args, iid, wf))
         else:
             others.append(args)
     if others:
@@ -556,12 +558,12 @@ def fire_due(backend: Backend, now: float | None = None) -> float:
             if isinstance(reply, Exception):
                 log.warning("nbflow: firing schedule %r failed: %s", a[1], reply)
             elif text(reply) == "retry":  # its last instance finished meanwhile
-                creating.append((a, a[6]))
+                creating.append((a, a[6], workflows[a[1]]))
     if creating:
 
         def jobs(pipe: Any) -> None:
-            for _, iid in creating:
-                b.enqueue([iid], pipe=pipe)
+            for _, iid, wf in creating:
+                b.enqueue([iid], wf, pipe=pipe)
 
-        b.scripts.execute([("schedule_fire", [*a, "1"]) for a, _ in creating], jobs)
+        b.scripts.execute([("schedule_fire", [*a, "1"]) for a, _, _ in creating], jobs)
     return t  # look again on the next cycle: these schedules now wait for later ticks

@@ -31,16 +31,20 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
-from nbflow import callbacks, codec, errors, fingerprint, records
+from nbflow import callbacks, capture, codec, errors, fingerprint, records
+from nbflow.compose import ComposeRun, ComposeSteps, rollback_config
 from nbflow.definition import StepContext
 from nbflow.durations import parse_duration, retry_delay, to_epoch
 from nbflow.errors import FatalRunError, Suspend, error_dict, rebuild_error
 from nbflow.validate import StepConfig, check_event_type, check_step_name, resolve_step_config
+
+if TYPE_CHECKING:
+    from nbflow.artifacts import ArtifactStore
 
 log = logging.getLogger("nbflow")
 
@@ -57,13 +61,19 @@ _in_callback: contextvars.ContextVar[bool] = contextvars.ContextVar(
 INLINE_WAIT_MAX = 1.0
 
 
-class StepRun(Protocol):
-    """What the step protocol needs of the run it belongs to (``nbflow.runner.Run``)."""
+class StepRun(ComposeRun, Protocol):
+    """What the step protocol needs of the run it belongs to (``nbflow.runner.Run``);
+    ``ComposeRun`` adds what child workflows need (``nbflow.compose``)."""
 
     iid: str
     workflow_name: str
     created_ts: float
     max_step_bytes: int
+    #: where results larger than its threshold go, and are read back from
+    artifacts: ArtifactStore
+    #: id(value) -> (value, reference JSON) for the values this run got from artifacts,
+    #: so ``run`` returning one of them stores the same reference, not a second copy
+    artifact_values: dict[int, tuple[Any, str]]
     #: plain ``def run``: everything the protocol awaits must complete at once
     blocking: bool
     counts: dict[str, int]
@@ -76,6 +86,8 @@ class StepRun(Protocol):
     positions: dict[int, tuple[str, str]] | None
     #: the workflow class the run runs (its callbacks are named relative to it)
     cls: type | None
+    #: where what the callbacks print or log goes (``nbflow.capture``)
+    log: capture.RunLog
 
     def next_index(self) -> int: ...
 
@@ -103,6 +115,8 @@ class StepRun(Protocol):
 
     def step_done(self) -> None: ...
 
+    def report_progress(self, key: str, fraction: float | None, message: str | None) -> None: ...
+
 
 class _Overran(Exception):
     """A callback ran over its timeout (converted to ``StepTimeoutError`` for the step)."""
@@ -121,10 +135,12 @@ class _Step:
 
     ``pos`` is the call's position in the run's sequence of step calls; on a replay
     the call is checked against what was recorded there (``_check_replay``) before
-    any stored result is used.
+    any stored result is used.  ``kind`` is what its entry records (``do``,
+    ``workflow``, or ``rollback`` for a rollback step), ``attempt`` the attempt that
+    succeeded (once one has).
     """
 
-    __slots__ = ("name", "count", "key", "entry", "index", "pos")
+    __slots__ = ("name", "count", "key", "entry", "index", "pos", "kind", "attempt")
 
     def __init__(self, run: StepRun, name: str, kind: str) -> None:
         self.name = check_step_name(name)
@@ -142,6 +158,23 @@ class _Step:
         if run.cache:  # a replay (a first run has nothing to compare with)
             _check_replay(run, self, kind)
         self.index = int(self.entry["i"]) if self.entry else run.next_index()
+        self.kind = kind
+        self.attempt = 0
+
+    @classmethod
+    def special(cls, run: StepRun, key: str, kind: str) -> _Step:
+        """A step with a key of the engine's own (a rollback: ``rollback:{step key}``),
+        outside the name counts and the positions of the workflow's steps (its order
+        follows from the recorded ones, so the determinism check has nothing to add)."""
+        st = cls.__new__(cls)
+        st.name = st.key = key
+        st.count = 1
+        st.pos = None
+        st.entry = run.cache.get(key)
+        st.index = int(st.entry["i"]) if st.entry else run.next_index()
+        st.kind = kind
+        st.attempt = 0
+        return st
 
 
 def _describe(key: str, kind: str) -> str:
@@ -202,7 +235,7 @@ def _nondeterministic(pos: int | None, recorded: str, asked: str, iid: str) -> N
     raise FatalRunError("NonDeterminismError", message)
 
 
-class _StepBase:
+class _StepBase(ComposeSteps):
     """The step protocol, shared by the async and the sync step API.
 
     Every method a workflow calls is one ``async`` body here; the subclasses differ
@@ -210,11 +243,19 @@ class _StepBase:
     await, ``SyncWorkflowStep`` runs it to its end at once.
     """
 
+    _run: StepRun
+
     def __init__(self, run: StepRun) -> None:
         self._run = run
 
     def _deliver(self, coro: Coroutine[Any, Any, Any]) -> Any:
         raise NotImplementedError
+
+    def _new_step(self, name: str, kind: str) -> _Step:
+        return _Step(self._run, name, kind)
+
+    def _special_step(self, key: str, kind: str) -> _Step:
+        return _Step.special(self._run, key, kind)
 
     def _e(self, status: str, kind: str, st: _Step, attempts: int, t0: float, **kw: Any) -> str:
         """A step entry of this run (times stored relative to the instance's creation,
@@ -231,26 +272,48 @@ class _StepBase:
         config_or_callback: Any,
         callback: Any,
         config: Mapping[str, Any] | None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_cfg: Mapping[str, Any] | None = None,
     ) -> Any:
         """``do`` in every form (see ``WorkflowStep.do``): the step's result (as the
         subclass delivers it), or a decorator."""
         if callable(name) and config_or_callback is None and callback is None:
-            return self._decorator(None, config)(name)  # bare @step.do
+            return self._decorator(None, config, rollback, rollback_cfg)(name)  # bare @step.do
         name, config, callback = self._parse_do(name, config_or_callback, callback, config)
         if callback is None:
-            return self._decorator(name, config)
+            return self._decorator(name, config, rollback, rollback_cfg)
         if name is None:
             raise TypeError("step.do needs a name: step.do('fetch user', callback)")
-        return self._deliver(self._do(*self._begin_do(name, config), callback))
+        return self._deliver(self._do_step(name, config, callback, rollback, rollback_cfg))
+
+    def _do_step(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None,
+        callback: Callable[..., Any],
+        rollback: Callable[..., Any] | None,
+        rollback_cfg: Mapping[str, Any] | None,
+    ) -> Coroutine[Any, Any, Any]:
+        """The coroutine of one ``do`` call; with ``rollback=`` the step's rollback is
+        registered once it has a result (``nbflow.compose``)."""
+        if rollback is None and rollback_cfg is None:
+            return self._do(*self._begin_do(name, config), callback)
+        rb_cfg = rollback_config(rollback, rollback_cfg)
+        assert rollback is not None
+        return self._do_with_rollback(*self._begin_do(name, config), callback, rollback, rb_cfg)
 
     def _decorator(
-        self, name: str | None, config: Mapping[str, Any] | None
+        self,
+        name: str | None,
+        config: Mapping[str, Any] | None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_cfg: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[[], Any]]:
         def wrap(func: Callable[..., Any]) -> Callable[[], Any]:
             step_name = name if name is not None else func.__name__
 
             def run_step() -> Any:
-                return self._deliver(self._do(*self._begin_do(step_name, config), func))
+                return self._deliver(self._do_step(step_name, config, func, rollback, rollback_cfg))
 
             run_step.__name__ = getattr(func, "__name__", "step")
             return run_step
@@ -344,19 +407,26 @@ class _StepBase:
         counted = error_returned = False
         try:
             await self._run.start_step(
-                st.key, st.name, self._e("running", "do", st, attempt, t0), attempt
+                st.key, st.name, self._e("running", st.kind, st, attempt, t0), attempt
             )
             counted = True  # start_step counted the callback as running
             ctx = self._context(callback, st, attempt, cfg)
             try:
-                if blocking:
-                    result = self._call_blocking(callback, ctx, cfg)
-                else:
-                    inside = _in_callback.set(True)  # (see _Step: nested steps)
-                    try:
-                        result = await self._call_async(st, callback, ctx, cfg, is_async)
-                    finally:
-                        _in_callback.reset(inside)
+                sink = capture.enter(self._run.log, st.key)  # what the callback writes
+                try:
+                    if blocking:
+                        result = self._call_blocking(callback, ctx, cfg)
+                    else:
+                        inside = _in_callback.set(True)  # (see _Step: nested steps)
+                        try:
+                            result = await self._call_async(st, callback, ctx, cfg, is_async)
+                        finally:
+                            _in_callback.reset(inside)
+                finally:
+                    capture.leave(sink)
+                # inside the attempt: an artifact that cannot be written (a full disk)
+                # fails the attempt, and the step's retries apply
+                stored = self._encode(st, result, attempt, t0)
             except (Suspend, FatalRunError, asyncio.CancelledError):
                 raise
             except (callbacks.Alarm, _Overran):
@@ -368,7 +438,7 @@ class _StepBase:
                 error_returned = True
                 self._run.note_callback_error(caught)
                 return caught, None
-            return None, self._succeed(st, result, attempt, t0, callback)
+            return None, self._succeed(st, result, stored, attempt, t0, callback)
         finally:
             if counted and not error_returned:  # recorded (or it raised past us)
                 self._run.callbacks_running -= 1
@@ -447,10 +517,20 @@ class _StepBase:
         if e is None:
             return False, None
         if e["s"] == "complete":
-            return True, e.get("v")
+            value = e.get("v")
+            if isinstance(value, codec.ArtifactRef):
+                value = self._load(st, value)
+            return True, value
         if e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
         return False, None
+
+    def _load(self, st: _Step, ref: codec.ArtifactRef) -> Any:
+        """A stored result held in an artifact (the worker's cache, else read and checked);
+        a missing or corrupt one raises ``ArtifactError`` here, at the step."""
+        value = self._run.artifacts.load(ref, f"step {st.name!r} of instance {self._run.iid!r}")
+        self._run.artifact_values[id(value)] = (value, codec.encode(ref))
+        return value
 
     def _first_attempt(self, st: _Step, cfg: StepConfig) -> tuple[int, float]:
         """The attempt to run next and how long to wait before it (pending entries)."""
@@ -479,45 +559,85 @@ class _StepBase:
             retry_at = _now() + wait
             self._run.request_wait(
                 st.key,
-                self._e("retrying", "do", st, attempt - 1, t0, u=retry_at, err=err),
+                self._e("retrying", st.kind, st, attempt - 1, t0, u=retry_at, err=err),
                 retry_at,
             )
         return wait
 
-    def _succeed(
-        self, st: _Step, value: Any, attempt: int, t0: float, callback: Callable[..., Any]
-    ) -> Any:
+    def _encode(
+        self, st: _Step, value: Any, attempt: int, t0: float
+    ) -> tuple[str, str | None, str | None]:
+        """What is stored for a result: its codec JSON, or (over the artifact threshold) a
+        reference to the artifact just written, with that artifact's URL and (for a JSON
+        artifact) the value's JSON.
+
+        An unstorable value or one over ``max_step_bytes`` / ``max_artifact_bytes`` fails
+        the instance at once; an artifact that cannot be written raises ``ArtifactError``
+        (a failed attempt).  A step that stores nothing large pays one comparison.
+        """
+        store = self._run.artifacts
+        text: str | None = None
         try:
-            text = codec.encode(value)
+            if not store.large_frame(value):
+                text = codec.encode(value)
+                size = len(text.encode())
+                if not store.over_threshold(size):
+                    limit = self._run.max_step_bytes
+                    if size > limit:
+                        self._fatal(
+                            st,
+                            attempt,
+                            t0,
+                            "ValueError",
+                            f"step {st.name!r} returned {size} bytes, more than "
+                            f"max_step_bytes={limit}; store large data elsewhere and return "
+                            "a reference",
+                        )
+                    return text, None, None
+            what = f"step {st.name!r} of instance {self._run.iid!r}"
+            ref_json, url, text = store.write(value, self._run.iid, what, text)
         except TypeError as exc:
             message = f"the result of step {st.name!r} cannot be stored: {exc}"
             self._fatal(st, attempt, t0, "TypeError", message)
-        size = len(text.encode())
-        limit = self._run.max_step_bytes
-        if size > limit:
-            self._fatal(
-                st,
-                attempt,
-                t0,
-                "ValueError",
-                f"step {st.name!r} returned {size} bytes, more than max_step_bytes={limit}; "
-                "store large data elsewhere and return a reference",
-            )
+        except ValueError as exc:  # ArtifactTooLarge
+            self._fatal(st, attempt, t0, "ValueError", str(exc))
+        return ref_json, url, text
+
+    def _succeed(
+        self,
+        st: _Step,
+        value: Any,
+        stored: tuple[str, str | None, str | None],
+        attempt: int,
+        t0: float,
+        callback: Callable[..., Any],
+    ) -> Any:
+        text, url, value_json = stored
+        st.attempt = attempt
         f, q = fingerprint.step_identity(self._run.cls, callback)
         self._run.record(
             st.key,
-            self._e("complete", "do", st, attempt, t0, t1=_now(), value_json=text, f=f, q=q),
+            self._e(
+                "complete", st.kind, st, attempt, t0, t1=_now(), value_json=text, ref=url, f=f, q=q
+            ),
             final=True,
             event="step.finished",
             attempt=attempt,
         )
+        if url is not None:
+            # what a replay would read: a frame as it is (Parquet round trips were checked
+            # before writing), anything else decoded as from Redis
+            if value_json is not None:
+                value = codec.decode(value_json)
+            self._run.artifact_values[id(value)] = (value, text)
+            return value
         return codec.decode(text) if _needs_roundtrip(value) else value
 
     def _fatal(self, st: _Step, attempt: int, t0: float, name: str, message: str) -> NoReturn:
         err = {"name": name, "message": message}
         self._run.record(
             st.key,
-            self._e("errored", "do", st, attempt, t0, t1=_now(), err=err),
+            self._e("errored", st.kind, st, attempt, t0, t1=_now(), err=err),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -546,7 +666,7 @@ class _StepBase:
         if delay <= INLINE_WAIT_MAX:
             self._run.record(
                 st.key,
-                self._e("retrying", "do", st, attempt, t0, u=_now() + delay, err=err),
+                self._e("retrying", st.kind, st, attempt, t0, u=_now() + delay, err=err),
                 final=False,
                 event="step.retrying",
                 attempt=attempt,
@@ -564,7 +684,7 @@ class _StepBase:
         )
         self._run.record(
             st.key,
-            self._e("errored", "do", st, attempt, t0, t1=_now(), err=error_dict(exc)),
+            self._e("errored", st.kind, st, attempt, t0, t1=_now(), err=error_dict(exc)),
             final=True,
             event="step.failed",
             attempt=attempt,
@@ -575,7 +695,14 @@ class _StepBase:
     ) -> StepContext | None:
         if not callbacks.wants_context(callback):
             return None
-        return StepContext(name=st.name, count=st.count, attempt=attempt, config=cfg.as_dict())
+        return StepContext(
+            name=st.name,
+            count=st.count,
+            attempt=attempt,
+            config=cfg.as_dict(),
+            _run=self._run,
+            _key=st.key,
+        )
 
     def _timeout_error(self, st: _Step, attempt: int, cfg: StepConfig) -> errors.StepTimeoutError:
         return errors.StepTimeoutError(
@@ -614,8 +741,9 @@ class _StepBase:
         seconds = parse_duration(timeout)
         st = _Step(self._run, name, "event")
         e = st.entry
+        what = f"the event of step {st.name!r} of instance {self._run.iid!r}"
         if e is not None and e["s"] == "complete":
-            replayed: dict[str, Any] = cast(dict[str, Any], e.get("v"))
+            replayed: dict[str, Any] = self._run.artifacts.resolve(e.get("v"), what)
             return replayed
         if e is not None and e["s"] == "errored":
             raise rebuild_error(e.get("e") or {})
@@ -626,7 +754,7 @@ class _StepBase:
             deadline = t0 + seconds
         got = await self._run.take_event(st.key, event_type, st.index, t0, st.pos)
         if got is not None:
-            taken: dict[str, Any] = cast(dict[str, Any], got.get("v"))
+            taken: dict[str, Any] = self._run.artifacts.resolve(got.get("v"), what)
             return taken
         now = _now()
         if now < deadline:
@@ -704,6 +832,8 @@ class WorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Awaitable[T]: ...
 
     @overload
@@ -714,6 +844,8 @@ class WorkflowStep(_StepBase):
         callback: Callable[..., Awaitable[T]] | Callable[..., T],
         *,
         config: None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Awaitable[T]: ...
 
     @overload
@@ -724,6 +856,8 @@ class WorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[[], Awaitable[Any]]]: ...
 
     def do(
@@ -733,6 +867,8 @@ class WorkflowStep(_StepBase):
         callback: Any = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step named ``name`` (or decorate a function).
 
@@ -741,8 +877,12 @@ class WorkflowStep(_StepBase):
         (calling the decorated function runs the step).  The callback may be sync
         or async and may take one argument, a ``StepContext``.  Retries, backoff
         and the per-attempt timeout follow ``config`` merged over the defaults.
+
+        ``rollback``: called with a ``RollbackContext`` if the instance fails after
+        this step completed (saga rollbacks, newest step first, each a durable step
+        of its own with retries and timeout from ``rollback_config``).
         """
-        return self._do_call(name, config_or_callback, callback, config)
+        return self._do_call(name, config_or_callback, callback, config, rollback, rollback_config)
 
     async def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably: the instance waits in Redis (status ``waiting``), no worker is held.
@@ -767,6 +907,35 @@ class WorkflowStep(_StepBase):
         """
         return await self._wait_for_event(name, type, timeout)
 
+    async def run_workflow(
+        self, name: str, workflow: Any, params: Any = None, *, id: str | None = None
+    ) -> Any:
+        """Run an instance of ``workflow`` (a ``Workflow``, or a registered name or
+        class) as a child and return its output.
+
+        The parent waits in Redis (``waiting``) without holding a worker.  A child that
+        ends errored raises its error here (same class and message); a terminated one
+        raises ``InvalidStateError``.  Recorded as a step (kind ``workflow``): a replay
+        returns the stored output and never starts a second child.  ``id`` defaults to
+        ``{parent id}-{name}`` (``-n`` for the n-th call with that name).  Fan out
+        with ``asyncio.gather`` over several calls.
+        """
+        return await self._run_workflow(name, workflow, params, id)
+
+    async def map(
+        self,
+        name: str,
+        items: Iterable[Any],
+        callback: Callable[[Any], Any],
+        *,
+        concurrency: int = 8,
+        config: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run ``callback(item)`` for every item as its own step (``name#1`` ...
+        ``name#n``, each with ``config``), at most ``concurrency`` at once; returns the
+        results in input order.  On replay only items without a stored result run."""
+        return await self._map(name, items, callback, concurrency, config)
+
 
 class SyncWorkflowStep(_StepBase):
     """The ``step`` a plain ``def run(self, event, step)`` receives: the same methods as
@@ -783,6 +952,8 @@ class SyncWorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> T: ...
 
     @overload
@@ -793,6 +964,8 @@ class SyncWorkflowStep(_StepBase):
         callback: Callable[..., T],
         *,
         config: None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> T: ...
 
     @overload
@@ -803,6 +976,8 @@ class SyncWorkflowStep(_StepBase):
         callback: None = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Callable[[Callable[..., T]], Callable[[], T]]: ...
 
     def do(
@@ -812,9 +987,11 @@ class SyncWorkflowStep(_StepBase):
         callback: Any = None,
         *,
         config: Mapping[str, Any] | None = None,
+        rollback: Callable[..., Any] | None = None,
+        rollback_config: Mapping[str, Any] | None = None,
     ) -> Any:
         """Run ``callback`` as a durable step (see ``WorkflowStep.do``); returns its value."""
-        return self._do_call(name, config_or_callback, callback, config)
+        return self._do_call(name, config_or_callback, callback, config, rollback, rollback_config)
 
     def sleep(self, name: str, duration: str | float | timedelta) -> None:
         """Sleep durably (see ``WorkflowStep.sleep``)."""
@@ -829,6 +1006,29 @@ class SyncWorkflowStep(_StepBase):
     ) -> dict[str, Any]:
         """Wait for an event (see ``WorkflowStep.wait_for_event``)."""
         result: dict[str, Any] = self._deliver(self._wait_for_event(name, type, timeout))
+        return result
+
+    def run_workflow(
+        self, name: str, workflow: Any, params: Any = None, *, id: str | None = None
+    ) -> Any:
+        """Run a child workflow and return its output (see ``WorkflowStep.run_workflow``)."""
+        return self._deliver(self._run_workflow(name, workflow, params, id))
+
+    def map(
+        self,
+        name: str,
+        items: Iterable[Any],
+        callback: Callable[[Any], Any],
+        *,
+        concurrency: int = 8,
+        config: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run ``callback(item)`` per item as its own step (see ``WorkflowStep.map``).
+
+        A plain ``def run`` has no loop to overlap items on: they run one after another
+        (``concurrency`` is checked but changes nothing); use ``async def run`` to run
+        them side by side."""
+        result: list[Any] = self._deliver(self._map(name, items, callback, concurrency, config))
         return result
 
 

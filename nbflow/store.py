@@ -6,21 +6,40 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 run bookkeeping (each only while it has a value): owner
                                 (token of the run advancing it), gen, waitType, stepsDone,
                                 retention, finishedAt and hardStop (a pause that no
-                                worker heard: the scripts apply it themselves)
+                                worker heard: the scripts apply it themselves); childDone
+                                (a child ended while the run went on: its park re-queues),
+                                rollback (JSON report of the rollbacks an errored run ran)
     {p}:{id}:steps        hash  step key ("name#count") -> step entry (JSON, see below)
-    {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep
+    {p}:{id}:metadata     hash  workflowName, payload (JSON), currentStep; a child also
+                                parent, parentStep (the parent's step key), parentGen (the
+                                parent's gen when it started it), parentT0 (that step's start)
     {p}:{id}:history      list  JSON events that no other key records: retries, failures,
                                 waits, wake-ups, events sent/received, lifecycle calls
                                 (``history()`` adds created/started/finished/complete from
                                 the state and the step entries, so they are stored once)
     {p}:{id}:events:{t}   list  buffered events of type t, first in first out
     {p}:{id}:evtypes      set   the types that have an event buffer (so deletes need no scan)
+    {p}:{id}:children     hash  child instance id -> the parent's step key that started it
+                                (``step.run_workflow``: termination cascades, restarts reset)
+    {p}:{id}:logs         hash  what the workflow's code printed or logged (SPEC 8.3): step
+                                key -> its lines, one JSON object a line ({"t","s","l"}),
+                                bounded (a first line {"dropped":N} counts what was cut);
+                                "#n" -> lines ``run`` wrote between steps after reaching the
+                                step of order n (``records.log_rows`` reads them)
+    {p}:{id}:progress     hash  step key -> its last reported progress (SPEC 8.4,
+                                ``records.progress_json``); "@last" -> the newest of them
+                                with its step key "k" (what a status card shows)
     {p}:{id}:done         pubsub channel: a message when the instance finishes (``wait()``):
                           its final status, then a space and the output or error JSON
                           when that is at most 4 KB
     {p}:stop:{worker}     pubsub channel: "id ack" asks that worker to start no new step
                           of id; it answers by pushing to the list {p}:ack:{nonce}
-    {p}:ready             zset  queued instances -> time queued (finds lost dispatches)
+    {p}:ready:{wf}        zset  queued instances of workflow wf -> time queued (finds lost
+                                dispatches: see ``orphans``; one per workflow because each
+                                workflow has its own RQ queue, ``nbflow.routing``)
+    {p}:serving:{wf}      zset  workers that run workflow wf -> epoch until which their
+                                claim holds (renewed by their heartbeat, removed when they
+                                stop): what ``info()["waiting_for"]`` reads
     {p}:timers            zset  waiting instances -> epoch when their sleep/timeout/retry is due
     {p}:leases            zset  running instances -> epoch when their runner's lease expires
     {p}:expiry            zset  finished instances -> epoch when retention deletes them
@@ -42,6 +61,19 @@ Layout under ``prefix`` (spec section 4; the first three are the seed's)::
                                 scanned)
 
 The metadata hash also holds ``version``, the workflow code version at creation.
+    {p}:artifacts         hash  artifact URL -> how many references Redis holds to it
+                                (``nbflow.artifacts``; what ``nbflow gc`` keeps)
+    {p}:{id}:artifacts    hash  the same, for the references of one instance (only
+                                while it has any), so retention needs no scan
+
+A reference to an artifact sits where the value would: a step entry's ``v`` (and
+its URL as ``"r"`` right after ``"s"``, so the scripts find it with an anchored
+match and a step without one pays nothing), the ``output`` field, or an event's
+``payload``.  The scripts that write or drop references count them in the two
+hashes above and return the URLs no reference names any more; the caller deletes
+those files after the script (Redis state first, files after).
+    {p}:stepcount         hash  workflow name -> steps done by its last completed instance
+                                (what a running one shows as "3/7 steps")
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -89,11 +121,11 @@ class Keys:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.ready = f"{prefix}:ready"
         self.timers = f"{prefix}:timers"
         self.leases = f"{prefix}:leases"
         self.expiry = f"{prefix}:expiry"
         self.schedules = f"{prefix}:schedules"
+        self.stepcount = f"{prefix}:stepcount"
 
     def state(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:state"
@@ -109,6 +141,12 @@ class Keys:
 
     def events(self, iid: str, event_type: str) -> str:
         return f"{self.prefix}:{iid}:events:{event_type}"
+
+    def ready(self, workflow: str) -> str:
+        return f"{self.prefix}:ready:{workflow}"
+
+    def serving(self, workflow: str) -> str:
+        return f"{self.prefix}:serving:{workflow}"
 
     def by_workflow(self, name: str) -> str:
         return f"{self.prefix}:index:wf:{name}"
@@ -134,6 +172,20 @@ class Keys:
     def fingerprints(self, workflow: str, version: str) -> str:
         return f"{self.prefix}:fp:{workflow}:{version}"
 
+    @property
+    def artifacts(self) -> str:
+        """URL -> number of references (``nbflow gc`` keeps what is here)."""
+        return f"{self.prefix}:artifacts"
+
+    def instance_artifacts(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:artifacts"
+
+    def logs(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:logs"
+
+    def progress(self, iid: str) -> str:
+        return f"{self.prefix}:{iid}:progress"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
@@ -143,6 +195,8 @@ local function k_state(id) return P .. ':' .. id .. ':state' end
 local function k_steps(id) return P .. ':' .. id .. ':steps' end
 local function k_meta(id) return P .. ':' .. id .. ':metadata' end
 local function k_hist(id) return P .. ':' .. id .. ':history' end
+local function k_logs(id) return P .. ':' .. id .. ':logs' end
+local function k_prog(id) return P .. ':' .. id .. ':progress' end
 local function hist(id, now, ev, extra)
   local e = '{"t":' .. now .. ',"ev":"' .. ev .. '"'
   if extra and extra ~= '' then e = e .. ',' .. extra end
@@ -163,9 +217,17 @@ local function release(id)
   redis.call('HDEL', k_state(id), 'owner')
   redis.call('ZREM', P .. ':leases', id)
 end
-local function make_queued(id, now, now_iso)
+-- The workflow of an instance: its RQ queue and its `ready` zset are named for it.
+local function wf_of(id)
+  return redis.call('HGET', k_meta(id), 'workflowName') or ''
+end
+-- Queues the instance (`wf`: its workflow when the caller knows it); returns the
+-- workflow, whose RQ queue the caller enqueues it on.
+local function make_queued(id, now, now_iso, wf)
+  wf = wf or wf_of(id)
   set_status(id, 'queued', now_iso, now)
-  redis.call('ZADD', P .. ':ready', now, id)
+  redis.call('ZADD', P .. ':ready:' .. wf, now, id)
+  return wf
 end
 -- `value` (output or error JSON) rides along on the done message when small, so
 -- a waiter has the final status without reading it again.
@@ -175,7 +237,7 @@ local function finish_bookkeeping(id, now, status, value)
   if value and #value <= 4096 then msg = status .. ' ' .. value end
   redis.call('PUBLISH', P .. ':' .. id .. ':done', msg)
   redis.call('HDEL', st, 'waitType')
-  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
   local ret = redis.call('HGET', st, 'retention')
   if ret then
@@ -220,6 +282,50 @@ local function entry_status(entry)
   if not entry then return nil end
   return string.match(entry, '^{"s":"(%a+)"')
 end
+-- Artifact references (see the module docstring): anchored matches, so a value
+-- without one costs one failed comparison near its start.
+local function entry_ref(entry)
+  if not entry then return nil end
+  return string.match(entry, '^{"s":"%a+","r":"([^"]+)"')
+end
+local function value_ref(value)
+  if not value then return nil end
+  return string.match(value, '^{"%$nbflow":"artifact","url":"([^"]+)"')
+end
+local function event_ref(ev)
+  if not ev then return nil end
+  return string.match(ev, '^{"type":"[%w_-]+","payload":{"%$nbflow":"artifact","url":"([^"]+)"')
+end
+local function ref_add(id, url)
+  if not url then return end
+  redis.call('HINCRBY', P .. ':' .. id .. ':artifacts', url, 1)
+  redis.call('HINCRBY', P .. ':artifacts', url, 1)
+end
+-- one reference of instance `id` to `url` is gone; `gone` collects the URLs that
+-- no reference names any more (their files are deleted by the caller)
+local function ref_drop(id, url, gone)
+  if not url then return end
+  local mine = P .. ':' .. id .. ':artifacts'
+  if redis.call('HINCRBY', mine, url, -1) <= 0 then redis.call('HDEL', mine, url) end
+  local all = P .. ':artifacts'
+  if redis.call('HINCRBY', all, url, -1) <= 0 then
+    redis.call('HDEL', all, url)
+    gone[#gone + 1] = url
+  end
+end
+-- every reference of instance `id` is gone (it is being deleted)
+local function refs_drop_all(id, gone)
+  local mine = P .. ':' .. id .. ':artifacts'
+  local held = redis.call('HGETALL', mine)
+  local all = P .. ':artifacts'
+  for i = 1, #held, 2 do
+    if redis.call('HINCRBY', all, held[i], -tonumber(held[i + 1])) <= 0 then
+      redis.call('HDEL', all, held[i])
+      gone[#gone + 1] = held[i]
+    end
+  end
+  redis.call('DEL', mine)
+end
 """
 
 # ARGV: prefix, now, now_iso, workflowName, retention ('' = keep), code version, then
@@ -238,7 +344,7 @@ for i = 7, #ARGV, 2 do
     redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
                'version', version)
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
-    make_queued(id, now, now_iso)
+    make_queued(id, now, now_iso, wf)
     out[#out + 1] = 1
   end
 end
@@ -281,6 +387,7 @@ for i = 1, #all, 2 do
       return '"t0":' .. string.format('%.3f', tonumber(t) + shift)
     end, 1)
     redis.call('HSET', dst, all[i], e)
+    ref_add(id, entry_ref(e))  -- the copy refers to the same artifact file
     copied = copied + 1
   end
 end
@@ -313,12 +420,113 @@ local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'cre
 local steps = redis.call('HGETALL', k_steps(id))
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
-redis.call('HDEL', st, 'waitType')
-redis.call('ZREM', P .. ':ready', id)
+redis.call('HDEL', st, 'waitType', 'childDone')
+redis.call('ZREM', P .. ':ready:' .. out[2], id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
 for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
+"""
+
+# Child workflows (``step.run_workflow``, spec 10.1): how a child's end reaches its
+# parent, and how terminate/restart cascade.  Before the step functions, since
+# finish_run calls notify_parent.
+_CHILD_FUNCTIONS = r"""
+local function is_final(s) return s == 'complete' or s == 'errored' or s == 'terminated' end
+local function k_children(id) return P .. ':' .. id .. ':children' end
+-- The parent's step entry for a child that ended: its pending entry
+-- ('{"s":"waiting","k":"workflow",...}', see nbflow.compose) with the outcome added:
+-- the child's output, or its error (a terminated child: InvalidStateError).
+local function child_entry(cur, cid, status, value, t0, now)
+  local rest = string.sub(cur, 15, -2)
+  local d = string.format('%.3f', math.max(0, tonumber(now) - (tonumber(t0) or tonumber(now))))
+  if status == 'complete' then
+    return '{"s":"complete"' .. rest .. ',"d":' .. d .. ',"v":' .. (value or 'null') .. '}'
+  end
+  if status == 'terminated' or not value then
+    value = cjson.encode({name = 'InvalidStateError',
+                          message = "child instance '" .. cid .. "' was " .. status})
+  end
+  return '{"s":"errored"' .. rest .. ',"d":' .. d .. ',"e":' .. value .. '}'
+end
+-- Stores a child's outcome in the parent's step entry if that still waits for it.
+local function record_child(pid, pkey, cid, status, value, t0, now, now_iso)
+  local sk = k_steps(pid)
+  local cur = redis.call('HGET', sk, pkey)
+  if entry_status(cur) ~= 'waiting' then return false end
+  redis.call('HSET', sk, pkey, child_entry(cur, cid, status, value, t0, now))
+  if status == 'complete' then redis.call('HINCRBY', k_state(pid), 'stepsDone', 1) end
+  redis.call('HSET', k_state(pid), 'updatedAt', now_iso)
+  return true
+end
+-- An instance became final: if it is a child of the parent's current generation, its
+-- outcome goes into the parent's step entry, and a waiting parent is queued (returns
+-- its id: the caller enqueues its RQ job); a parent still running gets `childDone`,
+-- so its park re-queues it instead of waiting for an end that already came.
+local function notify_parent(id, status, value, now, now_iso)
+  local m = redis.call('HMGET', k_meta(id), 'parent', 'parentStep', 'parentGen', 'parentT0')
+  if not m[1] then return nil end
+  local pid = m[1]
+  local pst = k_state(pid)
+  local p = redis.call('HMGET', pst, 'status', 'gen')
+  if not p[1] or is_final(p[1]) or (p[2] or '0') ~= (m[3] or '0') then return nil end
+  -- (history() shows the child's end from the entry: "workflow.finished")
+  if not record_child(pid, m[2], id, status, value, m[4], now, now_iso) then return nil end
+  if p[1] == 'waiting' then
+    redis.call('HDEL', pst, 'waitType')
+    redis.call('ZREM', P .. ':timers', pid)
+    make_queued(pid, now, now_iso)
+    return pid
+  end
+  if p[1] == 'running' or p[1] == 'waitingForPause' then
+    redis.call('HSET', pst, 'childDone', '1')
+  end
+  return nil
+end
+-- Ends an instance as terminated (the caller checked it is not final); returns how
+-- many workers were told to stop its run (see tell_owner).
+-- (`gone` collects the artifacts its buffered events referred to and no one else does)
+local function terminate_instance(id, now, now_iso, ack, gone)
+  local heard = tell_owner(id, ack)
+  set_status(id, 'terminated', now_iso)
+  release(id)
+  finish_bookkeeping(id, now, 'terminated')
+  redis.call('HSET', k_meta(id), 'currentStep', '')
+  local types = P .. ':' .. id .. ':evtypes'
+  local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
+  for _, t in ipairs(redis.call('SMEMBERS', types)) do
+    local ek = P .. ':' .. id .. ':events:' .. t
+    if arts then
+      for _, ev in ipairs(redis.call('LRANGE', ek, 0, -1)) do ref_drop(id, event_ref(ev), gone) end
+    end
+    redis.call('DEL', ek)
+  end
+  redis.call('DEL', types)
+  hist(id, now, 'terminated', '')
+  return heard
+end
+-- Terminates the non-final descendants of root (children, their children, ...);
+-- with dropped_only, only those under children whose step in root is gone (a restart).
+local function terminate_descendants(root, now, now_iso, ack, dropped_only, gone)
+  local stack, seen = {root}, {[root] = true}
+  while #stack > 0 do
+    local cur = table.remove(stack)
+    local kids = redis.call('HGETALL', k_children(cur))
+    for i = 1, #kids, 2 do
+      local cid, key = kids[i], kids[i + 1]
+      local take = not seen[cid]
+      if take and dropped_only and cur == root then
+        take = redis.call('HEXISTS', k_steps(root), key) == 0
+      end
+      if take then
+        seen[cid] = true
+        local s = redis.call('HGET', k_state(cid), 'status')
+        if s and not is_final(s) then terminate_instance(cid, now, now_iso, ack, gone) end
+        stack[#stack + 1] = cid
+      end
+    end
+  end
+end
 """
 
 # The step protocol's two writes, as functions so one script can do both (a
@@ -366,6 +574,7 @@ local function step_finish(o)
   redis.call('HSET', sk, key, entry)
   if final == '1' and entry_status(entry) == 'complete' then
     redis.call('HINCRBY', st, 'stepsDone', 1)
+    ref_add(id, entry_ref(entry))
   end
   redis.call('HSET', st, 'updatedAt', now_iso)
   if ev ~= 'step.finished' and ev ~= 'slept' then hist(id, now, ev, ARGV[o + 8]) end
@@ -388,12 +597,19 @@ local function finish_run(o)
   release(id)
   if outcome == 'complete' then
     redis.call('HSET', st, 'output', value)
+    ref_add(id, value_ref(value))
+    local wf = redis.call('HGET', k_meta(id), 'workflowName')
+    if wf then
+      redis.call('HSET', P .. ':stepcount', wf, redis.call('HGET', st, 'stepsDone') or 0)
+    end
   else
     redis.call('HSET', st, 'error', value)
   end
   redis.call('HSET', k_meta(id), 'currentStep', '')
   finish_bookkeeping(id, now, outcome, value)
   if outcome ~= 'complete' then hist(id, now, outcome, ARGV[o + 6]) end
+  local woke = notify_parent(id, outcome, value, now, now_iso)
+  if woke then return outcome .. ' ' .. woke end
   return outcome
 end
 """
@@ -430,6 +646,10 @@ if status == 'waitingForPause' then
   return 'paused'
 end
 release(id)
+if redis.call('HDEL', st, 'childDone') == 1 then  -- a child ended while the run went on
+  make_queued(id, now, now_iso)
+  return 'queued'
+end
 for t in string.gmatch(types, '[^,]+') do
   if redis.call('LLEN', P .. ':' .. id .. ':events:' .. t) > 0 then
     make_queued(id, now, now_iso)
@@ -464,8 +684,11 @@ local st = k_state(id)
 local d = string.format('%.3f', tonumber(now) - tonumber(t0_epoch))
 local pos = ''
 if ARGV[11] and ARGV[11] ~= '' then pos = ',"n":' .. ARGV[11] end
-local e = '{"s":"complete","k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 .. ',"d":' .. d ..
-          ',"ty":"' .. etype .. '","v":' .. ev .. '}'
+-- an artifact payload moves from the buffer into the entry: still one reference
+local url = event_ref(ev)
+local r = url and (',"r":"' .. url .. '"') or ''
+local e = '{"s":"complete"' .. r .. ',"k":"event","i":' .. idx .. pos .. ',"t0":' .. t0 ..
+          ',"d":' .. d .. ',"ty":"' .. etype .. '","v":' .. ev .. '}'
 redis.call('HSET', sk, key, e)
 redis.call('HINCRBY', st, 'stepsDone', 1)
 redis.call('HSET', st, 'updatedAt', now_iso)
@@ -481,6 +704,7 @@ if not status then return 'unknown' end
 if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
 redis.call('RPUSH', P .. ':' .. id .. ':events:' .. etype, ev)
 redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
+ref_add(id, event_ref(ev))
 hist(id, now, 'event.sent', '"type":"' .. etype .. '"')
 local waits = redis.call('HGET', st, 'waitType')
 if status == 'waiting' and waits and string.find(waits, ',' .. etype .. ',', 1, true) then
@@ -493,6 +717,7 @@ return 'buffered'
 """
 
 # ARGV: prefix, now, now_iso, limit. Wakes waiting instances whose timer is due.
+# Returns id, workflow, id, workflow, ...: each goes on its workflow's queue.
 _WAKE_DUE = r"""
 local now, now_iso = ARGV[2], ARGV[3]
 local due = redis.call('ZRANGEBYSCORE', P .. ':timers', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
@@ -501,9 +726,10 @@ for _, id in ipairs(due) do
   redis.call('ZREM', P .. ':timers', id)
   if redis.call('HGET', k_state(id), 'status') == 'waiting' then
     redis.call('HDEL', k_state(id), 'waitType')
-    make_queued(id, now, now_iso)
+    local wf = make_queued(id, now, now_iso)
     hist(id, now, 'woke', '')
     out[#out + 1] = id
+    out[#out + 1] = wf
   end
 end
 return out
@@ -511,6 +737,7 @@ return out
 
 # ARGV: prefix, now, now_iso, limit. Takes back instances whose runner stopped
 # renewing its lease (a dead worker): running -> queued, waitingForPause -> paused.
+# Returns id, workflow, ... of those queued again.
 _REAP = r"""
 local now, now_iso = ARGV[2], ARGV[3]
 local dead = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
@@ -519,9 +746,10 @@ for _, id in ipairs(dead) do
   local status = redis.call('HGET', k_state(id), 'status')
   release(id)
   if status == 'running' then
-    make_queued(id, now, now_iso)
+    local wf = make_queued(id, now, now_iso)
     hist(id, now, 'recovered', '')
     out[#out + 1] = id
+    out[#out + 1] = wf
   elseif status == 'waitingForPause' then
     set_status(id, 'paused', now_iso)
   end
@@ -529,14 +757,26 @@ end
 return out
 """
 
-# ARGV: prefix, rq queue key, older_than, now, limit. When the RQ queue is empty,
-# queued instances older than `older_than` have lost their job: hand them out again.
+# ARGV: prefix, older_than, now, limit, then workflow, rq queue key pairs.  For each
+# workflow whose RQ queue is empty, its queued instances older than `older_than` have
+# lost their job: hand them out again.  (A workflow whose queue is not empty waits
+# for a worker that has it: its jobs are there.)  Returns id, workflow, ...
 _ORPHANS = r"""
-if redis.call('LLEN', ARGV[2]) > 0 then return {} end
-local ids = redis.call('ZRANGEBYSCORE', P .. ':ready', '-inf', ARGV[3],
-                      'LIMIT', 0, tonumber(ARGV[5]))
-for _, id in ipairs(ids) do redis.call('ZADD', P .. ':ready', ARGV[4], id) end
-return ids
+local out = {}
+local limit = tonumber(ARGV[4])
+for i = 5, #ARGV, 2 do
+  local wf = ARGV[i]
+  if redis.call('LLEN', ARGV[i + 1]) == 0 then
+    local ready = P .. ':ready:' .. wf
+    local ids = redis.call('ZRANGEBYSCORE', ready, '-inf', ARGV[2], 'LIMIT', 0, limit)
+    for _, id in ipairs(ids) do
+      redis.call('ZADD', ready, ARGV[3], id)
+      out[#out + 1] = id
+      out[#out + 1] = wf
+    end
+  end
+end
+return out
 """
 
 # ARGV: prefix, token, lease_until, id... Renews the leases the caller still owns.
@@ -577,6 +817,8 @@ release(id)
 redis.call('HSET', st, 'error', err)
 finish_bookkeeping(id, now, 'errored', err)
 hist(id, now, 'errored', '"error":' .. err)
+local woke = notify_parent(id, 'errored', err, now, now_iso)
+if woke then return 'errored ' .. woke end
 return 'errored'
 """
 
@@ -591,6 +833,25 @@ make_queued(id, now, now_iso)
 return 'queued'
 """
 
+# ARGV: prefix, now, now_iso, then id, token pairs. Gives back the instances that the
+# given runs still own (a worker that cannot run them, or a process shutting down):
+# queued again where they stopped, the run's later writes refused (its token is
+# gone).  Returns id, workflow, ... of those given back, to enqueue on their queues.
+_HAND_BACK = r"""
+local now, now_iso = ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  if owned(id, ARGV[i + 1], now, now_iso) == 'running' then
+    release(id)
+    out[#out + 1] = id
+    out[#out + 1] = make_queued(id, now, now_iso)
+    hist(id, now, 'handed.back', '')
+  end
+end
+return out
+"""
+
 # Lifecycle calls. ARGV: prefix, id, now, now_iso[, extra], ack key. Each returns
 # {'ok', new_status, heard} or {'bad', current_status} (or {'bad', 'unknown'});
 # `heard` counts the workers told to stop the instance's run (see tell_owner).
@@ -601,7 +862,7 @@ if not status then return {'bad', 'unknown'} end
 local new
 if status == 'queued' or status == 'waiting' then
   new = 'paused'
-  redis.call('ZREM', P .. ':ready', id)
+  redis.call('ZREM', P .. ':ready:' .. wf_of(id), id)
   redis.call('ZREM', P .. ':timers', id)
   redis.call('HDEL', k_state(id), 'waitType')
 elseif status == 'running' then
@@ -656,18 +917,12 @@ if not status then return {'bad', 'unknown'} end
 if status == 'complete' or status == 'errored' or status == 'terminated' then
   return {'bad', status}
 end
-local heard = tell_owner(id, ack)
-set_status(id, 'terminated', now_iso)
-release(id)
-finish_bookkeeping(id, now, 'terminated')
-redis.call('HSET', k_meta(id), 'currentStep', '')
-local types = P .. ':' .. id .. ':evtypes'
-for _, t in ipairs(redis.call('SMEMBERS', types)) do
-  redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
-end
-redis.call('DEL', types)
-hist(id, now, 'terminated', '')
-return {'ok', 'terminated', heard}
+local gone = {}
+local heard = terminate_instance(id, now, now_iso, ack, gone)
+terminate_descendants(id, now, now_iso, ack, false, gone)
+local out = {'ok', 'terminated', heard, notify_parent(id, 'terminated', nil, now, now_iso) or ''}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
 """
 
 # ARGV: prefix, id, now, now_iso, from_key ('' = all), ack key. Keeps the entries of
@@ -679,8 +934,15 @@ local status = redis.call('HGET', st, 'status')
 if not status then return {'bad', 'unknown'} end
 local sk = k_steps(id)
 local done = 0
+local gone = {}
+local arts = redis.call('EXISTS', P .. ':' .. id .. ':artifacts') == 1
+local lk, pk = k_logs(id), k_prog(id)
 if from_key == '' then
-  redis.call('DEL', sk)
+  if arts then
+    local all = redis.call('HVALS', sk)
+    for i = 1, #all do ref_drop(id, entry_ref(all[i]), gone) end
+  end
+  redis.call('DEL', sk, lk, pk)
 else
   local target = redis.call('HGET', sk, from_key)
   if not target then return {'nostep', from_key} end
@@ -690,12 +952,22 @@ else
     local s = entry_status(all[i + 1])
     local idx = string.match(all[i + 1], '"i":(%d+)')
     if tonumber(idx) >= cut or (s ~= 'complete' and s ~= 'errored') then
+      if arts then ref_drop(id, entry_ref(all[i + 1]), gone) end
       redis.call('HDEL', sk, all[i])
+      redis.call('HDEL', lk, all[i])
+      redis.call('HDEL', pk, all[i], '@last')
     elseif s == 'complete' then
       done = done + 1
     end
   end
+  -- what run() wrote between steps after the cut is written again by the new run
+  for _, f in ipairs(redis.call('HKEYS', lk)) do
+    local at = string.match(f, '^#(%-?%d+)$')
+    if at and tonumber(at) >= cut then redis.call('HDEL', lk, f) end
+  end
 end
+if arts then ref_drop(id, value_ref(redis.call('HGET', st, 'output')), gone) end
+terminate_descendants(id, now, now_iso, ack, true, gone)
 local heard = tell_owner(id, ack)
 release(id)
 redis.call('HINCRBY', st, 'gen', 1)
@@ -704,20 +976,25 @@ if done > 0 then
 else
   redis.call('HDEL', st, 'stepsDone')
 end
-redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType')
+redis.call('HDEL', st, 'error', 'output', 'finishedAt', 'waitType', 'rollback', 'childDone')
 redis.call('HSET', k_meta(id), 'currentStep', '')
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZREM', P .. ':expiry', id)
 make_queued(id, now, now_iso)
 hist(id, now, 'restarted', '"from":' .. cjson.encode(from_key))
-return {'ok', 'queued', heard}
+local out = {'ok', 'queued', heard, ''}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
 """
 
 # ARGV: prefix, now, limit. Deletes finished instances whose retention ran out.
+# Returns {how many, URL of each artifact no reference names any more...}.
 _PURGE = r"""
 local ids = redis.call('ZRANGEBYSCORE', P .. ':expiry', '-inf', ARGV[2],
                       'LIMIT', 0, tonumber(ARGV[3]))
+local gone = {}
 for _, id in ipairs(ids) do
+  refs_drop_all(id, gone)
   local st = k_state(id)
   local status = redis.call('HGET', st, 'status')
   local wf = redis.call('HGET', k_meta(id), 'workflowName')
@@ -727,11 +1004,161 @@ for _, id in ipairs(ids) do
   for _, t in ipairs(redis.call('SMEMBERS', types)) do
     redis.call('DEL', P .. ':' .. id .. ':events:' .. t)
   end
-  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types)
+  redis.call('DEL', st, k_steps(id), k_meta(id), k_hist(id), types, k_logs(id), k_prog(id),
+             P .. ':' .. id .. ':children')
   redis.call('ZREM', P .. ':expiry', id)
-  redis.call('ZREM', P .. ':ready', id)
+  if wf then redis.call('ZREM', P .. ':ready:' .. wf, id) end
 end
-return #ids
+local out = {#ids}
+for _, url in ipairs(gone) do out[#out + 1] = url end
+return out
+"""
+
+# ARGV: prefix, id, token, now, now_iso, key, step name, child id, workflow, payload,
+# pending entry, t0 epoch, retention ('' = keep), code version.  ``step.run_workflow``: starts the
+# child (recording parent, step and generation in its metadata) and the parent's
+# pending step entry in one go.  Returns {'created'}, {'wait'} (this run's child
+# exists already: a replay, or a crash after it started), {'final', entry} (the
+# child has ended), {'cycle'} (the child would be the parent or one of its
+# ancestors), {'exists'} (that id belongs to another instance), or {why}.
+# A child left from before the parent was restarted is started afresh, same id.
+_START_CHILD = r"""
+local id, token, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key, name, cid, wf, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local pending, t0, retention, version = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local why = owned(id, token, now, now_iso)
+if why ~= 'running' then return {why} end
+local sk = k_steps(id)
+local cur = redis.call('HGET', sk, key)
+local s = entry_status(cur)
+if s == 'complete' or s == 'errored' then return {'final', cur} end
+local up, depth = id, 0
+while up and depth < 1000 do
+  if up == cid then return {'cycle'} end
+  up = redis.call('HGET', k_meta(up), 'parent')
+  depth = depth + 1
+end
+local gen = redis.call('HGET', k_state(id), 'gen') or '0'
+local cst, cmeta = k_state(cid), k_meta(cid)
+local cstatus = redis.call('HGET', cst, 'status')
+if cstatus then
+  local m = redis.call('HMGET', cmeta, 'parent', 'parentStep', 'parentGen', 'parentT0',
+                       'workflowName')
+  if m[1] ~= id or m[2] ~= key then return {'exists'} end
+  if (m[3] or '0') == gen then
+    if s ~= 'waiting' then redis.call('HSET', sk, key, pending) end
+    if is_final(cstatus) then
+      local o = redis.call('HMGET', cst, 'output', 'error')
+      local value = o[2]
+      if cstatus == 'complete' then value = o[1] end
+      record_child(id, key, cid, cstatus, value, m[4], now, now_iso)
+      return {'final', redis.call('HGET', sk, key)}
+    end
+    return {'wait'}
+  end
+  -- started by an earlier generation of the parent: run it afresh, as restart() would
+  redis.call('DEL', k_steps(cid))
+  local types = P .. ':' .. cid .. ':evtypes'
+  for _, t in ipairs(redis.call('SMEMBERS', types)) do
+    redis.call('DEL', P .. ':' .. cid .. ':events:' .. t)
+  end
+  redis.call('DEL', types)
+  release(cid)
+  redis.call('HINCRBY', cst, 'gen', 1)
+  redis.call('HDEL', cst, 'error', 'output', 'finishedAt', 'waitType', 'stepsDone', 'rollback',
+             'childDone', 'hardStop')
+  redis.call('ZREM', P .. ':timers', cid)
+  redis.call('ZREM', P .. ':expiry', cid)
+  if m[5] and m[5] ~= wf then
+    redis.call('ZREM', P .. ':index:wf:' .. m[5], cid)
+    redis.call('ZADD', P .. ':index:wf:' .. wf, now, cid)
+  end
+  hist(cid, now, 'restarted', '"by":"parent"')
+else
+  redis.call('HSET', cst, 'createdAt', now_iso)
+  if retention ~= '' then redis.call('HSET', cst, 'retention', retention) end
+  redis.call('ZADD', P .. ':index:wf:' .. wf, now, cid)
+end
+redis.call('HSET', cmeta, 'workflowName', wf, 'payload', payload, 'currentStep', '',
+           'parent', id, 'parentStep', key, 'parentGen', gen, 'parentT0', t0,
+           'version', version)
+make_queued(cid, now, now_iso)
+redis.call('HSET', k_children(id), cid, key)
+redis.call('HSET', sk, key, pending)
+redis.call('HSET', k_meta(id), 'currentStep', name)
+return {'created'}
+"""
+
+# ARGV: prefix, id, token, now, now_iso, report JSON.  What the rollbacks of an errored
+# run did ({"status", "steps"}, spec 10.4), stored just before its finish.
+_ROLLBACK_REPORT = r"""
+local why = check_owner(ARGV[2], ARGV[3])
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+redis.call('HSET', k_state(ARGV[2]), 'rollback', ARGV[6])
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, limit (bytes per field), then field, dropped, lines triples
+# (``nbflow.capture.RunLog.take``).  Appends a run's captured lines to the instance's log,
+# each field kept to `limit` bytes: the oldest lines go, and a first line
+# {"dropped":N} counts them.  Sent in the same pipelined write as the step record it
+# goes with; a run that no longer owns the instance appends nothing.
+_LOG_APPEND = r"""
+local id, token, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local lk = k_logs(id)
+for i = 5, #ARGV, 3 do
+  local field, dropped, body = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local cur = redis.call('HGET', lk, field)
+  if cur then
+    local n = string.match(cur, '^{"dropped":(%d+)}')
+    if n then
+      dropped = dropped + tonumber(n)
+      local nl = string.find(cur, '\n', 1, true)
+      cur = nl and string.sub(cur, nl + 1) or ''
+    end
+    if cur ~= '' then body = cur .. '\n' .. body end
+  end
+  if #body > limit then
+    -- cut whole lines from the front: up to the first newline past the excess
+    local nl = string.find(body, '\n', #body - limit, true)
+    if nl then
+      local _, cut = string.gsub(string.sub(body, 1, nl), '\n', '')
+      dropped = dropped + cut
+      body = string.sub(body, nl + 1)
+    end
+  end
+  if dropped > 0 then body = '{"dropped":' .. dropped .. '}\n' .. body end
+  redis.call('HSET', lk, field, body)
+end
+return 'ok'
+"""
+
+# ARGV: prefix, id, token, then key, seq, progress JSON triples.  Stores the steps'
+# latest progress (SPEC 8.4); a value older (by seq) than the stored one is ignored,
+# since the worker's background flusher and the run's own writes use two connections.
+_PROGRESS = r"""
+local id, token = ARGV[2], ARGV[3]
+local why = check_owner(id, token)
+if why ~= 'running' and why ~= 'waitingForPause' then return why end
+local pk = k_prog(id)
+local last = redis.call('HGET', pk, '@last')
+local top = last and tonumber(string.match(last, '^{"q":(%d+)')) or -1
+local newest
+for i = 4, #ARGV, 3 do
+  local cur = redis.call('HGET', pk, ARGV[i])
+  local q, seq = cur and tonumber(string.match(cur, '^{"q":(%d+)')), tonumber(ARGV[i + 1])
+  if not q or q < seq then
+    redis.call('HSET', pk, ARGV[i], ARGV[i + 2])
+    if seq > top then top, newest = seq, i end
+  end
+end
+if newest then  -- what a card shows: the newest report, with its step key
+  local v = string.sub(ARGV[newest + 2], 1, -2) .. ',"k":' .. cjson.encode(ARGV[newest]) .. '}'
+  redis.call('HSET', pk, '@last', v)
+end
+return 'ok'
 """
 
 _SOURCES = {
@@ -753,6 +1180,7 @@ _SOURCES = {
     "finish": _FINISH,
     "step_finish_then_finish": _STEP_FINISH_THEN_FINISH,
     "release": _RELEASE,
+    "hand_back": _HAND_BACK,
     "fail": _FAIL,
     "pause": _PAUSE,
     "harden": _HARDEN,
@@ -760,6 +1188,10 @@ _SOURCES = {
     "terminate": _TERMINATE,
     "restart": _RESTART,
     "purge": _PURGE,
+    "start_child": _START_CHILD,
+    "rollback_report": _ROLLBACK_REPORT,
+    "log_append": _LOG_APPEND,
+    "progress": _PROGRESS,
 }
 
 
@@ -999,7 +1431,7 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Any] = {
-            name: client.register_script(_PRELUDE + _STEP_FUNCTIONS + body)
+            name: client.register_script(_PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS + body)
             for name, body in _SOURCES.items()
         }
 

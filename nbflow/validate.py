@@ -7,7 +7,9 @@ with a message that says what was wrong and what is allowed (SPEC 2.1, 2.2,
 
 Every check raises ``ValueError``, even for a value of the wrong type: the
 spec promises ``ValueError`` for bad names, ids, event types and configs, and
-one exception type is simpler for callers to catch than two.
+one exception type is simpler for callers to catch than two.  The one exception is
+``check_progress`` (``ctx.progress``, SPEC 8.4): a non-number there is a ``TypeError``,
+as for any arithmetic, and a number out of range a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "StepConfig",
     "check_event_type",
     "check_instance_id",
+    "check_progress",
     "check_step_name",
     "resolve_step_config",
 ]
@@ -82,6 +85,60 @@ def check_event_type(value: object) -> str:
     buffers in Redis. A non-str raises ``ValueError`` too.
     """
     return _check_identifier(value, "event type")
+
+
+#: A longer progress message is cut to this many characters (it shows on one line).
+PROGRESS_MESSAGE_MAX: Final = 200
+
+
+def _progress_number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"ctx.progress: {what} must be a number (int or float), not "
+            f"{type(value).__name__} {value!r}"
+        )
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"ctx.progress: {what} must be a finite number, not {value!r}")
+    return number
+
+
+def check_progress(done: object, total: object, message: object) -> tuple[float, str | None]:
+    """The fraction done (0-1) and the message of ``ctx.progress(done, total, message)``.
+
+    With ``total``: ``0 <= done <= total`` and ``total > 0`` (counts: ``progress(3, 10)``
+    is 30 %).  Without it ``done`` is the fraction itself, ``0 <= done <= 1``.
+    Non-numbers (``bool`` included) raise ``TypeError``; negative, non-finite or
+    out-of-range numbers ``ValueError``; ``message`` is a str or None (``TypeError``)
+    and is cut to ``PROGRESS_MESSAGE_MAX`` characters.
+    """
+    d = _progress_number(done, "done")
+    if d < 0:
+        raise ValueError(f"ctx.progress: done must be >= 0, not {done!r}")
+    if total is None:
+        if d > 1:
+            raise ValueError(
+                f"ctx.progress: done={done!r} without total must be a fraction between 0 "
+                "and 1; pass total= for counts, e.g. ctx.progress(3, 10)"
+            )
+        fraction = d
+    else:
+        t = _progress_number(total, "total")
+        if t <= 0:
+            raise ValueError(f"ctx.progress: total must be > 0, not {total!r}")
+        if d > t:
+            raise ValueError(
+                f"ctx.progress: done={done!r} is more than total={total!r}; "
+                "done must be between 0 and total"
+            )
+        fraction = d / t
+    if message is not None and not isinstance(message, str):
+        raise TypeError(
+            f"ctx.progress: message must be a str or None, not {type(message).__name__}"
+        )
+    if message is not None and len(message) > PROGRESS_MESSAGE_MAX:
+        message = message[: PROGRESS_MESSAGE_MAX - 1] + "…"
+    return fraction, message
 
 
 def check_step_name(value: object) -> str:

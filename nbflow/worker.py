@@ -3,7 +3,9 @@ the housekeeping every worker does beside it.  A worker is given an engine's
 ``Backend`` (``engine.backend``), never the engine itself.
 
 * ``NbflowWorker`` dequeues RQ jobs and runs them in its own thread, so a step
-  runs in the worker process and a notebook-defined class is reachable.
+  runs in the worker process and a notebook-defined class is reachable.  It
+  listens to the queues of the workflows registered in its process, following
+  ``engine.register`` calls made after it started (``nbflow.routing``).
 * ``Housekeeper`` (a thread next to each worker) wakes instances whose timer
   is due, renews the leases of runs in progress, takes back instances whose
   worker died (expired lease), re-dispatches queued instances whose RQ job was
@@ -14,10 +16,15 @@ the housekeeping every worker does beside it.  A worker is given an engine's
   advances and promises that no new step of them starts.
 * ``ThreadWorker`` is the in-process worker behind ``engine.start_worker()``;
   ``run_foreground`` is ``engine.run_worker()``; ``serve`` is ``nbflow worker``.
+
+Every worker installs ``nbflow.capture`` when it starts (and each job checks it again),
+so what workflow code prints or logs lands in its instance's log, never in a notebook
+cell or the worker's console.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing
@@ -25,19 +32,22 @@ import os
 import signal
 import threading
 import time
+import weakref
 import zlib
 from typing import Any
 
 import redis
+from rq import worker_registration
 from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
-from nbflow import runner, schedules
+from nbflow import capture, runner, schedules
 from nbflow.backend import JOB_FUNCTION, Backend
 from nbflow.handshake import StopListener
+from nbflow.routing import Routes, hand_back
 from nbflow.store import LEASE_SECONDS, clock
 
 log = logging.getLogger("nbflow")
@@ -47,6 +57,7 @@ HEARTBEAT_INTERVAL = LEASE_SECONDS / 3
 SWEEP_INTERVAL = 5.0  # expired leases, lost dispatches, retention
 ORPHAN_AGE = 10.0  # a queued instance with no RQ job for this long is dispatched again
 WORKER_HEARTBEAT = 10.0  # seconds between RQ worker-key heartbeats
+EXIT_GRACE = 2.0  # at interpreter exit: how long runs get to hand back by themselves
 
 
 class NbflowWorker(SimpleWorker):
@@ -62,7 +73,8 @@ class NbflowWorker(SimpleWorker):
 
     ``in_thread`` workers (notebooks) install no signal handlers and add no log
     handlers (a background thread must never print into a cell); every worker
-    polls in short slices so a stop request is honoured within a moment.
+    polls in short slices so a stop request is honoured within a moment, and a
+    workflow registered meanwhile adds its queue within one slice.
     """
 
     death_penalty_class = TimerDeathPenalty  # nbflow jobs have no RQ timeout; never SIGALRM
@@ -70,8 +82,11 @@ class NbflowWorker(SimpleWorker):
     def __init__(
         self, backend: Backend, *, in_thread: bool = False, stopping: threading.Event | None = None
     ) -> None:
-        super().__init__([backend.queue], connection=backend.redis, serializer=JSONSerializer)
+        super().__init__([backend.base_queue], connection=backend.redis, serializer=JSONSerializer)
         self.backend = backend
+        self.routes = Routes(backend, self.name)
+        self._registered = False
+        self._follow_routes()
         self.listener: StopListener | None = None
         self.in_thread = in_thread
         self.stopping = stopping or threading.Event()
@@ -83,8 +98,39 @@ class NbflowWorker(SimpleWorker):
             return
         # No pubsub command channel: its thread takes a second to stop, and an
         # in-process worker is stopped with engine.stop_worker(), not `rq` commands.
-        self.register_birth()  # type: ignore[no-untyped-call]
+        self.register_birth()
         self.set_state(WorkerStatus.STARTED)
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        self._registered = True
+        self.routes.advertise()
+        log.info("nbflow worker %s: listening to queues %s", self.name, self.routes.describe())
+
+    def register_death(self) -> None:
+        try:
+            self.routes.withdraw()
+        finally:
+            super().register_death()  # type: ignore[no-untyped-call]
+
+    def _follow_routes(self) -> list[str]:
+        """The queue keys to BLPOP, after following workflows registered since the
+        last call (then the worker is registered on their queues too, for ``rq info``)."""
+        if self.routes.refresh():
+            self.queues = list(self.routes.queues)
+            self._ordered_queues = self.queues[:]
+            if self._registered:
+                pipe = self.connection.pipeline(transaction=False)
+                worker_registration.register(self, pipe)
+                pipe.hset(self.key, "queues", ",".join(self.queue_names()))
+                pipe.execute()
+                self.routes.advertise()
+                log.info(
+                    "nbflow worker %s: now listening to queues %s",
+                    self.name,
+                    self.routes.describe(),
+                )
+        return self.routes.keys
 
     def _install_signal_handlers(self) -> None:
         if not self.in_thread:
@@ -96,9 +142,10 @@ class NbflowWorker(SimpleWorker):
         """Take jobs until stopped (or, with ``burst``, until the queue is empty)."""
         self.bootstrap(logging_level)
         self._install_signal_handlers()
+        # what workflow code prints or logs goes to its instance's log, not to a cell
+        capture.install()
         listener = self.listener = StopListener(self.backend)
         listener.start()
-        queue_key = self.backend.queue.key
         slice_s = 0.2 if self.in_thread else 1.0
         next_beat = 0.0
         backoff = 0.5
@@ -107,15 +154,22 @@ class NbflowWorker(SimpleWorker):
                 try:
                     if time.monotonic() >= next_beat:
                         self.heartbeat()
+                        self.routes.advertise()
                         next_beat = time.monotonic() + WORKER_HEARTBEAT
+                    keys = self._follow_routes()
                     if burst:
-                        job_id = self.connection.lpop(queue_key)
+                        job_id = None
+                        for key in keys:
+                            job_id = self.connection.lpop(key)
+                            if job_id is not None:
+                                break
                         if job_id is None:
                             break
                     else:
-                        popped = self.connection.blpop([queue_key], timeout=slice_s)
+                        popped = self.connection.blpop(keys, timeout=slice_s)
                         if popped is None:
                             continue
+                        self.routes.rotate(popped[0])
                         job_id = popped[1]
                     backoff = 0.5
                     self._run_job(job_id.decode() if isinstance(job_id, bytes) else str(job_id))
@@ -139,7 +193,7 @@ class NbflowWorker(SimpleWorker):
         return self.jobs_run > 0
 
     def _run_job(self, job_id: str) -> None:
-        job_key = self.backend.queue.job_class.key_for(job_id)
+        job_key = self.backend.base_queue.job_class.key_for(job_id)
         pipe = self.connection.pipeline(transaction=False)
         pipe.hget(job_key, "data")
         pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
@@ -179,12 +233,20 @@ class Housekeeper(threading.Thread):
     """Timers, lease heartbeats and recovery for one engine (see module docstring)."""
 
     def __init__(
-        self, backend: Backend, stopping: threading.Event, *, beats_only: bool = False
+        self,
+        backend: Backend,
+        stopping: threading.Event,
+        *,
+        beats_only: bool = False,
+        worker: NbflowWorker | None = None,
     ) -> None:
         super().__init__(name="nbflow-housekeeper", daemon=True)
         self.backend = backend
         self.stopping = stopping
         self.beats_only = beats_only  # a burst worker wakes and sweeps by itself
+        #: the worker beside it, whose ``serving`` entries it renews with the leases
+        #: (the worker itself cannot while a long step runs inline)
+        self.worker = worker
 
     def run(self) -> None:
         next_beat = next_sweep = next_ticks = 0.0
@@ -213,13 +275,14 @@ class Housekeeper(threading.Thread):
         """Queue instances whose sleep, event timeout or retry wait is due."""
         now, now_iso = clock()
         b = self.backend
-        ids = b.scripts.wake_due(args=[b.prefix, f"{now:.6f}", now_iso, 500])
-        if ids:
-            b.enqueue([i.decode() for i in ids], at_front=True)
-        return len(ids)
+        woken = b.scripts.wake_due(args=[b.prefix, f"{now:.6f}", now_iso, 500])
+        return b.enqueue_routed(woken, at_front=True) if woken else 0
 
     def heartbeat(self) -> None:
-        """Renew the leases of the runs this process is advancing."""
+        """Renew the leases of the runs this process is advancing (and the worker's
+        claim to serve its workflows)."""
+        if self.worker is not None:
+            self.worker.routes.advertise()
         runs = dict(self.backend.runs)
         by_token: dict[str, list[str]] = {}
         for iid, token in runs.items():
@@ -235,18 +298,24 @@ class Housekeeper(threading.Thread):
         found = 0
         dead = b.scripts.reap(args=[b.prefix, f"{now:.6f}", now_iso, 500])
         if dead:
-            log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead))
-            b.enqueue([i.decode() for i in dead], at_front=True)
-            found += len(dead)
-        lost = b.scripts.orphans(
-            args=[b.prefix, b.queue.key, f"{now - orphan_age:.6f}", f"{now:.6f}", 500]
-        )
-        if lost:
-            b.enqueue([i.decode() for i in lost])
-            found += len(lost)
-        b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
+            log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead) // 2)
+            found += b.enqueue_routed(dead, at_front=True)
+        # lost dispatches, for the workflows this process can run (another's would only
+        # wait on their queue again; the processes that have them look after them)
+        workflows = sorted(b.classes)
+        if workflows:
+            args = [b.prefix, f"{now - orphan_age:.6f}", f"{now:.6f}", "500"]
+            for wf in workflows:
+                args += [wf, b.queue_for(wf).key]
+            lost = b.scripts.orphans(args=args)
+            if lost:
+                found += b.enqueue_routed(lost)
+        purged = b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
+        if len(purged) > 1:  # artifacts no reference names any more: files after the script
+            b.artifacts.delete(purged[1:])
         # RQ's own tidy-up of workers that died without saying so (what `rq info` lists)
-        clean_worker_registry(b.queue)
+        for queue in (b.base_queue, *(b.queue_for(wf) for wf in workflows)):
+            clean_worker_registry(queue)
         return found
 
 
@@ -257,7 +326,7 @@ class ThreadWorker:
         self.backend = backend
         self.stopping = threading.Event()
         self.worker = NbflowWorker(backend, in_thread=True, stopping=self.stopping)
-        self.housekeeper = Housekeeper(backend, self.stopping)
+        self.housekeeper = Housekeeper(backend, self.stopping, worker=self.worker)
         self.thread = threading.Thread(target=self._work, name="nbflow-worker", daemon=True)
 
     def __repr__(self) -> str:
@@ -273,22 +342,66 @@ class ThreadWorker:
     def start(self) -> None:
         self.housekeeper.start()
         self.thread.start()
+        _hand_back_at_exit(self)
 
     def is_alive(self) -> bool:
         return self.thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Takes no new job; runs hand their instances back at their next step (queued
+        and enqueued again, for whichever worker has the workflow)."""
         self.stopping.set()
         self.worker._stop_requested = True
+        try:
+            self.worker.routes.withdraw()
+        except redis.RedisError:  # Redis away: the entries expire by themselves
+            log.warning("nbflow worker: could not withdraw its serving entries")
         self.housekeeper.join(timeout)
         self.thread.join(timeout)
+
+    def _at_exit(self) -> None:
+        """The interpreter exits (a kernel shut down or restarted): the worker thread is
+        about to die with it, so what it still holds is handed back now, and a worker
+        started elsewhere takes it at once instead of when its lease runs out."""
+        try:
+            self.stop(timeout=EXIT_GRACE)
+            if hand_back(self.backend, dict(self.backend.runs)):
+                log.info("nbflow: handed back the instances this process held")
+        except Exception:  # Redis away: the leases run out instead
+            log.warning("nbflow: could not hand back instances at exit", exc_info=True)
+
+
+_exiting: weakref.WeakSet[ThreadWorker] = weakref.WeakSet()  # in-process workers started
+_exit_hooked: list[bool] = []  # [True] once _exit_all is hooked
+
+
+def _hand_back_at_exit(worker: ThreadWorker) -> None:
+    """Has ``worker._at_exit`` run when the interpreter exits.  Hooked into threading's
+    own exit hooks when there are (they run before the thread pool of step callbacks
+    is joined, so a step still running does not hold up the hand-back), else atexit."""
+    if not _exit_hooked:
+        _exit_hooked.append(True)
+        hook = getattr(threading, "_register_atexit", None)
+        try:
+            if hook is None:
+                raise RuntimeError("no threading exit hooks")
+            hook(_exit_all)
+        except RuntimeError:
+            atexit.register(_exit_all)
+    _exiting.add(worker)
+
+
+def _exit_all() -> None:
+    for worker in list(_exiting):
+        worker._at_exit()
+    _exiting.clear()
 
 
 def run_foreground(backend: Backend, burst: bool = True) -> int:
     """``engine.run_worker()``: work in this thread; with ``burst`` stop when nothing is due."""
     stopping = threading.Event()
     worker = NbflowWorker(backend, in_thread=True, stopping=stopping)
-    keeper = Housekeeper(backend, stopping)
+    keeper = Housekeeper(backend, stopping, worker=worker)
     if not burst:
         keeper.start()
         try:
@@ -309,19 +422,28 @@ def _burst(backend: Backend, keeper: Housekeeper, stopping: threading.Event) -> 
     while True:
         keeper.wake_due()
         keeper.sweep(orphan_age=0.0)
-        if backend.queue.count == 0:
+        if not _jobs_waiting(backend):
             return jobs
         worker = NbflowWorker(backend, in_thread=True, stopping=stopping)
         worker.work(burst=True, logging_level="WARNING")
         jobs += worker.jobs_run
 
 
+def _jobs_waiting(backend: Backend) -> bool:
+    """Whether a job waits on a queue this process listens to."""
+    queues = [backend.base_queue, *(backend.queue_for(wf) for wf in sorted(backend.classes))]
+    pipe = backend.redis.pipeline(transaction=False)
+    for q in queues:
+        pipe.llen(q.key)
+    return any(pipe.execute())
+
+
 def serve(backend: Backend, burst: bool = False, logging_level: str = "WARNING") -> None:
     """``nbflow worker`` in this process: an RQ worker in the main thread plus a housekeeper."""
     stopping = threading.Event()
-    keeper = Housekeeper(backend, stopping)
-    keeper.start()
     worker = NbflowWorker(backend, stopping=stopping)
+    keeper = Housekeeper(backend, stopping, worker=worker)
+    keeper.start()
     try:
         if burst:
             keeper.wake_due()

@@ -47,14 +47,16 @@ def redis_url() -> Iterator[str]:
 def cleanup_prefix(client: redis.Redis, prefix: str, queue: str) -> None:
     """Delete a test's keys: its prefix, its RQ queue and the RQ jobs still queued
     on it (SCAN is fine in tests)."""
-    job_ids = client.lrange(f"rq:queue:{queue}", 0, -1)
+    # the engine's queue and its workflows' queues (``{queue}:{workflow}``)
+    queue_keys = [f"rq:queue:{queue}".encode(), *client.scan_iter(match=f"rq:queue:{queue}:*")]
+    job_ids = [j for key in queue_keys for j in client.lrange(key, 0, -1)]
     for i in range(0, len(job_ids), 500):
         client.delete(*(b"rq:job:" + j for j in job_ids[i : i + 500]))
     for pattern in (f"{prefix}:*", f"rq:queue:{queue}*", f"rq:*:{queue}*"):
         batch = list(client.scan_iter(match=pattern, count=1000))
         for i in range(0, len(batch), 500):
             client.delete(*batch[i : i + 500])
-    client.srem("rq:queues", f"rq:queue:{queue}")
+    client.srem("rq:queues", *queue_keys)
 
 
 @pytest.fixture

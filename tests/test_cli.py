@@ -103,10 +103,10 @@ def test_worker_with_several_processes_shows_up_in_rq_and_shares_the_work(
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if len(Worker.all(queue=engine.backend.queue)) == 2:
+            if len(Worker.all(queue=engine.backend.queue_for("Greet"))) == 2:
                 break
             time.sleep(0.1)
-        assert len(Worker.all(queue=engine.backend.queue)) == 2  # what `rq info` lists
+        assert len(Worker.all(queue=engine.backend.queue_for("Greet"))) == 2  # what `rq info` lists
         batch = engine.workflow("Greet").create_batch(
             [{"params": {"name": str(i)}} for i in range(40)]
         )
@@ -127,7 +127,7 @@ def test_worker_for_a_prefix_runs_nothing_of_another_prefix(
     assert inst.status()["status"] == "queued"
 
 
-def test_unregistered_workflow_errors_with_a_message_naming_it(engine: Engine) -> None:
+def test_unregistered_workflow_waits_queued_saying_for_what(engine: Engine) -> None:
     class Lonely(WorkflowEntrypoint):
         def run(self, event: object, step: object) -> int:
             return 1
@@ -135,10 +135,8 @@ def test_unregistered_workflow_errors_with_a_message_naming_it(engine: Engine) -
     inst = engine.register(Lonely).create()
     del engine.backend.classes["Lonely"]  # a worker that never imported it
     engine.run_worker(burst=True)
-    status = inst.status()
-    assert status["status"] == "errored"
-    assert status["error"]["name"] == "WorkflowNotRegisteredError"
-    assert "Lonely" in status["error"]["message"]
+    assert inst.status() == {"status": "queued"}  # never errored for it (spec 8.1)
+    assert inst.info()["waiting_for"] == "a worker with workflow 'Lonely'"
 
 
 def test_list_and_status_print_instances(

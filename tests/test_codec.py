@@ -11,6 +11,7 @@ import math
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import dateutil.tz
 import numpy as np
 import pandas as pd
 import pytest
@@ -678,3 +679,80 @@ def test_decoded_dataframe_is_independent_and_writable() -> None:
     result = roundtrip(frame)
     result.loc[0, "a"] = 99
     assert frame.loc[0, "a"] == 1
+
+
+# --------------------------------------------------------------------------- dateutil zones
+#
+# Stored as {"name": "tzfile('/usr/share/zoneinfo/...')"} these used to be unreadable
+# (ZoneInfoNotFoundError at decode: the instance ended errored); now they round-trip.
+
+
+@pytest.mark.parametrize(
+    "tz",
+    [
+        pytest.param(dateutil.tz.gettz("Europe/Paris"), id="gettz"),
+        pytest.param(dateutil.tz.tzutc(), id="tzutc"),
+        pytest.param(dateutil.tz.tzoffset("EST5", -5 * 3600), id="tzoffset"),
+        pytest.param(dateutil.tz.tzlocal(), id="tzlocal"),
+    ],
+)
+def test_dateutil_datetimes_round_trip_in_their_zone(tz: datetime.tzinfo) -> None:
+    value = datetime.datetime(2024, 7, 1, 12, 30, 5, 123, tzinfo=tz)
+    result = roundtrip(value)
+    assert result == value
+    assert result.tzinfo == value.tzinfo
+    assert type(result.tzinfo) is type(value.tzinfo)
+    assert result.replace(tzinfo=None) == value.replace(tzinfo=None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pd.Timestamp("2024-07-01 12:00", tz="dateutil/Europe/Paris"),
+        pd.Timestamp("2024-01-01 00:00:00.123456789", tz=dateutil.tz.gettz("America/New_York")),
+    ],
+)
+def test_dateutil_timestamps_round_trip(value: pd.Timestamp) -> None:
+    result = roundtrip(value)
+    assert result == value
+    assert result.unit == value.unit
+    assert str(result.tz) == str(value.tz)
+
+
+def test_dateutil_columns_and_indexes_round_trip() -> None:
+    frame = pd.DataFrame(
+        {"t": pd.date_range("2024-03-30", periods=3, freq="D", tz="dateutil/Europe/Paris")},
+        index=pd.date_range("2024", periods=3, freq="h", tz=dateutil.tz.gettz("Asia/Tokyo")),
+    )
+    result = roundtrip(frame)
+    assert_frame_equal(result, frame, check_exact=True)
+    assert result["t"].dtype == frame["t"].dtype
+    assert_index_equal(result.index, frame.index, exact=True)
+    assert result.index.freq == frame.index.freq
+    series = pd.Series(frame["t"].array, name="s")
+    assert_series_equal(roundtrip(series), series, check_exact=True)
+
+
+def test_a_time_zone_that_cannot_be_rebuilt_is_refused_at_store_time() -> None:
+    class Custom(datetime.tzinfo):
+        def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+            return datetime.timedelta(hours=1)
+
+        def dst(self, dt: datetime.datetime | None) -> datetime.timedelta:
+            return datetime.timedelta(0)
+
+    with pytest.raises(UnstorableValueError, match="cannot store a value of type 'Custom'") as info:
+        encode(datetime.datetime(2024, 1, 1, tzinfo=Custom()))
+    assert "dateutil" in str(info.value) and "zoneinfo.ZoneInfo" in str(info.value)
+    with pytest.raises(UnstorableValueError, match="tzstr"):
+        encode(datetime.datetime(2024, 1, 1, tzinfo=dateutil.tz.tzstr("EST5EDT")))
+
+
+def test_dateutil_values_stored_by_an_earlier_version_are_readable_again() -> None:
+    old = (
+        '{"$nbflow":"timestamp","iso":"2024-07-01T12:00:00+02:00","unit":"us",'
+        '"tz":{"name":"tzfile(\'/usr/share/zoneinfo/Europe/Paris\')"}}'
+    )
+    value = decode(old)
+    assert value == pd.Timestamp("2024-07-01 12:00", tz="dateutil/Europe/Paris")
+    assert str(value.tz) == str(dateutil.tz.gettz("Europe/Paris"))

@@ -6,7 +6,7 @@ instances; many worker processes on one queue.
 Side effects are counted with HINCRBY in the test's Redis (``helpers_procs.FLOW_SOURCE``):
 ``{iid}:{step}:start`` per callback start and ``{iid}:{step}`` per callback return.  A dead
 worker's lease is forced to expire (``ZADD {prefix}:leases 0 <id>``) and a lost dispatch
-made old (``ZADD {prefix}:ready 0 <id>``) in the default versions; the slow ones
+made old (``ZADD {prefix}:ready:{workflow} 0 <id>``) in the default versions; the slow ones
 (``NBFLOW_SLOW=1``) wait for the real 30 s lease and the real orphan sweep.
 """
 
@@ -98,8 +98,8 @@ class Harness:
         r, keys = self.engine.redis, self.engine.keys
         for iid in r.zrange(keys.leases, 0, -1):
             r.zadd(keys.leases, {iid: 0})
-        for iid in r.zrange(keys.ready, 0, -1):
-            r.zadd(keys.ready, {iid: 0})
+        for iid in r.zrange(keys.ready(self.flow.name), 0, -1):
+            r.zadd(keys.ready(self.flow.name), {iid: 0})
 
     def wait_all(self, timeout: float, workers: list[Any] | None = None) -> dict[str, str]:
         """Waits for every instance to finish; fails at once if one of ``workers`` exits."""
@@ -427,4 +427,5 @@ def test_many_worker_processes_on_one_queue_run_every_instance_once(
         assert inst.id in out, out
     keys = h.engine.keys
     r = h.engine.redis
-    assert r.zcard(keys.leases) == 0 and r.zcard(keys.timers) == 0 and r.zcard(keys.ready) == 0
+    assert r.zcard(keys.leases) == 0 and r.zcard(keys.timers) == 0
+    assert r.zcard(keys.ready(h.flow.name)) == 0

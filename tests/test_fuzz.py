@@ -497,14 +497,26 @@ def test_run_output_over_max_step_bytes_is_stored_anyway(redis_url: str, names: 
         cleanup_prefix(small.redis, prefix, queue)
 
 
-def test_a_17_mib_step_result_errors_the_instance_at_the_default_limit(engine: Engine) -> None:
+def test_a_17_mib_step_result_errors_the_instance_at_the_default_limit_without_artifacts(
+    redis_url: str, names: Any
+) -> None:
+    """With artifacts off (``artifact_threshold=None``); with them on (the default) such a
+    result is stored as an artifact instead (spec 11, tests/test_artifacts.py)."""
+
     class Huge(WorkflowEntrypoint):
         async def run(self, event, step):
             return await step.do("huge", lambda: b"\0" * (17 * 1024 * 1024))
 
-    inst = engine.register(Huge).create()
-    burst(engine)
-    assert_spec_error(inst.status(), "ValueError")
+    prefix, queue = names
+    engine = Engine(redis_url, prefix=prefix, queue=queue, artifact_threshold=None)
+    try:
+        inst = engine.register(Huge).create()
+        burst(engine)
+        assert_spec_error(inst.status(), "ValueError")
+    finally:
+        from conftest import cleanup_prefix
+
+        cleanup_prefix(engine.redis, prefix, queue)
 
 
 # -- wrong types and bad values at the API -------------------------------------------------------

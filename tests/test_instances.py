@@ -35,7 +35,8 @@ def prefix_keys(engine: Engine) -> list[str]:
 
 
 def queue_length(engine: Engine) -> int:
-    return int(engine.redis.llen(f"rq:queue:{engine.queue_name}"))
+    """Jobs waiting on the queues of the registered workflows."""
+    return sum(engine.backend.queue_for(name).count for name in engine.workflows)
 
 
 class Echo(WorkflowEntrypoint):

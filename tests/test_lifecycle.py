@@ -191,7 +191,8 @@ def test_pause_while_a_step_runs_lets_it_finish_and_starts_no_next_step(
     assert CALLS["b"] == 0
     assert "b#1" not in step_statuses(inst)
     inst.resume()
-    assert inst.status()["status"] in ("queued", "running")
+    # (a worker may already have run it again: the new output below is the proof)
+    assert inst.status()["status"] in ("queued", "running", "complete")
     assert inst.wait(timeout=5) == {"status": "complete", "output": ["a done", "b done"]}
     assert CALLS["a"] == 1
     assert CALLS["b"] == 1
@@ -297,7 +298,8 @@ def test_restart_without_from_step_runs_every_step_again_and_wait_sees_the_new_r
     inst = worker_engine.register(ABC).create()
     assert inst.wait(timeout=5) == {"status": "complete", "output": [1, 1, 1]}
     inst.restart()
-    assert inst.status()["status"] in ("queued", "running")
+    # (a worker may already have run it again: the new output below is the proof)
+    assert inst.status()["status"] in ("queued", "running", "complete")
     assert inst.wait(timeout=5) == {"status": "complete", "output": [2, 2, 2]}
     assert CALLS == Counter({"a": 2, "b": 2, "c": 2})
 
@@ -308,7 +310,8 @@ def test_restart_from_a_step_keeps_earlier_results_and_reruns_it_and_later_ones(
     inst = worker_engine.register(ABC).create()
     assert inst.wait(timeout=5) == {"status": "complete", "output": [1, 1, 1]}
     inst.restart(from_step="b")
-    assert inst.status()["status"] in ("queued", "running")
+    # (a worker may already have run it again: the new output below is the proof)
+    assert inst.status()["status"] in ("queued", "running", "complete")
     assert inst.wait(timeout=5) == {"status": "complete", "output": [1, 2, 2]}
     assert CALLS == Counter({"a": 1, "b": 2, "c": 2})
 

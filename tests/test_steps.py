@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 from conftest import cleanup_prefix
 from pandas.testing import assert_frame_equal, assert_series_equal
-from rq import Queue
 from support import wait_status
 
 from nbflow import Engine, StepContext, WorkflowEntrypoint, WorkflowInstance
@@ -39,6 +38,8 @@ STEP_COLUMNS = [
     "output",
     "error",
     "stale",
+    "progress",  # SPEC 8.4
+    "message",
 ]
 
 
@@ -676,7 +677,7 @@ def test_unstorable_params_raise_type_error_before_anything_is_written(engine):
     with pytest.raises(TypeError):
         wf.create(params=object())
     assert list(engine.redis.scan_iter(match=f"{engine.prefix}:*")) == []
-    assert Queue(engine.queue_name, connection=engine.redis).count == 0
+    assert engine.backend.queue_for(wf.name).count == 0
     assert len(engine.instances()) == 0
     with pytest.raises(LookupError):
         wf.get("bad-params")

@@ -1,8 +1,11 @@
 """Rich display of workflow instances and status dicts in Jupyter.
 
 A ``WorkflowInstance`` shows as a small status card: id, workflow, a coloured
-status, the current step, how many steps are done, and the error or a summary
-of the output.  One output carries several forms (the dask.distributed /
+status, the current step, how many steps are done (while it runs, out of the
+step count of its workflow's last completed instance: "3/7 steps", with a bar),
+the current step's reported progress (a bar and its message), and the error or
+a summary of the output.  The bars are plain HTML/CSS, so they show wherever the
+card's HTML does.  One output carries several forms (the dask.distributed /
 tqdm.notebook pattern):
 
 * ``text/plain`` -- stable, so nbval can compare stored outputs: no memory
@@ -58,6 +61,7 @@ __all__ = [
     "instance_widget",
     "live_card_count",
     "notify_changed",
+    "progress_bar",
     "register_card_display",
     "status_badge",
     "status_html",
@@ -156,6 +160,22 @@ def status_badge(status: str) -> str:
     )
 
 
+def progress_bar(fraction: Any, label: str = "", width: int = 120) -> str:
+    """A small horizontal bar filled to ``fraction`` (0-1) with ``label`` beside it (plain
+    HTML/CSS, no script: it renders in GitHub and nbviewer too).  No fraction: ``label``."""
+    if fraction is None or (isinstance(fraction, float) and fraction != fraction):
+        return html.escape(label)
+    share = min(1.0, max(0.0, float(fraction)))
+    bar = (
+        f'<span style="display:inline-block;width:{width}px;height:8px;background:#e9ecef;'
+        'border-radius:4px;vertical-align:middle;overflow:hidden">'
+        f'<span style="display:block;width:{share * 100:.1f}%;height:100%;'
+        'background:#0d6efd"></span></span>'
+    )
+    text = f"{share * 100:.0f}%" + (f" {label}" if label else "")
+    return f'{bar} <span style="font-family:monospace">{html.escape(text)}</span>'
+
+
 def _error_text(error: Any) -> str:
     if isinstance(error, Mapping):
         return f"{error.get('name', 'Error')}: {error.get('message', '')}"
@@ -201,6 +221,11 @@ class InstanceSummary:
     steps_done: int = 0
     error: str | None = None
     output: str | None = None
+    #: steps done by the workflow's last completed instance (None: none completed yet)
+    steps_expected: int | None = None
+    #: what the current step last reported (``ctx.progress``), while it runs
+    progress: float | None = None
+    progress_message: str | None = None
 
     @property
     def final(self) -> bool:
@@ -223,8 +248,18 @@ def summarize(inst: WorkflowInstance) -> InstanceSummary:
     current = info.get("current_step") if state not in FINAL_STATUSES else None
     error = _error_text(info["error"]) if info.get("error") is not None else None
     output = value_summary(info["output"]) if "output" in info else None
+    expected = info.get("steps_expected")
     return InstanceSummary(
-        inst.id, inst.workflow, state, current, int(info.get("steps_done", 0)), error, output
+        inst.id,
+        inst.workflow,
+        state,
+        current,
+        int(info.get("steps_done", 0)),
+        error,
+        output,
+        steps_expected=None if expected is None else int(expected),
+        progress=info.get("progress"),
+        progress_message=info.get("progress_message"),
     )
 
 
@@ -250,8 +285,10 @@ def instance_html(inst: WorkflowInstance, summary: InstanceSummary | None = None
         ("workflow", html.escape(s.workflow)),
         ("status", status_badge(s.status)),
         ("current step", html.escape(s.current_step) if s.current_step else "–"),
-        ("steps done", str(s.steps_done)),
+        ("steps done", _steps_done_html(s)),
     ]
+    if s.progress is not None and not s.final:
+        rows.append(("progress", progress_bar(s.progress, s.progress_message or "")))
     if s.error is not None:
         rows.append(("error", f'<span style="color:#dc3545">{html.escape(s.error)}</span>'))
     if s.output is not None:
@@ -265,6 +302,17 @@ def instance_html(inst: WorkflowInstance, summary: InstanceSummary | None = None
         '<div class="nbflow-instance" style="display:inline-block;border:1px solid #ccc;'
         f'border-radius:4px;padding:4px 8px"><table>{body}</table></div>'
     )
+
+
+def _steps_done_html(s: InstanceSummary) -> str:
+    """``3``; while it runs (``running``, ``waitingForPause``), ``3/7 steps`` and a bar
+    when its workflow has a completed instance to go by (more steps than that: the bar
+    stays full).  Cards of queued, waiting, paused and finished instances keep the plain
+    count, so the HTML a notebook stored for them stays the same from run to run."""
+    if s.status not in ("running", "waitingForPause") or not s.steps_expected:
+        return str(s.steps_done)
+    label = f"{s.steps_done}/{s.steps_expected} steps"
+    return progress_bar(min(1.0, s.steps_done / s.steps_expected), label)
 
 
 def instance_mimebundle(

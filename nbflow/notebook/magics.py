@@ -13,6 +13,7 @@ in the JupySQL / sparkmagic style::
     %wf event ID TYPE [JSON]
     %wf steps ID
     %wf output ID STEP
+    %wf logs ID [STEP]
     %wf wait ID [--timeout SECONDS]
     %wf worker start|stop|status
     %wf dashboard [--refresh SECONDS]
@@ -82,6 +83,7 @@ USAGE: dict[str, str] = {
     "event": "%wf event ID TYPE [JSON]",
     "steps": "%wf steps ID",
     "output": "%wf output ID STEP",
+    "logs": "%wf logs ID [STEP]",
     "wait": "%wf wait ID [--timeout SECONDS]",
     "worker": "%wf worker start|stop|status",
     "dashboard": "%wf dashboard [--refresh SECONDS]",
@@ -172,6 +174,9 @@ def _parsers() -> dict[str, _Parser]:
     p = parsers["output"]
     p.add_argument("id", metavar="ID")
     p.add_argument("step", nargs="+", metavar="STEP")
+    p = parsers["logs"]
+    p.add_argument("id", metavar="ID")
+    p.add_argument("step", nargs="*", metavar="STEP")
     p = parsers["wait"]
     p.add_argument("id", metavar="ID")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS")
@@ -317,6 +322,7 @@ class WorkflowMagics(Magics):
             "event": self._event,
             "steps": self._steps,
             "output": self._output,
+            "logs": self._logs,
             "wait": self._wait,
             "worker": self._worker,
             "dashboard": self._open_dashboard,
@@ -339,6 +345,7 @@ class WorkflowMagics(Magics):
         %wf event ID TYPE [JSON]                   send an event
         %wf steps ID                               its steps (DataFrame)
         %wf output ID STEP                         a step's stored result
+        %wf logs ID [STEP]                         what it printed / logged (DataFrame)
         %wf wait ID [--timeout SECONDS]            block until it finishes
         %wf worker start|stop|status               the worker inside this kernel
         %wf dashboard [--refresh SECONDS]          the live dashboard
@@ -515,6 +522,13 @@ class WorkflowMagics(Magics):
             raise _fail("output", problem) from None
         except (WorkflowError, ValueError, TypeError) as exc:
             raise _fail("output", str(exc)) from None
+
+    def _logs(self, args: argparse.Namespace) -> Any:
+        """What the instance's code printed or logged (``inst.logs``), all or one step's."""
+        inst = self._instance("logs", args.id)
+        step = " ".join(args.step) if args.step else None
+        with _as_usage("logs"):
+            return inst.logs(step)
 
     def _wait(self, args: argparse.Namespace) -> InstanceStatus:
         inst = self._instance("wait", args.id)

@@ -23,6 +23,7 @@ import pandas as pd
 from nbflow.notebook.clickable import CLICK_ATTR
 from nbflow.notebook.display import (
     STATUS_COLOURS,
+    progress_bar,
     status_badge,
     step_label,
     value_html,
@@ -35,7 +36,6 @@ __all__ = [
     "instance_table_html",
     "logs_html",
     "output_html",
-    "progress_bar",
     "row_fraction",
     "steps_table_html",
     "timeline_html",
@@ -65,20 +65,6 @@ def _missing(value: Any) -> bool:
 
 def _cell(value: Any) -> str:
     return "–" if _missing(value) else html.escape(str(value))
-
-
-def progress_bar(fraction: float | None, label: str = "", width: int = 100) -> str:
-    """A small horizontal bar filled to ``fraction`` (0-1) with ``label`` beside it."""
-    if fraction is None or _missing(fraction):
-        return html.escape(label) or "–"
-    share = min(1.0, max(0.0, float(fraction)))
-    return (
-        f'<span style="display:inline-block;width:{width}px;height:8px;background:#e9ecef;'
-        'border-radius:4px;vertical-align:middle;overflow:hidden">'
-        f'<span style="display:block;width:{share * 100:.0f}%;height:100%;'
-        'background:#0d6efd"></span></span> '
-        f'<span style="font-family:monospace">{html.escape(label)}</span>'
-    )
 
 
 # -- the instance table -----------------------------------------------------------------
