@@ -66,10 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = ["USAGE", "WorkerState", "WorkflowMagics", "load_ipython_extension"]
 
-#: The right form of every subcommand (what a ``UsageError`` quotes).
 #: Subcommands that change an instance (its displayed cards are redrawn at once).
 _CHANGES = frozenset({"pause", "resume", "terminate", "restart", "rerun", "event"})
 
+#: The right form of every subcommand (what a ``UsageError`` quotes).
 USAGE: dict[str, str] = {
     "start": "%wf start NAME [--id ID] [--params JSON]",
     "list": "%wf list [--status S] [--workflow NAME] [--limit N]",
