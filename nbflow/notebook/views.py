@@ -100,9 +100,8 @@ def _progress_cell(rec: Mapping[Any, Any]) -> str:
     raw = rec.get("steps_expected")
     expected = None if raw is None or _missing(raw) else int(raw)
     fraction = row_fraction(str(rec.get("status")), done, expected)
-    label = f"{done}/{expected}" if expected else f"{done} steps"
-    if str(rec.get("status")) == "complete" and expected is None:
-        label = f"{done} steps"
+    steps = f"{done} step" if done == 1 else f"{done} steps"
+    label = f"{done}/{expected}" if expected else steps
     return progress_bar(fraction, label, width=80)
 
 

@@ -416,11 +416,14 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
         now = time.monotonic()
         out: dict[str, int | None] = {}
         newest = frame.drop_duplicates("workflow")
+        finished = set(frame.loc[frame["status"] == "complete", "workflow"])
         for workflow, iid in zip(newest["workflow"], newest["id"], strict=True):
             if not isinstance(workflow, str):
                 continue
             cached = self._expected.get(workflow)
-            if cached is None or now - cached[1] > EXPECTED_EVERY:
+            # unknown until one completes: read again as soon as a listed one has
+            unknown = cached is not None and cached[0] is None and workflow in finished
+            if cached is None or unknown or now - cached[1] > EXPECTED_EVERY:
                 try:
                     value = self.engine.instance(str(iid)).info().get("steps_expected")
                 except Exception:  # gone meanwhile, or Redis: no bar this time
