@@ -82,6 +82,11 @@ log = logging.getLogger("nbflow")
 
 #: Seconds between reads of a workflow's steps-per-run figure (it changes rarely).
 EXPECTED_EVERY = 10.0
+#: The background refresh takes at most about this share of one core's time: a refresh
+#: that cost more CPU waits longer before the next one (a listing of 1,000 instances costs
+#: about 50 ms, so it refreshes about every 2 s), so a dashboard never slows a worker in
+#: the same kernel (which shares the GIL with it) by much.  Clicks refresh at once anyway.
+MAX_CPU_SHARE = 0.025
 
 _DONE = {
     "pause": "paused {id!r} (a step already running finishes first)",
@@ -170,6 +175,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
         self._expected: dict[str, tuple[int | None, float]] = {}
         self._outputs: list[Output] = []
         self._routed = False
+        self._interval = float(refresh_interval)
         self._refresher = Refresher(
             "nbflow-dashboard",
             self._tick,
@@ -383,12 +389,14 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
 
     @property
     def refresh_interval(self) -> float:
-        """Seconds between background refreshes (a change applies from the next one)."""
-        return self._refresher.interval
+        """Seconds between background refreshes (a change applies from the next one; a
+        refresh that costs much CPU waits longer, see ``MAX_CPU_SHARE``)."""
+        return self._interval
 
     @refresh_interval.setter
     def refresh_interval(self, seconds: float) -> None:
-        self._refresher.interval = float(seconds)
+        self._interval = float(seconds)
+        self._refresher.interval = self._interval
 
     # -- refreshing ---------------------------------------------------------------------
 
@@ -478,7 +486,10 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
 
     def _tick(self) -> bool:
         """One round of the background refresh; False once the widget was closed."""
+        start = time.thread_time()
         self.refresh()
+        cost = time.thread_time() - start
+        self._refresher.interval = max(self._interval, cost / MAX_CPU_SHARE)
         return self.comm is not None
 
     def _on_refresh_error(self, exc: Exception) -> bool:
