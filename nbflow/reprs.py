@@ -44,4 +44,4 @@ def _nothing_to_do() -> Iterator[Callable[[], None]]:
 def waiting() -> AbstractContextManager[Callable[[], None]]:
     """The ``while_waiting`` hook's context (a no-op one when none is registered)."""
     factory = _renderers.get("while_waiting")
-    return _nothing_to_do() if factory is None else factory()  # type: ignore[no-any-return]
+    return _nothing_to_do() if factory is None else factory()  # type: ignore[no-any-return, unused-ignore]

@@ -42,7 +42,7 @@ export default { render };
 """.replace("CLICK_ATTR", CLICK_ATTR)
 
 
-class ClickableHTML(anywidget.AnyWidget):  # type: ignore[misc]  # anywidget's base is untyped
+class ClickableHTML(anywidget.AnyWidget):  # type: ignore[misc, unused-ignore]  # anywidget's base is untyped
     """HTML whose ``data-nbflow-click`` elements call the ``on_click`` callbacks with their key."""
 
     _esm = _ESM

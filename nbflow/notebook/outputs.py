@@ -50,7 +50,7 @@ class Output:
         if self.parent is not None and hasattr(pub, "set_thread_parent"):
             token = pub.set_thread_parent(self.parent)
         try:
-            update_display(bundle, display_id=self.display_id, raw=True)
+            update_display(bundle, display_id=self.display_id, raw=True)  # type: ignore[no-untyped-call, unused-ignore]
             self.last = bundle
         finally:
             if token is not None:
@@ -64,7 +64,7 @@ def show(bundle: dict[str, Any]) -> Output | None:
     shell = _shell()
     if shell is None:
         return None
-    handle = display(bundle, raw=True, display_id=True)
+    handle = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call, unused-ignore]
     if handle is None:
         return None
     pub = getattr(shell, "display_pub", None)

@@ -294,8 +294,7 @@ class Dashboard(ipywidgets.VBox):  # type: ignore[misc]  # ipywidgets ships no t
     def _static_bundle(self) -> dict[str, Any]:
         data: dict[str, Any] = {"text/plain": repr(self)}
         try:
-            if not self._refreshed:
-                self.refresh()
+            self.refresh()  # what it shows now, not as of the last background round
             data["text/html"] = self.static_html()
         except Exception as exc:  # a display must not raise; say why in the log
             log.warning("nbflow: dashboard could not read instances: %s", exc)
