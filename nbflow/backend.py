@@ -84,7 +84,16 @@ class Backend:
         """One RQ job that advances ``ids`` (all of ``workflow``), on that workflow's
         queue; inside ``pipe`` when given (atomic with it).  An instance whose stored
         workflow name is missing (damaged state) goes on the engine's own queue, which
-        every worker takes, and is ended there with an error saying so."""
+        every worker takes, and is ended there with an error saying so.
+
+        Without ``pipe`` the job is pushed exactly once (``Scripts.push_jobs`` with a
+        request key of its own): a resend after a lost reply pushes no second job."""
+        if pipe is None:
+            self.scripts.push_jobs(
+                lambda p: self.enqueue(ids, workflow, at_front=at_front, pipe=p),
+                self.keys.request(),
+            )
+            return
         queue = self.queue_for(workflow) if workflow else self.base_queue
         queue.enqueue_call(
             JOB_FUNCTION,

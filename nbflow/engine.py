@@ -462,10 +462,12 @@ class Engine:
             assert enqueue is not None
             self.backend.enqueue([iid], enqueue, at_front=True, pipe=pipe)
 
-        ack = self.keys.ack(uuid.uuid4().hex)
+        rid = uuid.uuid4().hex  # names the call's ack list and its request key
+        ack = self.keys.ack(rid)
         res = self.backend.scripts.execute(
             [(script, [self.prefix, iid, now, now_iso, *extra, ack])],
             job if enqueue is not None else None,
+            once=self.keys.request(rid),
         )[0]
         tag, value = text(res[0]), text(res[1])
         if tag == "ok":
@@ -553,7 +555,8 @@ class Workflow(Generic[W]):
             for start in range(0, len(ids), size):
                 engine.backend.enqueue(ids[start : start + size], self.name, pipe=pipe)
 
-        flags = engine.backend.scripts.execute([("create", args)], jobs)[0]
+        once = engine.keys.request()  # a resent transaction answers as the first one
+        flags = engine.backend.scripts.execute([("create", args)], jobs, once=once)[0]
         return [bool(f) for f in flags]
 
     def create(self, id: str | None = None, params: Any = None) -> WorkflowInstance:
@@ -791,7 +794,8 @@ class WorkflowInstance:
         try:
             res = text(
                 self.engine.backend.scripts.send_event(
-                    args=[self.engine.prefix, self.id, type, event, now, now_iso]
+                    keys=[self.engine.keys.request()],  # a resend buffers no second copy
+                    args=[self.engine.prefix, self.id, type, event, now, now_iso],
                 )
             )
         except BaseException:

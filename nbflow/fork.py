@@ -76,7 +76,9 @@ def fork(
         backend.enqueue([iid], workflow, pipe=pipe)
 
     args = [backend.prefix, source, iid, f"{now:.6f}", now_iso, from_key, payload, retention]
-    res = backend.scripts.execute([("fork", [*args, version])], job)[0]
+    # a resent transaction (a lost reply) answers as the first one: one fork, one job
+    once = backend.keys.request()
+    res = backend.scripts.execute([("fork", [*args, version])], job, once=once)[0]
     tag = text(res[0])
     if tag == "ok":
         return iid

@@ -74,6 +74,9 @@ hashes above and return the URLs no reference names any more; the caller deletes
 those files after the script (Redis state first, files after).
     {p}:stepcount         hash  workflow name -> steps done by its last completed instance
                                 (what a running one shows as "3/7 steps")
+    {p}:req:{rid}         string  the first reply of the state-changing call with request id
+                                rid (msgpack), kept ``REQUEST_TTL`` seconds so a retry of the
+                                call answers the same and changes nothing (see below)
 
 A step entry is compact JSON whose first field is fixed so Lua can read it without
 decoding the (possibly large) result; ``nbflow.records`` writes and reads it and its
@@ -84,11 +87,42 @@ Every status change happens inside one of the scripts below, so a pause, a
 terminate, a step completion and a lease expiry that meet at the same moment
 are applied one after the other, never interleaved.  Scripts build key names
 from the prefix they are given: nbflow targets a single Redis (not Cluster).
+
+Exactly once (spec 12).  redis-py resends a command whose reply was lost (the
+connection dropped after Redis ran it: ``Retry``/``retry_on_error`` in
+``nbflow.server``), and a resent script would run twice.  So every state-changing
+call made through the retrying client carries a request id, made once per call
+(``Keys.request()``: ``{p}:req:{uuid4}``); the resend carries the same bytes, so
+the same id.  Scripts named in ``ONCE`` are wrapped (``_ONCE_HEAD``/``_ONCE_TAIL``):
+given the request key as ``KEYS[1]`` they store their reply there on the first
+run and, on a resend, return it without running again.  A call without the key runs as
+always, so the wrapper costs nothing where it is not asked for.  RQ jobs pushed
+with a call go through the ``jobs_once`` script (RQ's own commands, captured from
+its pipeline, so the job hash is what ``rq`` tools read): inside the call's
+MULTI/EXEC, behind it, it pushes them only if the call's first run just set a
+flag (not on a resend, not when the call was refused); pushed alone it takes a
+request key of its own.  Either way a resent transaction pushes no second job.
+
+How a new state-changing call opts in (fork, schedules, routed queues):
+
+1. add its script's name to ``ONCE``;
+2. call it with a fresh key: ``scripts.NAME(keys=[keys.request()], args=[...])``,
+   or ``scripts.execute([(NAME, args)], extra, once=keys.request())`` when it goes
+   with RQ jobs (``extra(pipe)`` enqueues them on ``pipe``: any queue, any number);
+3. enqueue jobs decided by a reply (ids the script returns) with
+   ``Backend.enqueue`` without a pipe: it takes a request key of its own.
+
+The worker's step writes (``ScriptStream``) are never resent: a lost connection
+there fails the calls owed (the run stops; its lease hands the instance on, and
+only what was in flight runs again), so they need no request id and pay nothing.
+The claim, which goes through the retrying client, knows itself by its token
+instead (a resent claim reads again and writes nothing).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -101,6 +135,11 @@ from nbflow.records import FINAL_STATUSES, STATUSES  # noqa: F401  (statuses the
 #: How long a claim or a step write keeps an instance leased to its run (``{p}:leases``);
 #: the worker's heartbeat renews leases of runs in progress every third of this.
 LEASE_SECONDS = 30.0
+
+#: How long the first reply of a state-changing call is kept for its retries
+#: (``{p}:req:{rid}``); redis-py's retries of one call span a few seconds, this
+#: also covers a client that resends after a Redis restart or a long stall.
+REQUEST_TTL = 900
 
 
 def clock() -> tuple[float, str]:
@@ -186,11 +225,23 @@ class Keys:
     def progress(self, iid: str) -> str:
         return f"{self.prefix}:{iid}:progress"
 
+    def request(self, rid: str | None = None) -> str:
+        """The key recording the reply of the call with request id ``rid`` (default: a
+        fresh uuid4), so a resent call is answered without running twice."""
+        return f"{self.prefix}:req:{rid or uuid.uuid4().hex}"
+
 
 # Shared Lua prelude: key helpers and the one function that changes a status
 # (it also keeps the per-status index in step).
 _PRELUDE = r"""
 local P = ARGV[1]
+-- A script body returns unchanged(reply) when it changed nothing; the exactly-once
+-- wrapper (_ONCE_HEAD) then keeps no reply (elsewhere it is the reply as it is).
+local once_keep = true
+local function unchanged(reply)
+  once_keep = false
+  return reply
+end
 local function k_state(id) return P .. ':' .. id .. ':state' end
 local function k_steps(id) return P .. ':' .. id .. ':steps' end
 local function k_meta(id) return P .. ':' .. id .. ':metadata' end
@@ -332,7 +383,7 @@ end
 # id, payload pairs. Returns one flag per id: 1 created, 0 already existed.
 _CREATE = r"""
 local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local out = {}
+local out, made = {}, 0
 for i = 7, #ARGV, 2 do
   local id, payload = ARGV[i], ARGV[i + 1]
   local st = k_state(id)
@@ -346,8 +397,10 @@ for i = 7, #ARGV, 2 do
     redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     make_queued(id, now, now_iso, wf)
     out[#out + 1] = 1
+    made = made + 1
   end
 end
+if made == 0 then return unchanged(out) end
 return out
 """
 
@@ -360,13 +413,13 @@ return out
 _FORK = r"""
 local src, id, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local from_key, payload, retention, version = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-if redis.call('EXISTS', k_state(src)) == 0 then return {'bad', 'unknown'} end
-if redis.call('EXISTS', k_state(id)) == 1 then return {'exists'} end
+if redis.call('EXISTS', k_state(src)) == 0 then return unchanged({'bad', 'unknown'}) end
+if redis.call('EXISTS', k_state(id)) == 1 then return unchanged({'exists'}) end
 local sk = k_steps(src)
 local cut = nil
 if from_key ~= '' then
   local target = redis.call('HGET', sk, from_key)
-  if not target then return {'nostep', from_key} end
+  if not target then return unchanged({'nostep', from_key}) end
   cut = tonumber(string.match(target, '"i":(%d+)'))
 end
 local meta = redis.call('HMGET', k_meta(src), 'workflowName', 'payload', 'version')
@@ -408,23 +461,32 @@ _NOTE_FINGERPRINT = "return redis.call('HSET', ARGV[2], ARGV[3], ARGV[4])"
 
 # ARGV: prefix, id, token, now, now_iso, lease_until.
 # Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
+# The token is new for every claim, so finding it as the owner means this is the
+# same claim resent (its reply was lost): it answers as the first time, writing
+# nothing (a pause asked for meanwhile is the run's to apply, as ever).
 _CLAIM = r"""
 local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if status ~= 'queued' then return {status or 'unknown'} end
+if status ~= 'queued' then
+  if (status ~= 'running' and status ~= 'waitingForPause')
+     or redis.call('HGET', st, 'owner') ~= token then
+    return {status or 'unknown'}
+  end
+end
 -- every read first: a failing read (a key of the wrong type) must abort the
 -- script before anything is written, since Redis does not undo a failed script
 local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
 local out = {'ok', meta[1] or '', meta[2] or 'null', redis.call('HGET', st, 'createdAt') or ''}
 local steps = redis.call('HGETALL', k_steps(id))
+for i = 1, #steps do out[#out + 1] = steps[i] end
+if status ~= 'queued' then return out end
 set_status(id, 'running', now_iso)
 redis.call('HSET', st, 'owner', token)
 redis.call('HDEL', st, 'waitType', 'childDone')
 redis.call('ZREM', P .. ':ready:' .. out[2], id)
 redis.call('ZREM', P .. ':timers', id)
 redis.call('ZADD', P .. ':leases', lease, id)
-for i = 1, #steps do out[#out + 1] = steps[i] end
 return out
 """
 
@@ -700,8 +762,10 @@ _SEND_EVENT = r"""
 local id, etype, ev, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return 'unknown' end
-if status == 'complete' or status == 'errored' or status == 'terminated' then return status end
+if not status then return unchanged('unknown') end
+if status == 'complete' or status == 'errored' or status == 'terminated' then
+  return unchanged(status)
+end
 redis.call('RPUSH', P .. ':' .. id .. ':events:' .. etype, ev)
 redis.call('SADD', P .. ':' .. id .. ':evtypes', etype)
 ref_add(id, event_ref(ev))
@@ -732,6 +796,7 @@ for _, id in ipairs(due) do
     out[#out + 1] = wf
   end
 end
+if #out == 0 then return unchanged(out) end
 return out
 """
 
@@ -754,6 +819,7 @@ for _, id in ipairs(dead) do
     set_status(id, 'paused', now_iso)
   end
 end
+if #out == 0 then return unchanged(out) end
 return out
 """
 
@@ -776,6 +842,7 @@ for i = 5, #ARGV, 2 do
     end
   end
 end
+if #out == 0 then return unchanged(out) end
 return out
 """
 
@@ -858,7 +925,7 @@ return out
 _PAUSE = r"""
 local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', k_state(id), 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local new
 if status == 'queued' or status == 'waiting' then
   new = 'paused'
@@ -868,7 +935,7 @@ if status == 'queued' or status == 'waiting' then
 elseif status == 'running' then
   new = 'waitingForPause'
 else
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 set_status(id, new, now_iso)
 if new == 'paused' then hist(id, now, 'paused', '') else hist(id, now, 'pause.requested', '') end
@@ -894,7 +961,7 @@ return 1
 _RESUME = r"""
 local id, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
 local status = redis.call('HGET', k_state(id), 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local new
 if status == 'paused' then
   new = 'queued'
@@ -903,7 +970,7 @@ elseif status == 'waitingForPause' then
   new = 'running'
   set_status(id, new, now_iso)
 else
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 hist(id, now, 'resumed', '')
 return {'ok', new}
@@ -913,9 +980,9 @@ _TERMINATE = r"""
 local id, now, now_iso, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 if status == 'complete' or status == 'errored' or status == 'terminated' then
-  return {'bad', status}
+  return unchanged({'bad', status})
 end
 local gone = {}
 local heard = terminate_instance(id, now, now_iso, ack, gone)
@@ -931,7 +998,7 @@ _RESTART = r"""
 local id, now, now_iso, from_key, ack = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local st = k_state(id)
 local status = redis.call('HGET', st, 'status')
-if not status then return {'bad', 'unknown'} end
+if not status then return unchanged({'bad', 'unknown'}) end
 local sk = k_steps(id)
 local done = 0
 local gone = {}
@@ -945,7 +1012,7 @@ if from_key == '' then
   redis.call('DEL', sk, lk, pk)
 else
   local target = redis.call('HGET', sk, from_key)
-  if not target then return {'nostep', from_key} end
+  if not target then return unchanged({'nostep', from_key}) end
   local cut = tonumber(string.match(target, '"i":(%d+)'))
   local all = redis.call('HGETALL', sk)
   for i = 1, #all, 2 do
@@ -1161,6 +1228,82 @@ end
 return 'ok'
 """
 
+# KEYS[1]: a key (optional); ARGV: prefix, mode, then RQ's commands, each as its
+# argument count and its arguments.  Pushes RQ jobs once per request.  Mode 'with'
+# runs inside the MULTI/EXEC of a call, after it: KEYS[1] is the flag that call's
+# first run set (``_ONCE_TAIL``), and the jobs go out only if it is there, which it
+# is not on a resend, nor when the call refused (changed nothing) or did not run
+# (NOSCRIPT); taking the flag makes the push once.  Mode 'alone': KEYS[1] is a
+# request key of the push's own.  Returns 1 if it pushed, 0 if not.
+_JOBS_ONCE = r"""
+local req = KEYS[1]
+if req then
+  if ARGV[2] == 'alone' then
+    if not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
+  elseif redis.call('DEL', req) == 0 then
+    return 0
+  end
+end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
+# The exactly-once wrapper of the scripts named in ONCE (see the module docstring):
+# with a request key as KEYS[1], the first run's reply is stored there and a resend
+# gets it back without running again; without one the script runs as it is.
+# A body returns ``unchanged(reply)`` when it changed nothing (a refusal, a sweep that
+# found nothing): no key is kept then (a refused call leaves nothing behind), and a
+# resend runs again, harmlessly, and finds the same.
+_ONCE_HEAD = r"""
+local function once_body()
+"""
+_ONCE_TAIL = r"""
+end
+local req = KEYS[1]
+if not req then return once_body() end
+local seen = redis.call('GET', req)
+if seen then return cmsgpack.unpack(seen) end
+local reply = once_body()
+if once_keep then
+  redis.call('SET', req, cmsgpack.pack(reply), 'EX', REQUEST_TTL)
+  -- jobs_once (mode 'with') pushes the call's RQ jobs behind it if this flag is set
+  if KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', REQUEST_TTL) end
+end
+return reply
+"""
+
+#: Scripts that take a request key (``KEYS[1]``) and answer a resend from it.  The
+#: hot path's step scripts are not here: they are never resent (``ScriptStream``).
+#: Their bodies may return ``unchanged(reply)`` (see ``_ONCE_HEAD``).
+ONCE = frozenset(
+    {
+        "create",
+        "fork",
+        "send_event",
+        "pause",
+        "resume",
+        "terminate",
+        "restart",
+        "wake_due",
+        "reap",
+        "orphans",
+    }
+)
+
+
+def _source(name: str, body: str) -> str:
+    """A script's full text: the shared functions, then its body (wrapped if in ONCE)."""
+    if name in ONCE:
+        body = _ONCE_HEAD + body + _ONCE_TAIL
+    text = _PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS + body
+    return text.replace("REQUEST_TTL", str(REQUEST_TTL))
+
+
 _SOURCES = {
     "create": _CREATE,
     "fork": _FORK,
@@ -1192,6 +1335,7 @@ _SOURCES = {
     "rollback_report": _ROLLBACK_REPORT,
     "log_append": _LOG_APPEND,
     "progress": _PROGRESS,
+    "jobs_once": _JOBS_ONCE,
 }
 
 
@@ -1431,8 +1575,7 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Any] = {
-            name: client.register_script(_PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS + body)
-            for name, body in _SOURCES.items()
+            name: client.register_script(_source(name, body)) for name, body in _SOURCES.items()
         }
 
     def __getattr__(self, name: str) -> Any:
@@ -1466,20 +1609,40 @@ class Scripts:
             todo = missing
         return replies
 
-    def execute(self, calls: list[tuple[str, list[str]]], extra: Any = None) -> list[Any]:
+    def execute(
+        self, calls: list[tuple[str, list[str]]], extra: Any = None, once: str | None = None
+    ) -> list[Any]:
         """Run scripts (and whatever ``extra(pipe)`` adds) in one MULTI/EXEC.
 
-        Returns the scripts' replies.  If Redis lost its script cache (a restart)
-        the scripts are loaded and the transaction is sent again; nothing of the
-        first try was applied but what ``extra`` added, which must be harmless to
-        repeat (an RQ job that finds its instance already claimed does nothing).
+        Returns the scripts' replies.  With ``once`` (a request key, ``Keys.request``)
+        the transaction is exactly-once: the first script (in ``ONCE``) gets it as
+        its request key, the others ``once:2``, ``once:3``..., and what ``extra``
+        adds (RQ's enqueue commands) is captured and pushed behind them by
+        ``jobs_once``, only if the first script ran now and changed something: a
+        resent transaction changes nothing and pushes no second job, a refused
+        call pushes none.  If Redis lost its script cache (a restart) the scripts
+        are loaded and the transaction is sent again; what of the first try was
+        applied is not applied twice (without ``once``, what ``extra`` added is
+        pushed again, which must be harmless).
         """
         for attempt in (1, 2):
             pipe = self._client.pipeline()
             pipe.multi()
-            for name, args in calls:
-                pipe.evalsha(self._scripts[name].sha, 0, *args)
-            if extra is not None:
+            jobs = [] if extra is None or once is None else self.captured(extra)
+            flag = [f"{once}:jobs"] if jobs and calls else []
+            for n, (name, args) in enumerate(calls):
+                if once is None:
+                    pipe.evalsha(self._scripts[name].sha, 0, *args)
+                elif n == 0:
+                    pipe.evalsha(self._scripts[name].sha, 1 + len(flag), once, *flag, *args)
+                else:
+                    pipe.evalsha(self._scripts[name].sha, 1, f"{once}:{n + 1}", *args)
+            if jobs:
+                assert once is not None
+                mode = "with" if calls else "alone"
+                key = flag[0] if flag else once
+                pipe.evalsha(self._scripts["jobs_once"].sha, 1, key, "", mode, *jobs)
+            if extra is not None and once is None:
                 extra(pipe)
             try:
                 return list(pipe.execute()[: len(calls)])
@@ -1489,6 +1652,28 @@ class Scripts:
                 for script in self._scripts.values():
                     self._client.script_load(script.script)
         raise AssertionError("unreachable")
+
+    def push_jobs(self, extra: Callable[[Any], None], once: str) -> bool:
+        """Pushes the RQ jobs ``extra(pipe)`` enqueues, once for request key ``once``
+        (a resend after a lost reply pushes nothing).  Returns whether it pushed."""
+        jobs = self.captured(extra)
+        if not jobs:
+            return False
+        return bool(self._scripts["jobs_once"](keys=[once], args=["", "alone", *jobs]))
+
+    def captured(self, extra: Callable[[Any], None]) -> list[bytes]:
+        """The commands ``extra(pipe)`` adds to a pipeline (never sent), flattened for
+        ``jobs_once``: each as its argument count, then its arguments as Redis gets them."""
+        pipe = self._client.pipeline(transaction=False)
+        extra(pipe)
+        # redis-py's own encoding of arguments (untyped there, hence the annotation)
+        encode: Callable[[Any], bytes] = self._client.connection_pool.get_encoder().encode
+        flat: list[bytes] = []
+        for args, _ in pipe.command_stack:
+            flat.append(str(len(args)).encode())
+            flat.extend(encode(arg) for arg in args)
+        pipe.reset()
+        return flat
 
 
 class ScriptStream:

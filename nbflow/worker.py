@@ -275,7 +275,9 @@ class Housekeeper(threading.Thread):
         """Queue instances whose sleep, event timeout or retry wait is due."""
         now, now_iso = clock()
         b = self.backend
-        woken = b.scripts.wake_due(args=[b.prefix, f"{now:.6f}", now_iso, 500])
+        woken = b.scripts.wake_due(
+            keys=[b.keys.request()], args=[b.prefix, f"{now:.6f}", now_iso, 500]
+        )
         return b.enqueue_routed(woken, at_front=True) if woken else 0
 
     def heartbeat(self) -> None:
@@ -296,7 +298,7 @@ class Housekeeper(threading.Thread):
         b = self.backend
         now, now_iso = clock()
         found = 0
-        dead = b.scripts.reap(args=[b.prefix, f"{now:.6f}", now_iso, 500])
+        dead = b.scripts.reap(keys=[b.keys.request()], args=[b.prefix, f"{now:.6f}", now_iso, 500])
         if dead:
             log.warning("nbflow: taking back %d instance(s) from dead workers", len(dead) // 2)
             found += b.enqueue_routed(dead, at_front=True)
@@ -307,7 +309,7 @@ class Housekeeper(threading.Thread):
             args = [b.prefix, f"{now - orphan_age:.6f}", f"{now:.6f}", "500"]
             for wf in workflows:
                 args += [wf, b.queue_for(wf).key]
-            lost = b.scripts.orphans(args=args)
+            lost = b.scripts.orphans(keys=[b.keys.request()], args=args)
             if lost:
                 found += b.enqueue_routed(lost)
         purged = b.scripts.purge(args=[b.prefix, f"{now:.6f}", 500])
