@@ -25,6 +25,7 @@ from nbflow.errors import (
     WorkflowTimeoutError,
 )
 from nbflow.notebook import display as _display  # noqa: F401  (registers the notebook displays)
+from nbflow.notebook import waiting as _waiting  # noqa: F401  (waits keep widget messages flowing)
 from nbflow.schedules import Schedule
 from nbflow.step import SyncWorkflowStep, WorkflowStep
 

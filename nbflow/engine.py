@@ -958,26 +958,33 @@ class WorkflowInstance:
         # The scripts that end an instance publish its final status on its `done`
         # channel, so a waiter wakes the moment it ends instead of polling; it still
         # re-reads the status every second in case a message was missed (a reconnect).
+        # In a notebook the wait also lets the kernel handle widget messages every 0.1 s
+        # (nbflow.reprs.waiting), so dashboard clicks take effect while a cell waits.
         listener = self.engine._done_listener()
         channel = self.engine.keys.done(self.id).encode()
         try:
-            pubsub = listener.enter(channel)
-            status = self.status()  # after subscribing: an end now cannot be missed
-            while status["status"] not in FINAL_STATUSES and status["status"] != "unknown":
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(
-                        f"instance {self.id!r} is still {status['status']} after {timeout} seconds"
-                    )
-                msg = pubsub.get_message(timeout=1.0 if left is None else min(left, 1.0))
-                if msg is None:
-                    status = self.status()
-                elif msg["type"] == "message" and msg["channel"] == channel:
-                    published = published_status(msg["data"])
-                    if published is None or published["status"] == "errored":
-                        status = self.status()  # errored: with its rollback report, if any
-                    else:
-                        status = self._loaded(published)
+            with reprs.waiting() as between:
+                pubsub = listener.enter(channel)
+                status = self.status()  # after subscribing: an end now cannot be missed
+                polled = time.monotonic()
+                while status["status"] not in FINAL_STATUSES and status["status"] != "unknown":
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(
+                            f"instance {self.id!r} is still {status['status']} "
+                            f"after {timeout} seconds"
+                        )
+                    between()
+                    msg = pubsub.get_message(timeout=0.1 if left is None else min(left, 0.1))
+                    if msg is None:
+                        if time.monotonic() - polled >= 1.0:
+                            status, polled = self.status(), time.monotonic()
+                    elif msg["type"] == "message" and msg["channel"] == channel:
+                        published = published_status(msg["data"])
+                        if published is None or published["status"] == "errored":
+                            status = self.status()  # errored: with its rollback report, if any
+                        else:
+                            status = self._loaded(published)
         except BaseException:  # a timeout, an interrupt: start afresh next time
             self.engine._drop_done_listener()
             raise

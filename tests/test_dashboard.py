@@ -1,9 +1,10 @@
-"""The live ``Dashboard`` (SPEC 6), driven from code as a test would drive a browser.
+"""The live ``Dashboard`` (SPEC 6, 9), driven from code as a test would drive a browser.
 
-Every control is exercised through its widget (``button.click()``, setting a
-selector's value) or the documented helpers (``select``, ``select_step``,
-``refresh``).  Runs happen either in a burst worker in the test's thread
-(``engine.run_worker()``, deterministic) or in the in-process worker when a
+Every control is exercised through its widget (``button.click()``, a click on a
+table row or count, ``table.click("row:ID")``, setting a selector's value) or the
+documented helpers (``select``, ``select_step``, ``filter``, ``refresh``).  Runs
+happen either in a burst worker in the test's thread (``engine.run_worker()``,
+deterministic) or in the in-process worker when a
 state is only observable while a run is under way.
 """
 
@@ -18,7 +19,7 @@ import pandas as pd
 import pytest
 from support import poll
 
-from nbflow import Engine, InstanceNotFoundError, WorkflowEntrypoint
+from nbflow import Engine, InstanceNotFoundError, NonRetryableError, WorkflowEntrypoint
 from nbflow.notebook import widgets as widgets_module
 from nbflow.widgets import Dashboard
 
@@ -106,6 +107,7 @@ def test_table_lists_instances_with_their_status(
         "current_step",
         "steps_done",
         "age",
+        "progress",
     ]
     assert list(table["id"]) == ["t3", "t2", "t1"]  # newest first
     assert dict(zip(table["id"], table["status"], strict=True)) == {
@@ -116,7 +118,9 @@ def test_table_lists_instances_with_their_status(
     assert dict(zip(table["id"], table["steps_done"], strict=True)) == {"t1": 2, "t2": 2, "t3": 0}
     for text in ("t1", "t2", "t3", "waiting", "queued", "Gate"):
         assert text in dash.table.value
-    assert list(dash.instance_select.options) == ["t3", "t2", "t1"]
+    assert 'data-nbflow-click="row:t1"' in dash.table.value  # each row is clickable
+    assert dash.counts_by_status == {"queued": 1, "waiting": 2}
+    assert "all 3" in dash.counts.value
     assert dash.selected is None  # nothing is selected until someone chooses
 
 
@@ -154,15 +158,22 @@ def test_selecting_shows_steps_and_a_steps_output(
     with pytest.raises(ValueError):
         dash.select("bad id")
 
-    # What a browser does: set the selector's value; the steps follow.
-    dash.instance_select.value = "s2"
+    # What a browser does: a click on a table row selects; a click on a step row too.
+    dash.table.click("row:s2")
+    assert dash.selected == "s2"
     assert "s2" in dash.steps_html.value and dash.selected_step is None
+    assert "background:#e7f1ff" in dash.table.value.split("row:s2")[1].split("</tr>")[0]
+    dash.steps_html.click("step:load")
+    assert dash.selected_step == "load"
+    assert "shape (2, 2)" in dash.output_html.value
     dash.step_select.value = "a"
     assert dash.output == {"a": 1}
 
     # A refresh keeps the selection.
     dash.refresh()
     assert dash.selected == "s2" and dash.selected_step == "a"
+    dash.table.click("row:nope")  # a row that went away meanwhile: said, not raised
+    assert "nope" in dash.message.value and dash.selected == "s2"
     dash.select(None)
     assert dash.steps is None and dash.output_html.value == ""
     with pytest.raises(ValueError, match="select an instance first"):
@@ -347,3 +358,187 @@ def test_dashboard_arguments_are_checked(engine: Engine) -> None:
         Dashboard(engine, refresh_interval=0)
     with pytest.raises(ValueError, match="limit"):
         Dashboard(engine, limit=0)
+    with pytest.raises(ValueError, match="rows"):
+        Dashboard(engine, rows=0)
+
+
+class Sized(WorkflowEntrypoint):
+    """Three quick steps; the middle one reports progress and prints."""
+
+    def run(self, event: Any, step: Any) -> Any:
+        step.do("one", lambda: 1)
+
+        def two(ctx: Any) -> int:
+            progress = getattr(ctx, "progress", None)
+            if progress is not None:
+                progress(1, 2, "half")
+            print("two says hi")
+            return 2
+
+        step.do("two", two)
+        if (event.payload or {}).get("fail"):
+
+            def boom() -> None:
+                raise NonRetryableError("no luck")
+
+            step.do("three", boom)
+        return step.do("three", lambda: pd.DataFrame({"n": range(25)}))
+
+
+def test_timeline_output_head_and_error_of_the_selected_instance(
+    engine: Engine, make_dashboard: Callable[..., Dashboard]
+) -> None:
+    sized = engine.register(Sized)
+    sized.create(id="ok")
+    sized.create(id="bad", params={"fail": True})
+    engine.run_worker()
+    dash = make_dashboard()
+    dash.select("ok")
+    timeline = dash.timeline.value
+    assert timeline.count("<rect") == 3  # one bar per step
+    assert "#198754" in timeline  # complete steps are green
+    for label in ("one", "two", "three"):
+        assert f'data-nbflow-click="step:{label}"' in timeline
+    dash.timeline.click("step:three")  # a click on a bar selects that step
+    assert dash.selected_step == "three"
+    assert "DataFrame, shape (25, 1); first 10 rows" in dash.output_html.value
+    assert "<td>9</td>" in dash.output_html.value and "<td>10</td>" not in dash.output_html.value
+    assert dash.error_html.value == ""
+
+    dash.select("bad")
+    assert "NonRetryableError: no luck" in dash.error_html.value
+    assert "#dc3545" in dash.timeline.value  # the errored step is red
+
+
+def test_logs_and_step_progress_of_the_selected_instance(
+    engine: Engine, make_dashboard: Callable[..., Dashboard]
+) -> None:
+    probe = engine.register(Sized).create(id="lg")
+    if not hasattr(probe, "logs"):
+        pytest.skip("this engine has no inst.logs() yet (SPEC 8.3)")
+    engine.run_worker()
+    dash = make_dashboard()
+    dash.select("lg")
+    assert "two says hi" in dash.logs_html.value
+    dash.select_step("one")
+    assert "two says hi" not in dash.logs_html.value  # a selected step shows its own lines
+    steps = dash.steps
+    assert steps is not None and "progress" in steps.columns
+
+
+def test_filters_and_counts_choose_what_the_table_and_bulk_buttons_cover(
+    engine: Engine, make_dashboard: Callable[..., Dashboard]
+) -> None:
+    gate = engine.register(Gate)
+    counted = engine.register(Counted)
+    for n in range(3):
+        gate.create(id=f"g{n}")
+    counted.create(id="c1")
+    engine.run_worker()  # gates wait for their event; c1 completes
+    gate.create(id="g3")  # queued
+    dash = make_dashboard()
+    dash.refresh()
+    assert dash.counts_by_status == {"queued": 1, "waiting": 3, "complete": 1}
+
+    dash.filter(status="waiting")
+    assert sorted(dash.instances["id"]) == ["g0", "g1", "g2"]
+    assert dash.status_filter.value == "waiting"
+    dash.filter(workflow="Counted")
+    assert list(dash.instances["id"]) == ["c1"] and dash.filters["status"] is None
+    assert dash.counts_by_status == {"complete": 1}
+    dash.counts.click("status:")  # "all": the status filter goes, the workflow one stays
+    assert list(dash.instances["id"]) == ["c1"]
+    dash.filter()
+    dash.counts.click("status:queued")  # a click on a count filters by that status
+    assert list(dash.instances["id"]) == ["g3"]
+    dash.status_filter.value = ""  # "all": what a browser does with the dropdown
+    assert len(dash.instances) == 5
+    with pytest.raises(ValueError, match="unknown status 'nope'"):
+        dash.filter(status="nope")
+
+    dash.filter(workflow="Gate")
+    dash.bulk_terminate_button.click()
+    assert dash.message.value == "terminated 4 of 4 instances the filters match"
+    assert {status_of(engine, i) for i in ("g0", "g1", "g2", "g3")} == {"terminated"}
+    assert status_of(engine, "c1") == "complete"  # not matched by the filter
+    assert dash.counts_by_status == {"terminated": 4}  # the table shows it at once
+
+    dash.bulk_resume_button.click()
+    assert dash.message.value == "resumed 0 of 4 instances the filters match (4 not paused)"
+    dash.bulk_restart_button.click()
+    assert dash.message.value == "restarted 4 of 4 instances the filters match"
+    assert {status_of(engine, i) for i in ("g0", "g1", "g2", "g3")} == {"queued"}
+    engine.run_worker()
+    dash.refresh()
+    dash.filter(status="waiting")
+    for iid in ("g0", "g1"):
+        engine.instance(iid).pause()
+    dash.refresh()
+    dash.filter(status="paused")
+    dash.bulk_resume_button.click()
+    assert dash.message.value == "resumed 2 of 2 instances the filters match"
+
+
+def test_fork_and_rerun_stale_buttons(
+    engine: Engine, make_dashboard: Callable[..., Dashboard]
+) -> None:
+    engine.register(Counted).create(id="f1")
+    engine.run_worker()
+    dash = make_dashboard()
+    dash.select("f1")
+    dash.rerun_stale_button.click()
+    assert "has no stale step" in dash.message.value
+
+    dash.select_step("c")
+    dash.fork_button.click()
+    assert dash.message.value.startswith("forked 'f1' from step 'c' as '")
+    fork_id = dash.selected
+    assert fork_id is not None and fork_id != "f1"  # the fork is selected
+    engine.run_worker()
+    assert engine.instance(fork_id).wait(10)["output"] == ["a", "b", "c"]
+    assert CALLS == {"a": 1, "b": 1, "c": 2}  # only the forked-from step ran again
+    assert status_of(engine, "f1") == "complete"
+
+    dash.select("f1")
+    dash.fork_id.value = "f1-copy"
+    dash.fork_button.click()  # no step selected: every completed step is copied
+    assert dash.message.value == "forked 'f1' with all its completed steps as 'f1-copy'"
+    assert dash.selected == "f1-copy"
+    dash.fork_button.click()
+    assert "f1-copy" in dash.message.value and "exists" in dash.message.value
+
+
+def test_close_leaves_the_static_html_in_place_of_each_view(
+    engine: Engine,
+    make_dashboard: Callable[..., Dashboard],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Recorded:
+        def __init__(self, bundle: dict[str, Any]) -> None:
+            self.bundles = [bundle]
+
+        def update(self, bundle: dict[str, Any]) -> None:
+            self.bundles.append(bundle)
+
+    shown: list[Recorded] = []
+
+    def show(bundle: dict[str, Any]) -> Recorded:
+        shown.append(Recorded(bundle))
+        return shown[-1]
+
+    engine.register(Gate).create(id="x1")
+    monkeypatch.setattr(widgets_module, "widgets_available", lambda: True)
+    monkeypatch.setattr(widgets_module, "show", show)
+    monkeypatch.setattr(widgets_module, "route_beside_cells", lambda widget: False)
+    dash = make_dashboard(refresh_interval=0.05)
+    dash.display_in_kernel()
+    dash.display_in_kernel()  # shown twice: both views leave their HTML
+    assert len(shown) == 2 and "application/vnd.jupyter.widget-view+json" in shown[0].bundles[0]
+    assert dash.running
+    dash.close()
+    assert not dash.running
+    for output in shown:
+        last = output.bundles[-1]
+        assert set(last) == {"text/plain", "text/html"}  # no widget view any more
+        assert "x1" in last["text/html"] and "queued" in last["text/html"]
+        assert last["text/plain"] == f"Dashboard(engine prefix {engine.prefix!r})"

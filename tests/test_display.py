@@ -190,23 +190,76 @@ def test_dashboard_plain_text_is_stable(
     assert not dash.running
 
 
-def test_live_card_in_a_kernel_refreshes_until_final(
+class RecordedOutput:
+    """What ``nbflow.notebook.outputs.show`` returns, recording each update."""
+
+    def __init__(self, bundle: dict[str, Any]) -> None:
+        self.bundles = [bundle]
+
+    def update(self, bundle: dict[str, Any]) -> None:
+        if bundle != self.bundles[-1]:
+            self.bundles.append(bundle)
+
+    @property
+    def html(self) -> str:
+        return str(self.bundles[-1]["text/html"])
+
+
+def test_a_displayed_card_is_html_that_follows_its_instance(
     engine: Engine,
     fmt: Callable[[Any], dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from nbflow.notebook import outputs
+
+    shown: list[RecordedOutput] = []
+
+    def show(bundle: dict[str, Any]) -> RecordedOutput:
+        shown.append(RecordedOutput(bundle))
+        return shown[-1]
+
     monkeypatch.setattr(display, "widgets_available", lambda: True)
+    monkeypatch.setattr(outputs, "show", show)
+    monkeypatch.setattr(display, "FINAL_EVERY", 1)
     approval = engine.register(Approval)
     inst = approval.create(id="live1")
     engine.run_worker()
 
-    data = fmt(inst)
-    assert {"text/plain", "text/html", WIDGET} <= set(data)
+    data = fmt(inst)  # no widget view: a saved notebook keeps HTML every front end shows
+    assert set(data) == {"text/plain", "text/html"}
     assert (
         data["text/plain"] == "WorkflowInstance(id='live1', workflow='Approval', status='waiting')"
     )
     assert_stable(data["text/plain"])
 
+    display.instance_display(inst)  # what a kernel does with `inst` as a cell's value
+    (card,) = shown
+    assert ">waiting</span>" in card.html and card.bundles[0]["text/plain"] == data["text/plain"]
+    assert live_card_count() == 1
+
+    inst.send_event("go", {"ok": True})
+    engine.run_worker()
+    poll(lambda: ">complete</span>" in card.html, what="the card to show complete")
+    assert card.bundles[-1]["text/plain"].endswith("status='complete')")
+
+    # A finished instance restarted from the dashboard: the card follows it back.
+    dash = Dashboard(engine)
+    try:
+        dash.select("live1")
+        dash.restart_button.click()
+        poll(lambda: ">queued</span>" in card.html, what="the card to show the restart")
+    finally:
+        dash.close()
+    engine.run_worker()  # and on to its event wait again
+    poll(lambda: ">waiting</span>" in card.html, what="the card to show waiting again")
+
+
+def test_a_live_card_widget_refreshes_until_final(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    approval = engine.register(Approval)
+    inst = approval.create(id="live1")
+    engine.run_worker()
     card = instance_widget(inst, refresh_interval=0.05)
     assert ">waiting</span>" in card.value
     closed = instance_widget(approval.create(id="live2"), refresh_interval=0.05)
@@ -217,9 +270,6 @@ def test_live_card_in_a_kernel_refreshes_until_final(
     engine.run_worker()
     poll(lambda: ">complete</span>" in card.value, what="the live card to show complete")
     poll(lambda: live_card_count() == 0, what="every live card to stop")
-
-    done = fmt(inst)  # a finished instance needs no live view
-    assert set(done) == {"text/plain", "text/html"}
     card.close()
 
 

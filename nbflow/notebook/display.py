@@ -11,11 +11,14 @@ tqdm.notebook pattern):
 * ``text/plain`` -- stable, so nbval can compare stored outputs: no memory
   addresses, widget model ids, generated uuids or clock times, e.g.
   ``WorkflowInstance(id='order-42', workflow='Checkout', status='complete')``;
-* ``text/html`` -- the static card, which GitHub and nbviewer render;
-* in a live kernel, while the instance is not finished, a widget view of the
-  same card that a background thread refreshes from Redis until the instance
-  reaches a final status or the widget is closed.  Front ends that can render
-  widgets show the live card, everything else falls back to the static forms.
+* ``text/html`` -- the static card, which GitHub and nbviewer render.
+
+In a Jupyter kernel a card is an HTML output under a display id (no widget view),
+which a background thread updates from Redis whenever what it shows changes, also
+after the instance finished (a restart from the dashboard brings it back), so the
+card follows its instance and a saved notebook keeps its last HTML, which every
+front end renders (``instance_display``, ``nbflow.notebook.outputs``).
+``instance_widget`` still gives the card as a live ``ipywidgets.HTML`` for layouts.
 
 Everything is read through the public instance API (``info()``).  The live
 cards share one ``nbflow.notebook.refresher.Refresher`` thread, which never prints
@@ -51,12 +54,15 @@ if TYPE_CHECKING:
 __all__ = [
     "STATUS_COLOURS",
     "InstanceSummary",
+    "instance_display",
     "instance_html",
     "instance_mimebundle",
     "instance_text",
     "instance_widget",
     "live_card_count",
+    "notify_changed",
     "progress_bar",
+    "register_card_display",
     "status_badge",
     "status_html",
     "step_label",
@@ -312,73 +318,130 @@ def _steps_done_html(s: InstanceSummary) -> str:
 def instance_mimebundle(
     inst: WorkflowInstance, include: Any = None, exclude: Any = None
 ) -> dict[str, Any]:
-    """``WorkflowInstance._repr_mimebundle_``: stable text, static card, live widget if useful.
+    """``WorkflowInstance._repr_mimebundle_``: the stable text and the static card.
 
-    The widget view is only added inside a Jupyter kernel and only while the
-    instance can still change; a finished instance gets the static forms alone.
-    (IPython filters the bundle by ``include``/``exclude`` itself; ``exclude`` is
-    honoured here only to avoid building a widget nobody wants.)
+    No widget view: in a kernel a card is displayed by ``instance_display`` as an
+    HTML output under a display id, which the card refresh thread updates (so a saved
+    notebook keeps plain HTML that every front end shows).  (IPython filters the
+    bundle by ``include``/``exclude`` itself.)
     """
     summary = summarize(inst)
-    bundle: dict[str, Any] = {
+    return {
         "text/plain": instance_text(inst, summary),
         "text/html": instance_html(inst, summary),
     }
-    wants_widget = not exclude or WIDGET_MIMETYPE not in exclude
-    if wants_widget and not summary.final and widgets_available():
-        try:
-            widget = instance_widget(inst, summary=summary)
-            view = widget._repr_mimebundle_() or {}
-            if WIDGET_MIMETYPE in view:
-                bundle[WIDGET_MIMETYPE] = view[WIDGET_MIMETYPE]
-        except Exception as exc:  # no widget then; the static card still shows
-            log.warning("nbflow: no live card for instance %s: %s", inst.id, exc)
-    return bundle
+
+
+def instance_display(inst: WorkflowInstance) -> None:
+    """Show a card (``display(inst)``, or an instance as a cell's value) that follows its
+    instance: an HTML output under a display id, updated from Redis by the card refresh
+    thread while the instance can change, and afterwards too (checked every
+    ``FINAL_EVERY`` rounds, at once after a control of the dashboard or ``%wf`` acted on
+    it), so a card says ``paused`` or ``queued`` again after a restart, whoever did it."""
+    from nbflow.notebook import outputs
+
+    summary = summarize(inst)
+    bundle = {"text/plain": instance_text(inst, summary), "text/html": instance_html(inst, summary)}
+    shown = outputs.show(bundle)
+    if shown is not None and summary.status != "unknown":
+        _LIVE.add_output(shown, inst)
 
 
 # -- live cards --------------------------------------------------------------------
 
 
-class _LiveCards:
-    """Every displayed live card, refreshed by one shared thread (not one per card).
+#: Cards of finished instances are read again every this many rounds (they change only
+#: when someone restarts the instance; a control of ours says so at once, see ``notify``).
+FINAL_EVERY = 5
+#: At most this many displayed cards follow their instances (the oldest stop first).
+MAX_OUTPUT_CARDS = 500
 
-    A card leaves the set when its instance is final or its widget was closed;
-    the thread ends when the set is empty and starts again with the next card.
+
+class _LiveCards:
+    """Every displayed card, refreshed by one shared thread (not one per card).
+
+    Two kinds: ``instance_widget`` cards (an ``ipywidgets.HTML``, kept while not
+    final and not closed) and displayed outputs (``instance_display``), kept while
+    their instance exists.  The thread ends when none is left and starts again with
+    the next card.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cards: dict[int, tuple[Any, WorkflowInstance]] = {}
+        self._outputs: dict[int, tuple[Any, WorkflowInstance]] = {}
+        self._final: set[int] = set()  # outputs whose instance was final when last read
+        self._due: set[str] = set()  # instance ids a control just acted on
+        self._round = 0
         self._refresher = Refresher(
             "nbflow-live-cards", self._tick, 1.0, what="live card refresh", delay_first=True
         )
 
     def add(self, widget: Any, inst: WorkflowInstance, interval: float) -> None:
         with self._lock:
-            first = not self._cards
+            first = not self._cards and not self._outputs
             self._cards[id(widget)] = (widget, inst)
             current = self._refresher.interval
             self._refresher.interval = interval if first else min(current, interval)
         self._refresher.start()
 
+    def add_output(self, output: Any, inst: WorkflowInstance) -> None:
+        with self._lock:
+            self._outputs[id(output)] = (output, inst)
+            while len(self._outputs) > MAX_OUTPUT_CARDS:
+                oldest = next(iter(self._outputs))
+                self._outputs.pop(oldest)
+                self._final.discard(oldest)
+        self._refresher.start()
+
+    def notify(self, instance_id: str) -> None:
+        """Instance ``instance_id`` just changed (a control acted on it): redraw its cards now."""
+        with self._lock:
+            if not any(inst.id == instance_id for _, inst in self._outputs.values()):
+                return
+            self._due.add(instance_id)
+        self._refresher.start()
+        self._refresher.wake()
+
     def count(self) -> int:
         with self._lock:
-            return len(self._cards)
+            return len(self._cards) + len(self._outputs)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
             self._cards.clear()
+            self._outputs.clear()
+            self._final.clear()
         self._refresher.stop(timeout)
 
     def _tick(self) -> bool:
         """Refresh every card once; False when none is left to refresh."""
         with self._lock:
+            self._round += 1
+            every = self._round % FINAL_EVERY == 0
+            due, self._due = self._due, set()
             cards = list(self._cards.items())
+            outputs = [
+                (key, out, inst)
+                for key, (out, inst) in self._outputs.items()
+                if every or key not in self._final or inst.id in due
+            ]
         done = [key for key, (widget, inst) in cards if not self._refresh(widget, inst)]
+        gone: list[int] = []
+        final: list[int] = []
+        for key, out, inst in outputs:
+            state = self._refresh_output(out, inst)
+            (gone if state is None else final if state else []).append(key)
         with self._lock:
             for key in done:
                 self._cards.pop(key, None)
-            return bool(self._cards)
+            for key, _, _ in outputs:
+                self._final.discard(key)
+            self._final.update(final)
+            for key in gone:
+                self._outputs.pop(key, None)
+                self._final.discard(key)
+            return bool(self._cards) or bool(self._outputs)
 
     @staticmethod
     def _refresh(widget: Any, inst: WorkflowInstance) -> bool:
@@ -394,6 +457,26 @@ class _LiveCards:
         except Exception:  # one broken card must not stop the others, nor print
             log.exception("nbflow: live card of instance %s stopped", inst.id)
             return False
+
+    @staticmethod
+    def _refresh_output(output: Any, inst: WorkflowInstance) -> bool | None:
+        """Update one displayed card: whether its instance is final; None to drop it."""
+        try:
+            summary = summarize(inst)
+            if summary.status == "unknown":
+                return None  # deleted (retention): the card keeps its last HTML
+            if summary.status == "unavailable":
+                return False  # Redis away for now: keep the card, try again
+            output.update(
+                {
+                    "text/plain": instance_text(inst, summary),
+                    "text/html": instance_html(inst, summary),
+                }
+            )
+            return summary.final
+        except Exception:  # one broken card must not stop the others, nor print
+            log.exception("nbflow: card of instance %s stopped", inst.id)
+            return None
 
 
 _LIVE = _LiveCards()
@@ -417,6 +500,11 @@ def instance_widget(
     return widget
 
 
+def notify_changed(instance_id: str) -> None:
+    """A control (the dashboard, ``%wf``) just changed ``instance_id``: redraw its cards now."""
+    _LIVE.notify(instance_id)
+
+
 def live_card_count() -> int:
     """How many live cards are being refreshed right now."""
     return _LIVE.count()
@@ -427,7 +515,22 @@ def stop_live_cards(timeout: float = 5.0) -> None:
     _LIVE.stop(timeout)
 
 
+def register_card_display() -> bool:
+    """In a Jupyter kernel, make IPython show instances with ``instance_display`` (cards
+    that follow their instance); elsewhere (a terminal, a script, nbval's comparison
+    still sees the same text and HTML) the static mimebundle is all there is."""
+    if not widgets_available():
+        return False
+    from IPython.core.getipython import get_ipython
+
+    shell: Any = get_ipython()  # type: ignore[no-untyped-call, unused-ignore]
+    formatter = shell.display_formatter.ipython_display_formatter
+    formatter.for_type_by_name("nbflow.engine", "WorkflowInstance", instance_display)
+    return True
+
+
 # What WorkflowInstance and InstanceStatus draw in a notebook (see nbflow.reprs).
 reprs.register("instance_mimebundle", instance_mimebundle)
 reprs.register("instance_html", instance_html)
 reprs.register("status_html", status_html)
+register_card_display()

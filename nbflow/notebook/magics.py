@@ -56,7 +56,7 @@ from nbflow.errors import (
     WorkflowError,
 )
 from nbflow.notebook import find_workflow_class, get_engine, reregister
-from nbflow.notebook.display import step_label
+from nbflow.notebook.display import notify_changed, step_label
 from nbflow.records import InstanceStatus
 
 if TYPE_CHECKING:
@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from nbflow.notebook.widgets import Dashboard
 
 __all__ = ["USAGE", "WorkerState", "WorkflowMagics", "load_ipython_extension"]
+
+#: Subcommands that change an instance (its displayed cards are redrawn at once).
+_CHANGES = frozenset({"pause", "resume", "terminate", "restart", "rerun", "event"})
 
 #: The right form of every subcommand (what a ``UsageError`` quotes).
 USAGE: dict[str, str] = {
@@ -364,7 +367,10 @@ class WorkflowMagics(Magics):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _fail(None, f"unknown subcommand {command!r}{hint}")
         args = self._parsers[command].parse_args(rest)
-        return self._commands[command](args)
+        result = self._commands[command](args)
+        if command in _CHANGES and isinstance(result, WorkflowInstance):
+            notify_changed(args.id)  # displayed cards of it follow at once
+        return result
 
     # -- helpers ----------------------------------------------------------------------
 

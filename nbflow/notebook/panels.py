@@ -1,49 +1,37 @@
 """The parts a ``Dashboard`` (``nbflow.notebook.widgets``) is made of.
 
-* ``InstanceTable`` -- the instance listing as last read, drawn as an HTML table
-  (with ages while live, without them in the stable static form);
-* ``StepView`` -- the selected instance's steps, a step selector and the
-  selected step's stored result;
-* ``Controls`` -- the lifecycle buttons, the event sender and the message line;
+* ``InstanceList`` -- the instance listing as last read, its filters and counts,
+  drawn as a clickable table (with ages while live, without them in the stable
+  static form);
+* ``StepView`` -- the selected instance's steps (clickable), their timeline, the
+  selected step's stored result, the instance's error and its logs;
+* ``Controls`` -- the lifecycle, re-run, fork, event and bulk buttons and the
+  message line;
 * ``Quiet`` -- marks a selection change made by code, so the observers that
   react to a user's choice in the front end let it pass.
 
-They hold widgets and draw HTML; reading Redis, locking and acting on instances
-stay with the ``Dashboard``.
+They hold widgets and draw HTML (``nbflow.notebook.views``); reading Redis, locking
+and acting on instances stay with the ``Dashboard``.
 """
 
 from __future__ import annotations
 
-import html
-from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets  # type: ignore[import-untyped]  # ships no type hints
 import pandas as pd
 
-from nbflow.notebook.display import (
-    progress_bar,
-    status_badge,
-    step_label,
-    value_html,
-    value_summary,
-)
+from nbflow.notebook import views
+from nbflow.notebook.clickable import ClickableHTML
+from nbflow.notebook.display import step_label
+from nbflow.records import STATUSES
 
-__all__ = ["Controls", "InstanceTable", "Quiet", "StepView", "age_text"]
+__all__ = ["Controls", "InstanceList", "Quiet", "StepView", "age_text"]
 
-TABLE_COLUMNS = ["id", "workflow", "status", "current_step", "steps_done", "age"]
-STEP_COLUMNS = [
-    "step",
-    "kind",
-    "count",
-    "status",
-    "attempts",
-    "duration_s",
-    "progress",
-    "output",
-    "error",
-]
-ERROR_COLOUR = "#dc3545"
+#: ``dash.instances`` columns (``progress``: 0-1, or None before a run of the workflow
+#: completed, see ``views.row_fraction``).
+TABLE_COLUMNS = ["id", "workflow", "status", "current_step", "steps_done", "age", "progress"]
+ERROR_COLOUR = views.ERROR_COLOUR
 
 
 def age_text(seconds: float) -> str:
@@ -56,19 +44,6 @@ def age_text(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
-
-
-def _cell(value: Any) -> str:
-    if value is None or (not isinstance(value, (list, dict)) and pd.isna(value)):
-        return "–"
-    return html.escape(str(value))
-
-
-def _error_line(error: Any) -> str:
-    """A step's ``error`` column as ``Name: message`` ("" when there is none)."""
-    if isinstance(error, Mapping):
-        return f"{error.get('name')}: {error.get('message')}"
-    return ""
 
 
 class Quiet:
@@ -103,108 +78,127 @@ def set_options(select: Any, values: list[str], quiet: Quiet) -> None:
         select.value = current if current in values else None
 
 
-# -- the instance table -------------------------------------------------------------------
+# -- the instance list --------------------------------------------------------------------
 
 
-class InstanceTable:
-    """The instances as of the last refresh and the HTML table that shows them."""
+class InstanceList:
+    """The instances as of the last refresh, the filters, and the counts and table drawn
+    from them (a click on a row selects, a click on a count filters)."""
 
-    def __init__(self) -> None:
-        self.widget = ipywidgets.HTML("<i>not refreshed yet</i>")
-        self.frame = pd.DataFrame(columns=[*TABLE_COLUMNS, "created_at"])
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.counts = ClickableHTML("")
+        self.table = ClickableHTML("<i>not refreshed yet</i>")
+        self.status_filter = ipywidgets.Dropdown(
+            options=[("all", ""), *[(s, s) for s in STATUSES]],
+            value="",
+            description="status",
+            layout=ipywidgets.Layout(width="220px"),
+        )
+        self.workflow_filter = ipywidgets.Dropdown(
+            options=[("all", "")],
+            value="",
+            description="workflow",
+            layout=ipywidgets.Layout(width="260px"),
+        )
+        self.frame = pd.DataFrame(columns=[*TABLE_COLUMNS, "created_at", "error"])
+        self.status: str | None = None
+        self.workflow: str | None = None
+        self.limit = 0
 
     @property
-    def ids(self) -> list[str]:
-        return [str(i) for i in self.frame["id"]]
+    def matching(self) -> pd.DataFrame:
+        """The listed instances the filters match."""
+        frame = self.frame
+        if self.status is not None:
+            frame = frame[frame["status"] == self.status]
+        if self.workflow is not None:
+            frame = frame[frame["workflow"] == self.workflow]
+        return frame
 
-    def show(self, frame: pd.DataFrame, now: float, selected: str | None) -> None:
+    def take(self, frame: pd.DataFrame, expected: dict[str, int | None], now: float) -> None:
         """Take ``frame`` (``engine.instances()``) as the listing; ages are counted to ``now``."""
+        frame = frame.copy()
         frame["age"] = [  # (an unreadable createdAt is NaT: no age)
             age_text(now - ts.timestamp()) if pd.notna(ts) else "" for ts in frame["created_at"]
         ]
+        frame["steps_expected"] = [expected.get(str(w)) for w in frame["workflow"]]
+        frame["progress"] = [
+            views.row_fraction(str(s), int(d) if pd.notna(d) else 0, e)
+            for s, d, e in zip(
+                frame["status"], frame["steps_done"], frame["steps_expected"], strict=True
+            )
+        ]
         self.frame = frame
-        value = self.html(with_age=True, selected=selected)
-        if self.widget.value != value:
-            self.widget.value = value
+
+    def draw(self, selected: str | None, quiet: Quiet) -> None:
+        """Redraw counts, table and the workflow filter's choices from the listing."""
+        self._workflow_options(quiet)
+        counts = self.counts_html(live=True)
+        if self.counts.value != counts:
+            self.counts.value = counts
+        table = self.html(with_age=True, selected=selected)
+        if self.table.value != table:
+            self.table.value = table
+
+    def counts_html(self, live: bool) -> str:
+        base = self.frame
+        if self.workflow is not None:
+            base = base[base["workflow"] == self.workflow]
+        counts = {s: int(n) for s, n in base["status"].value_counts().items()}
+        ordered = {s: counts[s] for s in STATUSES if s in counts}
+        return views.counts_html(ordered, self.status, len(base))
 
     def html(self, with_age: bool, selected: str | None = None) -> str:
         """The table; without ages (and the selection's highlight) it is stable across runs."""
-        columns = TABLE_COLUMNS if with_age else TABLE_COLUMNS[:-1]
-        head = "".join(f'<th style="text-align:left">{c.replace("_", " ")}</th>' for c in columns)
-        rows = [
-            self._row(rec, columns, highlight=with_age and rec["id"] == selected)
-            for rec in self.frame.to_dict("records")
-        ]
-        if not rows:
-            rows.append(f'<tr><td colspan="{len(columns)}"><i>no instances</i></td></tr>')
-        return (
-            f'<table class="nbflow-dashboard"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>"
+        matching = self.matching
+        shown = matching.head(self.rows).to_dict("records")
+        return views.instance_table_html(
+            shown,
+            selected=selected,
+            with_age=with_age,
+            matching=len(matching),
+            listed=len(self.frame),
+            limit=self.limit,
         )
 
-    @staticmethod
-    def _row(rec: Mapping[Any, Any], columns: list[str], highlight: bool) -> str:
-        cells = [
-            status_badge(str(rec.get(c))) if c == "status" else _cell(rec.get(c)) for c in columns
-        ]
-        style = ' style="background:#e7f1ff"' if highlight else ""
-        return (
-            f"<tr{style}>"
-            + "".join(f'<td style="text-align:left">{x}</td>' for x in cells)
-            + "</tr>"
-        )
+    def _workflow_options(self, quiet: Quiet) -> None:
+        names = sorted({str(w) for w in self.frame["workflow"] if isinstance(w, str)})
+        if self.workflow is not None and self.workflow not in names:
+            names.append(self.workflow)
+        options = [("all", ""), *[(n, n) for n in names]]
+        if list(self.workflow_filter.options) != options:
+            with quiet:
+                self.workflow_filter.options = options
+                self.workflow_filter.value = self.workflow or ""
+
+    def set_filters(self, status: str | None, workflow: str | None, quiet: Quiet) -> None:
+        self.status, self.workflow = status, workflow
+        self._workflow_options(quiet)
+        with quiet:  # "" is the dropdowns' "all" (None would show as no choice at all)
+            self.status_filter.value = status or ""
+            self.workflow_filter.value = workflow or ""
 
 
 # -- the step view ------------------------------------------------------------------------
 
 
-def steps_html(iid: str, steps: pd.DataFrame | None) -> str:
-    """The steps of instance ``iid`` as a titled table (outputs as one-line summaries)."""
-    title = f"<b>steps of</b> <code>{html.escape(iid)}</code>"
-    if steps is None:
-        return title + " <i>(instance not found)</i>"
-    if not len(steps):
-        return title + " <i>(no steps yet)</i>"
-    shown = steps[STEP_COLUMNS].copy()
-    shown["output"] = [
-        value_summary(v, 60) if s == "complete" else ""
-        for v, s in zip(steps["output"], steps["status"], strict=True)
-    ]
-    shown["error"] = [_error_line(e) for e in steps["error"]]
-    # every cell escaped here, so the progress bars (HTML) can go in unescaped
-    for column in shown.columns:
-        if column != "progress":
-            shown[column] = [_cell(v) if v != "" else "" for v in shown[column]]
-    messages = steps["message"] if "message" in steps else [None] * len(steps)
-    shown["progress"] = [
-        "–" if p is None or pd.isna(p) else progress_bar(p, m or "", width=60)
-        for p, m in zip(steps["progress"], messages, strict=True)
-    ]
-    return title + shown.to_html(index=False, border=0, escape=False)
-
-
-def output_html(key: str, row: Any) -> str:
-    """What the step ``key`` (its ``steps()`` row, None if gone) has to show."""
-    title = f"<b>output of step</b> <code>{html.escape(key)}</code><br>"
-    if row is None:
-        return title + "<i>no such step any more</i>"
-    if row.status == "complete":
-        return title + value_html(row.output)
-    if row.status == "errored" and isinstance(row.error, Mapping):
-        text = html.escape(_error_line(row.error))
-        return title + f'<span style="color:{ERROR_COLOUR}">{text}</span>'
-    return title + f"<i>no result yet ({html.escape(str(row.status))})</i>"
-
-
 class StepView:
-    """The selected instance's steps, the step selector and the selected step's result."""
+    """The selected instance's steps, their timeline, the step selector, the selected
+    step's stored result, the instance's error and its logs."""
 
     def __init__(self, quiet: Quiet) -> None:
         self.select = ipywidgets.Dropdown(options=(), description="step")
-        self.steps_html = ipywidgets.HTML()
+        self.steps_html = ClickableHTML()
+        self.timeline = ClickableHTML()
         self.output_html = ipywidgets.HTML()
+        self.error_html = ipywidgets.HTML()
+        self.logs_html = ipywidgets.HTML()
         self.steps: pd.DataFrame | None = None
+        self.logs: pd.DataFrame | None = None
+        self.error: Any = None
         self.output: Any = None
+        self.iid: str | None = None
         self._quiet = quiet
 
     @property
@@ -217,74 +211,134 @@ class StepView:
         """The steps as the selector offers them (``name``, ``name#2``, ...)."""
         return list(self.select.options)
 
-    def choose(self, key: str | None) -> None:
+    def choose(self, key: str | None, now: float) -> None:
         """Select step ``key`` (None clears) without announcing it, and show its result."""
         with self._quiet:
             self.select.value = key
-        self.show_output()
+        self.draw(now)
 
-    def show(self, iid: str | None, steps: pd.DataFrame | None) -> None:
-        """Show ``steps`` of ``iid``; keep the selected step if it is still there."""
-        self.steps = steps
-        if iid is None:
-            set_options(self.select, [], self._quiet)
-            self.steps_html.value = ""
-        else:
-            keys = (
-                [] if steps is None else [step_label(r.step, r.count) for r in steps.itertuples()]
-            )
-            set_options(self.select, keys, self._quiet)
-            self.steps_html.value = steps_html(iid, steps)
-        self.show_output()
+    def show(
+        self,
+        iid: str | None,
+        steps: pd.DataFrame | None,
+        logs: pd.DataFrame | None,
+        error: Any,
+        now: float,
+    ) -> None:
+        """Show what was read of ``iid``; keep the selected step if it is still there."""
+        self.iid, self.steps, self.logs, self.error = iid, steps, logs, error
+        keys = [] if steps is None else [step_label(r.step, r.count) for r in steps.itertuples()]
+        set_options(self.select, keys, self._quiet)
+        self.draw(now)
 
-    def show_output(self) -> None:
-        key, steps = self.selected, self.steps
+    def draw(self, now: float) -> None:
+        iid, steps, key = self.iid, self.steps, self.selected
         self.output = None
-        if key is None or steps is None:
-            self.output_html.value = ""
+        if iid is None:
+            for widget in (
+                self.steps_html,
+                self.timeline,
+                self.output_html,
+                self.error_html,
+                self.logs_html,
+            ):
+                _set(widget, "")
             return
-        row = next((r for r in steps.itertuples() if step_label(r.step, r.count) == key), None)
-        if row is not None and row.status == "complete":
-            self.output = row.output
-        self.output_html.value = output_html(key, row)
+        _set(self.steps_html, views.steps_table_html(iid, steps, key))
+        _set(self.timeline, views.timeline_html(steps, now, key))
+        _set(self.error_html, views.error_html(iid, self.error))
+        logs = self.logs
+        if logs is not None and key is not None and len(logs):
+            logs = logs[[self._is_step(s, key) for s in logs["step"]]]
+        _set(self.logs_html, views.logs_html(logs, key))
+        if key is None or steps is None:
+            _set(self.output_html, "")
+            return
+        row = next(
+            (r for r in steps.to_dict("records") if step_label(r["step"], r["count"]) == key),
+            None,
+        )
+        if row is not None and row["status"] == "complete":
+            self.output = row["output"]
+        _set(self.output_html, views.output_html(key, row))
+
+    @staticmethod
+    def _is_step(logged: Any, key: str) -> bool:
+        """Whether a log row's ``step`` is the step ``key`` (``name`` is ``name#1``)."""
+        if not isinstance(logged, str):
+            return False
+        return logged == key or logged == f"{key}#1" or f"{logged}#1" == key
+
+
+def _set(widget: Any, value: str) -> None:
+    if widget.value != value:
+        widget.value = value
 
 
 # -- the controls -------------------------------------------------------------------------
 
 
 class Controls:
-    """The lifecycle buttons, the event sender and the message line, laid out as one box."""
+    """The buttons, the event sender and the message line, laid out as one box."""
 
     def __init__(self) -> None:
-        self.pause_button = ipywidgets.Button(description="pause", icon="pause")
-        self.resume_button = ipywidgets.Button(description="resume", icon="play")
-        self.terminate_button = ipywidgets.Button(
-            description="terminate", icon="stop", button_style="danger"
-        )
-        self.restart_button = ipywidgets.Button(description="restart", icon="repeat")
-        self.rerun_button = ipywidgets.Button(
+        button = ipywidgets.Button
+        self.pause_button = button(description="pause", icon="pause")
+        self.resume_button = button(description="resume", icon="play")
+        self.terminate_button = button(description="terminate", icon="stop", button_style="danger")
+        self.restart_button = button(description="restart", icon="repeat")
+        self.rerun_button = button(
             description="re-run from step", icon="step-forward", tooltip="restart(from_step=step)"
         )
-        self.refresh_button = ipywidgets.Button(description="refresh", icon="refresh")
+        self.rerun_stale_button = button(
+            description="re-run stale", icon="refresh", tooltip="rerun_stale()"
+        )
+        self.fork_button = button(
+            description="fork from step", icon="code-fork", tooltip="fork(from_step=step)"
+        )
+        self.fork_id = ipywidgets.Text(
+            placeholder="fork's id (empty: a fresh one)", layout=ipywidgets.Layout(width="220px")
+        )
+        self.refresh_button = button(description="refresh", icon="refresh")
         self.event_type = ipywidgets.Text(description="event", placeholder="type, e.g. approved")
         self.event_payload = ipywidgets.Text(placeholder='JSON payload, e.g. {"ok": true}')
-        self.send_event_button = ipywidgets.Button(description="send event", icon="paper-plane")
+        self.send_event_button = button(description="send event", icon="paper-plane")
+        self.bulk_terminate_button = button(
+            description="terminate all", icon="stop", tooltip="every instance the filters match"
+        )
+        self.bulk_resume_button = button(
+            description="resume all", icon="play", tooltip="every instance the filters match"
+        )
+        self.bulk_restart_button = button(
+            description="restart all", icon="repeat", tooltip="every instance the filters match"
+        )
         self.message = ipywidgets.Label("")
 
     def box(self, step_select: Any) -> Any:
-        """The controls as one ``VBox`` (the step selector sits next to the re-run button)."""
-        lifecycle = [
-            self.pause_button,
-            self.resume_button,
-            self.terminate_button,
-            self.restart_button,
-            self.refresh_button,
-        ]
+        """The controls as one ``VBox`` (the step selector sits next to the step buttons)."""
+        row = ipywidgets.HBox
         return ipywidgets.VBox(
             [
-                ipywidgets.HBox(lifecycle),
-                ipywidgets.HBox([step_select, self.rerun_button]),
-                ipywidgets.HBox([self.event_type, self.event_payload, self.send_event_button]),
+                row(
+                    [
+                        self.pause_button,
+                        self.resume_button,
+                        self.terminate_button,
+                        self.restart_button,
+                        self.refresh_button,
+                    ]
+                ),
+                row([step_select, self.rerun_button, self.rerun_stale_button]),
+                row([self.fork_button, self.fork_id]),
+                row([self.event_type, self.event_payload, self.send_event_button]),
+                row(
+                    [
+                        ipywidgets.Label("filtered:"),
+                        self.bulk_terminate_button,
+                        self.bulk_resume_button,
+                        self.bulk_restart_button,
+                    ]
+                ),
                 self.message,
             ]
         )
