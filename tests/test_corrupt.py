@@ -23,7 +23,7 @@ import pytest
 from support import poll
 
 from nbflow import Engine, WorkflowEntrypoint
-from nbflow.notebook.panels import InstanceTable
+from nbflow.widgets import Dashboard
 from nbflow.worker import Housekeeper
 
 MATES = 6  # healthy instances created with the corrupt one (one RQ job for all)
@@ -402,9 +402,12 @@ def test_listings_show_a_corrupt_instance_with_its_unreadable_fields_empty(
     # a status card and the dashboard's table of the same listing
     info = bad.info()
     assert info["steps_done"] is None and pd.isna(info["created_at"])
-    table = InstanceTable()
-    table.show(frame, time.time(), None)
-    assert bad.id in table.widget.value
+    dash = Dashboard(engine)
+    try:
+        dash.refresh()
+        assert bad.id in dash.instances["id"].tolist() and bad.id in dash.static_html()
+    finally:
+        dash.close()
 
 
 def test_listing_a_corrupt_instance_with_the_cli_works(engine: Engine, capsys: Any) -> None:

@@ -236,7 +236,7 @@ def test_cards_and_info_show_progress_and_steps_out_of_the_last_completed_run(
 
 
 def test_the_dashboard_step_view_draws_a_bar(engine: Engine) -> None:
-    from nbflow.notebook.panels import steps_html
+    from nbflow.notebook.views import steps_table_html
 
     class Half(WorkflowEntrypoint):
         def run(self, event: Any, step: Any) -> None:
@@ -244,6 +244,6 @@ def test_the_dashboard_step_view_draws_a_bar(engine: Engine) -> None:
 
     inst = engine.register(Half).create(id="half")
     engine.run_worker()
-    drawn = steps_html(inst.id, inst.steps())
+    drawn = steps_table_html(inst.id, inst.steps(), None)
     assert "width:50.0%" in drawn and "50% half &amp; half" in drawn
     assert "half &lt;done&gt;" in drawn  # other cells still escaped
