@@ -1654,7 +1654,8 @@ end
 local function sched_create(key, iid, now, now_iso)
   local f = redis.call('HMGET', key, 'workflow', 'params', 'retention', 'version')
   local keep = once_keep
-  local made = create_script({P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'})[1]
+  local args = {P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'}
+  local made = create_script(args)[1]
   once_keep = keep
   return made
 end
