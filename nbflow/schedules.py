@@ -311,7 +311,9 @@ class Schedule(Generic[I]):
 
     def _call(self, script: str, *args: str) -> str:
         b = self._backend
-        res = text(getattr(b.scripts, script)(args=[b.prefix, self.name, *args]))
+        # a request key: a resend after a lost reply answers as the first call did
+        call = getattr(b.scripts, script)
+        res = text(call(keys=[b.keys.request()], args=[b.prefix, self.name, *args]))
         if res == "unknown":
             raise LookupError(f"no schedule {self.name!r} under prefix {b.prefix!r}")
         return res
@@ -330,7 +332,7 @@ class Schedule(Generic[I]):
     def delete(self) -> None:
         """Remove the schedule (its instances stay).  ``LookupError`` if there is none."""
         b = self._backend
-        if not b.scripts.schedule_delete(args=[b.prefix, self.name]):
+        if not b.scripts.schedule_delete(keys=[b.keys.request()], args=[b.prefix, self.name]):
             raise LookupError(f"no schedule {self.name!r} under prefix {b.prefix!r}")
 
     def trigger(self) -> I:
@@ -349,7 +351,9 @@ class Schedule(Generic[I]):
 
             res = text(
                 b.scripts.execute(
-                    [("schedule_trigger", [b.prefix, self.name, iid, now, now_iso])], job
+                    [("schedule_trigger", [b.prefix, self.name, iid, now, now_iso])],
+                    job,
+                    once=b.keys.request(),  # a lost reply: the same instance, one job
                 )[0]
             )
             if res == "unknown":
@@ -410,7 +414,9 @@ class Schedule(Generic[I]):
                     b.enqueue([iid], fields["workflow"], pipe=pipe)
 
             res = b.scripts.execute(
-                [("schedule_backfill", [b.prefix, self.name, now, now_iso, *chunk])], jobs
+                [("schedule_backfill", [b.prefix, self.name, now, now_iso, *chunk])],
+                jobs,
+                once=b.keys.request(),
             )[0]
             if text(res[0]) == "unknown":
                 raise LookupError(f"no schedule {self.name!r} under prefix {b.prefix!r}")
@@ -465,7 +471,9 @@ def put(
     args = [backend.prefix, sname, workflow, expr, zone.key, mode, payload, retention]
     cls = backend.classes.get(workflow)
     version = "" if cls is None else class_version(cls)
-    backend.scripts.schedule_put(args=[*args, f"{nxt:.0f}", now, now_iso, version])
+    backend.scripts.schedule_put(
+        keys=[backend.keys.request()], args=[*args, f"{nxt:.0f}", now, now_iso, version]
+    )
     return Schedule(backend, sname, handle)
 
 

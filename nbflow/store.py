@@ -1560,6 +1560,12 @@ ONCE = frozenset(
         "create",
         "create_opts",
         "fork",
+        "schedule_put",
+        "schedule_trigger",
+        "schedule_backfill",
+        "schedule_pause",
+        "schedule_resume",
+        "schedule_delete",
         "send_event",
         "pause",
         "resume",
@@ -1644,9 +1650,14 @@ local function create_script(ARGV)
     + r"""
 end
 -- creates instance `iid` of the schedule's workflow with its params: 1, or 0 if it exists
+-- (create's "changed nothing" is about that one id, not the calling script: kept as it was)
 local function sched_create(key, iid, now, now_iso)
   local f = redis.call('HMGET', key, 'workflow', 'params', 'retention', 'version')
-  return create_script({P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'})[1]
+  local keep = once_keep
+  local args = {P, now, now_iso, f[1], f[3] or '', f[4] or '', iid, f[2] or 'null'}
+  local made = create_script(args)[1]
+  once_keep = keep
+  return made
 end
 """
 )
@@ -1769,8 +1780,8 @@ return result
 _SCHEDULE_TRIGGER = r"""
 local name, iid, now, now_iso = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = k_sched(name)
-if redis.call('EXISTS', key) == 0 then return 'unknown' end
-if sched_create(key, iid, now, now_iso) ~= 1 then return 'exists' end
+if redis.call('EXISTS', key) == 0 then return unchanged('unknown') end
+if sched_create(key, iid, now, now_iso) ~= 1 then return unchanged('exists') end
 redis.call('HINCRBY', key, 'triggered', 1)
 redis.call('HSET', key, 'lastInstance', iid)
 sched_hist(name, now, 'triggered', '"instance":"' .. iid .. '"')
@@ -1782,7 +1793,7 @@ return 'created'
 _SCHEDULE_BACKFILL = r"""
 local name, now, now_iso = ARGV[2], ARGV[3], ARGV[4]
 local key = k_sched(name)
-if redis.call('EXISTS', key) == 0 then return {'unknown'} end
+if redis.call('EXISTS', key) == 0 then return unchanged({'unknown'}) end
 local flags, made = {}, 0
 for i = 5, #ARGV do
   flags[#flags + 1] = sched_create(key, ARGV[i], now, now_iso)

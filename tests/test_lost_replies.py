@@ -327,3 +327,26 @@ def finish(engine: Engine) -> None:
         engine.redis.zadd(engine.keys.leases, {iid: 0})
     engine.register(Three)
     engine.run_worker()
+
+
+def test_schedule_trigger_whose_reply_is_lost_makes_one_instance(
+    engine: Engine, lossy: Engine, proxy: LostReplyProxy
+) -> None:
+    engine.register(Three)
+    sched = lossy.schedule("Three", "0 2 * * *", name="nightly")
+    proxy.cut_on_script(sha(lossy, "schedule_trigger"))
+    made = sched.trigger()  # not a second instance under "-2"
+    assert proxy.cuts == 1
+    assert engine.instances()["id"].tolist() == [made.id]
+    assert jobs(engine) == [[made.id]]
+    assert lossy.schedules().set_index("name").loc["nightly", "triggered"] == 1
+
+
+def test_schedule_delete_whose_reply_is_lost_returns_instead_of_lookup_error(
+    engine: Engine, lossy: Engine, proxy: LostReplyProxy
+) -> None:
+    sched = lossy.schedule("Three", "0 2 * * *", name="gone")
+    proxy.cut_on_script(sha(lossy, "schedule_delete"))
+    sched.delete()  # the resend finds it deleted: the first answer comes back
+    assert proxy.cuts == 1
+    assert lossy.schedules().empty
