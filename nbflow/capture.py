@@ -223,7 +223,8 @@ class _Proxy:
     """Stands in for ``sys.stdout`` or ``sys.stderr``: a write made while a sink is set
     goes to the sink, every other write (and everything else) to the stream it replaced."""
 
-    __slots__ = ("_original", "_stream")
+    # No __slots__: IPython 9 tees a cell's output by assigning ``sys.stdout.write`` for
+    # the cell and restoring it after, which an instance must allow.
 
     def __init__(self, original: Any, stream: str) -> None:
         self._original = original

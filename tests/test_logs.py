@@ -536,3 +536,27 @@ def test_wf_logs_shows_all_lines_or_one_steps(shell: InteractiveShell, engine: E
         shell.run_line_magic("wf", "logs ghost")
     with pytest.raises(UsageError, match=r"usage: %wf logs ID \[STEP\]"):
         shell.run_line_magic("wf", "logs")
+
+
+def test_the_stdout_stand_in_lets_ipython_replace_its_write_method_for_a_cell() -> None:
+    """IPython 9's ``run_cell`` tees output by setting ``sys.stdout.write`` and putting
+    it back after the cell; with nbflow's stand-in installed that must work (it once
+    raised AttributeError in every cell of a kernel running a worker)."""
+    import io
+
+    from nbflow.capture import _Proxy
+
+    out = io.StringIO()
+    proxy = _Proxy(out, "stdout")
+    seen: list[str] = []
+    original = proxy.write
+
+    def tee(text: str) -> int:
+        seen.append(text)
+        return original(text)
+
+    proxy.write = tee  # type: ignore[method-assign]
+    print("hello", file=proxy)
+    proxy.write = original  # type: ignore[method-assign]
+    print("again", file=proxy)
+    assert seen == ["hello", "\n"] and out.getvalue() == "hello\nagain\n"
