@@ -10,7 +10,7 @@ members.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -20,6 +20,9 @@ from rq.serializers import JSONSerializer
 from nbflow.artifacts import ArtifactStore
 from nbflow.definition import WorkflowEntrypoint
 from nbflow.store import Keys, Scripts
+
+#: the priority of an instance created without one (0 starts first, 9 last)
+DEFAULT_PRIORITY = 5
 
 #: The function every nbflow RQ job names.  nbflow workers read it from the job and
 #: run the job themselves (``nbflow.worker``); nothing else may run it.
@@ -69,7 +72,7 @@ class Backend:
     def _queue(self, name: str) -> Queue:
         return Queue(name, connection=self.redis, serializer=JSONSerializer, default_timeout=-1)
 
-    def queue_for(self, workflow: str, priority: int = 5) -> Queue:
+    def queue_for(self, workflow: str, priority: int = DEFAULT_PRIORITY) -> Queue:
         """The RQ queue of ``workflow``'s instances: ``{queue}:{workflow}``.
 
         One queue per workflow is what routes an instance to a worker that can run
@@ -82,19 +85,26 @@ class Backend:
         ones of another priority on ``{queue}:{workflow}:p{n}``.  Workers BLPOP them in
         priority order (``queue_keys``), and BLPOP serves the first non-empty key.
         """
-        name = workflow if priority == 5 else f"{workflow}:p{priority}"
+        name = workflow if priority == DEFAULT_PRIORITY else f"{workflow}:p{priority}"
         q = self._queues.get(name)
         if q is None:
             q = self._queues[name] = self._queue(f"{self.queue_name}:{name}")
         return q
 
-    def queue_keys(self, workflow: str) -> list[str]:
+    def queue_keys(self, workflow: str, in_use: Collection[str] | None = None) -> list[str]:
         """The keys a worker BLPOPs for ``workflow``, first served first: its ``go``
-        list (held instances whose slot freed), then its RQ queues by priority."""
-        return [
-            self.keys.go(workflow),
-            *(self.queue_for(workflow, n).key for n in range(10)),
-        ]
+        list (held instances whose slot freed), then its RQ queues by priority.
+
+        With ``in_use`` (the members of ``Keys.listen()``) only the ``go`` list and the
+        priority queues that were ever used, and always the queue of priority 5: a
+        BLPOP costs Redis time for every key it names, and most workflows use one."""
+        if in_use is None:
+            return [self.keys.go(workflow), *(self.queue_for(workflow, n).key for n in range(10))]
+        keys = [self.keys.go(workflow)] if f"{workflow}:go" in in_use else []
+        for n in range(10):
+            if n == DEFAULT_PRIORITY or f"{workflow}:p{n}" in in_use:
+                keys.append(self.queue_for(workflow, n).key)
+        return keys
 
     def enqueue(
         self,
@@ -102,7 +112,7 @@ class Backend:
         workflow: str,
         at_front: bool = False,
         pipe: Any = None,
-        priority: int = 5,
+        priority: int = DEFAULT_PRIORITY,
     ) -> None:
         """One RQ job that advances ``ids`` (all of ``workflow``), on that workflow's
         queue; inside ``pipe`` when given (atomic with it).  An instance whose stored
@@ -130,6 +140,8 @@ class Backend:
             at_front=at_front,
             pipeline=pipe,
         )
+        if priority != DEFAULT_PRIORITY and workflow:  # (after: RQ's MULTI comes first)
+            pipe.sadd(self.keys.listen(), f"{workflow}:p{priority}")  # workers listen to it
 
     def enqueue_many(self, ids: Sequence[str], at_front: bool = False) -> None:
         """RQ jobs for many instances of any workflows (the children of a fan-out, a

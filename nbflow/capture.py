@@ -76,12 +76,12 @@ def enter(log: RunLog, step: str | None) -> contextvars.Token[Sink | None]:
     return _SINK.set((log, step))
 
 
-def leave(token: contextvars.Token[Sink | None]) -> None:
-    """Restores the sink ``enter`` replaced; a line left without its newline ends here."""
-    sink = _SINK.get()
+def leave(token: contextvars.Token[Sink | None], log: RunLog, step: str | None) -> None:
+    """Restores the sink ``enter(log, step)`` replaced (``token``); a line left without its
+    newline ends here."""
     _SINK.reset(token)
-    if sink is not None and sink[0].partial:
-        sink[0].end(sink[1])
+    if log.partial:
+        log.end(step)
 
 
 def current() -> Sink | None:

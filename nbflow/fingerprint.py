@@ -458,12 +458,14 @@ def step_identity(cls: type | None, fn: Any) -> tuple[str, str | None]:
     """``(fingerprint, name)`` of a completed step's callback: what its entry records as
     ``f`` and ``q``.
 
-    On every completed step's path: a plain function that uses no global name and has
-    no closure (``lambda i=i: i``) depends on its code alone, so its answer is cached
-    per code object and class; anything else looks at what its global names are bound
-    to now (cheap: the code's own hash is cached).
+    On every completed step's path: a plain function that uses no global name and whose
+    closure holds no function (``lambda i=i: i``, ``lambda: a + 1``) depends on its code
+    alone, so its answer is cached per code object and class; anything else looks at
+    what its global names and cells are bound to now (cheap: the code's own hash is
+    cached).
     """
-    if type(fn) is types.FunctionType and fn.__closure__ is None:
+    simple = type(fn) is _FUNCTION and _no_function_cells(fn.__closure__)
+    if simple:
         code = fn.__code__
         hit = _SIMPLE.get(id(code))
         if hit is not None and hit[0] is code and hit[1] is cls:
@@ -473,9 +475,25 @@ def step_identity(cls: type | None, fn: Any) -> tuple[str, str | None]:
     except Exception:
         name = None
     fp = callback_fingerprint(fn)
-    if type(fn) is types.FunctionType and fn.__closure__ is None and not _own(fn.__code__)[2]:
+    if simple and not _own(fn.__code__)[2]:
         _SIMPLE[id(fn.__code__)] = (fn.__code__, cls, fp, name)
     return fp, name
+
+
+_FUNCTION = types.FunctionType
+
+
+def _no_function_cells(closure: tuple[Any, ...] | None) -> bool:
+    """Whether a closure holds no function (the only cell contents a fingerprint follows)."""
+    if closure is None:
+        return True
+    for cell in closure:
+        try:
+            if isinstance(cell.cell_contents, _FUNCTION):
+                return False
+        except ValueError:  # an empty cell: bound later, perhaps to a function
+            return False
+    return True
 
 
 def _module_globals(cls: type) -> Mapping[str, Any]:

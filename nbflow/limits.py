@@ -41,11 +41,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from nbflow.backend import Backend
+from nbflow.backend import DEFAULT_PRIORITY, Backend
 from nbflow.durations import parse_duration, to_epoch
 
-#: the priority of an instance created without one (0 starts first, 9 last)
-DEFAULT_PRIORITY = 5
 _KEY_MAX = 200
 
 
@@ -64,7 +62,7 @@ class StartOptions:
 
     @property
     def default(self) -> bool:
-        return self.concurrency_key is None and self.priority == 5 and self.start_at is None
+        return self.concurrency_key is None and self.priority == DEFAULT_PRIORITY and self.start_at is None
 
     def fields(self) -> list[str]:
         """The three per-instance fields of the ``create_opts`` script."""

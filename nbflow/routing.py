@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from rq import Queue
 
 from nbflow.backend import Backend
@@ -38,6 +39,9 @@ log = logging.getLogger("nbflow")
 #: renews it every third of that): a killed worker stops counting after this.
 SERVING_SECONDS = LEASE_SECONDS
 
+#: How often a worker reads again which ``go`` lists and priority queues are in use.
+EXTRAS_INTERVAL = 1.0
+
 
 def waiting_for(workflow: str) -> str:
     """What a queued instance waits for when no live worker has its workflow."""
@@ -48,8 +52,17 @@ class Routes:
     """The queues one worker listens to, and its ``serving`` entries.
 
     ``refresh()`` is called before every BLPOP; it costs a ``len()`` unless a workflow
-    was registered since the last call, and then rebuilds the list (the worker then
-    registers on the new queues and advertises).
+    was registered since the last call or ``EXTRAS_INTERVAL`` has passed, and then
+    rebuilds the list (the worker then registers on the new queues and advertises).
+
+    Per workflow a worker BLPOPs its queue of priority 5 and, once they are in use
+    (``Keys.listen()``, read again every ``EXTRAS_INTERVAL``), its ``go`` list and its
+    other priority queues: Redis spends time on every key a BLPOP names, about 1 us
+    each, so eleven keys per workflow cost a worker of seven workflows more per job
+    than its whole claim.  The first instance ever given a priority other than 5 (or
+    admitted to a workflow whose limits a worker did not know yet) can so wait up to
+    ``EXTRAS_INTERVAL`` longer before a busy worker sees it; an idle one looks at
+    every BLPOP timeout.
     """
 
     def __init__(self, backend: Backend, worker_name: str) -> None:
@@ -58,44 +71,64 @@ class Routes:
         self.workflows: list[str] = []
         self.queues: list[Queue] = [backend.base_queue]
         self.keys: list[str] = [backend.base_queue.key]
-        self.groups: list[list[str]] = []
+        self.order: list[str] = []  # the workflows, in the order BLPOP serves them
+        #: per workflow, its keys in the order BLPOP serves them (``Backend.queue_keys``:
+        #: admitted held instances, then priorities 0 to 9, those in use)
+        self.groups: dict[str, list[str]] = {}
+        self._owner: dict[str, str] = {}  # key -> its workflow
         self.go_keys: set[str] = set()
         self._known = -1
+        self.in_use: frozenset[str] = frozenset()  # members of Keys.listen()
+        self._next_look = 0.0  # time.monotonic() when Keys.listen() is read again
         self.closed = False  # withdrawn: the worker takes nothing more
 
     def refresh(self) -> bool:
-        """Follows the registered classes; True when the list of queues changed."""
+        """Follows the registered classes and the keys in use; True when the list of
+        queues changed."""
         classes = self.backend.classes
-        if len(classes) == self._known:
+        now = time.monotonic()
+        if len(classes) == self._known and now < self._next_look:
             return False
         self._known = len(classes)
         names = sorted(classes)
-        if names == self.workflows:
+        in_use = self.in_use
+        if names and now >= self._next_look:
+            self._next_look = now + EXTRAS_INTERVAL
+            try:
+                listen = self.backend.redis.smembers(self.backend.keys.listen())
+            except redis.RedisError:  # Redis away: the worker's loop finds out and waits
+                listen = None
+            if listen is not None:
+                in_use = frozenset(m.decode() if isinstance(m, bytes) else m for m in listen)
+        if names == self.workflows and in_use == self.in_use:
             return False
-        self.workflows = names
-        self.queues = [*(self.backend.queue_for(wf) for wf in names), self.backend.base_queue]
-        #: per workflow, its keys in the order BLPOP serves them (``Backend.queue_keys``:
-        #: admitted held instances, then priorities 0 to 9)
-        self.groups = [self.backend.queue_keys(wf) for wf in names]
+        self.in_use = in_use
+        if names != self.workflows:
+            self.workflows = names
+            self.queues = [*(self.backend.queue_for(wf) for wf in names), self.backend.base_queue]
+            kept = [wf for wf in self.order if wf in classes]
+            self.order = kept + [wf for wf in names if wf not in kept]
+        self.groups = {wf: self.backend.queue_keys(wf, in_use) for wf in names}
+        self._owner = {k: wf for wf, group in self.groups.items() for k in group}
+        self.go_keys = {k for k in self._owner if k.startswith(self.backend.keys.go(""))}
         self._flatten()
         return True
 
     def _flatten(self) -> None:
-        self.keys = [k for group in self.groups for k in group] + [self.backend.base_queue.key]
-        self.go_keys = {group[0] for group in self.groups}
+        self.keys = [k for wf in self.order for k in self.groups[wf]]
+        self.keys.append(self.backend.base_queue.key)
 
     def rotate(self, key: Any) -> None:
         """Puts the workflow a job just came from last, so that a busy workflow does not
         starve the others (BLPOP serves the first non-empty key it is given); its own
         keys keep their priority order."""
-        name = key.decode() if isinstance(key, bytes) else str(key)
-        if len(self.groups) < 2:
+        if len(self.order) < 2:
             return
-        for i, group in enumerate(self.groups):
-            if name in group:
-                self.groups = self.groups[i + 1 :] + self.groups[: i + 1]
-                self._flatten()
-                return
+        wf = self._owner.get(key.decode() if isinstance(key, bytes) else str(key))
+        if wf is not None and wf != self.order[-1]:
+            self.order.remove(wf)
+            self.order.append(wf)
+            self._flatten()
 
     def describe(self) -> str:
         return ", ".join(q.name for q in self.queues)

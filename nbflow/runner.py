@@ -749,6 +749,8 @@ class Run:
         """Checks the reply of a write sent without waiting; a refusal is kept until
         the run's next step (``_raise_refused``), where the run stops."""
         for res in reply if isinstance(reply, list) else (reply,):
+            if res == b"ok":  # (every step's path: the answer nearly always)
+                continue
             if self._refused is not None:
                 return
             if script_error(res):  # e.g. a key of the wrong type: the instance is corrupt
@@ -886,7 +888,7 @@ class Run:
                     pass  # Redis is away: the lease (or the orphan sweep) takes it back
                 raise
             finally:
-                capture.leave(sink)
+                capture.leave(sink, self.log, None)
         return run_blocking(self._end(*ending))
 
     async def execute_async(self) -> str:

@@ -177,6 +177,10 @@ class _Step:
         return st
 
 
+#: Results that are never a DataFrame: no artifact check before encoding them.
+_SCALARS = frozenset({int, float, str, bool, type(None), list, dict, tuple})
+
+
 def _describe(key: str, kind: str) -> str:
     name, count = records.split_key(key)
     return f"{kind} step {name!r}" + ("" if count == 1 else f" (call {count})")
@@ -423,7 +427,7 @@ class _StepBase(ComposeSteps):
                         finally:
                             _in_callback.reset(inside)
                 finally:
-                    capture.leave(sink)
+                    capture.leave(sink, self._run.log, st.key)
                 # inside the attempt: an artifact that cannot be written (a full disk)
                 # fails the attempt, and the step's retries apply
                 stored = self._encode(st, result, attempt, t0)
@@ -578,8 +582,12 @@ class _StepBase(ComposeSteps):
         store = self._run.artifacts
         text: str | None = None
         try:
-            if not store.large_frame(value):
+            if type(value) in _SCALARS or not store.large_frame(value):
                 text = codec.encode(value)
+                # at most 4 bytes a character: most results are known small unencoded
+                limit, threshold = self._run.max_step_bytes, store.threshold
+                if 4 * len(text) <= (limit if threshold is None else min(limit, threshold)):
+                    return text, None, None
                 size = len(text.encode())
                 if not store.over_threshold(size):
                     limit = self._run.max_step_bytes
