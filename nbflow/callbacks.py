@@ -31,10 +31,15 @@ log = logging.getLogger("nbflow")
 
 T = TypeVar("T")
 
-#: A sync callback that ran inline longer than this (seconds) is "slow": later calls
-#: of that step beside other runs go to the pool (see ``WorkflowStep._inline``).
+#: A sync callback that ran inline longer than this (seconds), ``SLOW_RUNS`` times in a
+#: row, is "slow": later calls of that step beside other runs go to the pool (see
+#: ``WorkflowStep._inline``).  One long run is no sign: a garbage collection or the OS
+#: taking the CPU away for a moment makes a trivial step look slow, and it would then
+#: pay a thread hand-off on every call for the rest of the process.
 SLOW_INLINE = 0.002
+SLOW_RUNS = 3
 _slow_steps: set[tuple[str, str]] = set()  # (workflow name, step name) seen to be slow
+_slow_runs: dict[tuple[str, str], int] = {}  # slow runs in a row of steps not slow yet
 
 _POOL_SIZE = 64
 _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="nbflow-step")
@@ -56,8 +61,26 @@ def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def note_slow(workflow: str, step: str) -> None:
-    """Remembers that this step ran inline for longer than ``SLOW_INLINE``."""
-    _slow_steps.add((workflow, step))
+    """Counts a run of this step inline for longer than ``SLOW_INLINE``; the
+    ``SLOW_RUNS``-th in a row makes it slow."""
+    key = (workflow, step)
+    runs = _slow_runs.get(key, 0) + 1
+    if runs >= SLOW_RUNS:
+        _slow_steps.add(key)
+        _slow_runs.pop(key, None)
+    else:
+        _slow_runs[key] = runs
+
+
+def note_fast(workflow: str, step: str) -> None:
+    """A run of this step inline within ``SLOW_INLINE``: its count of slow runs restarts
+    (callers skip this while ``counting()`` is False, the usual case)."""
+    _slow_runs.pop((workflow, step), None)
+
+
+def counting() -> bool:
+    """Whether some step has slow runs counted (``note_fast`` has something to reset)."""
+    return bool(_slow_runs)
 
 
 def seen_slow(workflow: str, step: str) -> bool:

@@ -62,7 +62,11 @@ class StartOptions:
 
     @property
     def default(self) -> bool:
-        return self.concurrency_key is None and self.priority == DEFAULT_PRIORITY and self.start_at is None
+        return (
+            self.concurrency_key is None
+            and self.priority == DEFAULT_PRIORITY
+            and self.start_at is None
+        )
 
     def fields(self) -> list[str]:
         """The three per-instance fields of the ``create_opts`` script."""

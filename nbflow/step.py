@@ -485,6 +485,8 @@ class _StepBase(ComposeSteps):
             finally:
                 if time.monotonic() - began > callbacks.SLOW_INLINE:
                     callbacks.note_slow(self._run.workflow_name, st.name)
+                elif callbacks.counting():
+                    callbacks.note_fast(self._run.workflow_name, st.name)
             if not inspect.isawaitable(result):
                 return result
             return await _bounded(cfg.timeout, lambda: result)

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from nbflow import Engine, WorkflowEntrypoint
+from nbflow import Engine, WorkflowEntrypoint, callbacks
 
 INTERRUPTED: list[str] = []
 
@@ -117,13 +117,27 @@ def test_quick_sync_steps_of_a_batch_run_inline_in_the_main_thread(engine: Engin
 
 
 def test_a_slow_sync_step_of_a_batch_moves_to_the_pool_and_overlaps(engine: Engine) -> None:
-    """The first call runs inline and is seen to be slow; the other instances' calls
-    of that step then run on the pool, side by side instead of one after another."""
+    """The first calls run inline and are seen to be slow, SLOW_RUNS times in a row; the
+    other instances' calls of that step then run on the pool, side by side instead of
+    one after another."""
     _reset_where()
     flow = engine.register(Where)
-    made = flow.create_batch([{"params": {"nap": 0.1, "step": "slow"}} for _ in range(12)])
+    made = flow.create_batch([{"params": {"nap": 0.1, "step": "slow"}} for _ in range(14)])
     engine.run_worker(burst=True)
     assert all(inst.status()["status"] == "complete" for inst in made)
-    assert Where.threads[0] == "MainThread"
-    assert all(name.startswith("nbflow-step") for name in Where.threads[1:]), Where.threads
+    inline = callbacks.SLOW_RUNS
+    assert Where.threads[:inline] == ["MainThread"] * inline, Where.threads
+    assert all(name.startswith("nbflow-step") for name in Where.threads[inline:]), Where.threads
     assert Where.most >= 4, Where.most  # they overlapped
+
+
+def test_one_long_run_of_a_quick_step_keeps_it_inline(engine: Engine) -> None:
+    """A quick step that once took long (a garbage collection, the CPU taken away) stays
+    inline: only SLOW_RUNS slow runs in a row send a step to the pool."""
+    _reset_where()
+    flow = engine.register(Where)
+    naps = [0.05, 0, 0, 0.05, 0.05, 0, 0, 0, 0, 0]  # never SLOW_RUNS slow ones in a row
+    made = flow.create_batch([{"params": {"nap": n, "step": "hiccup"}} for n in naps])
+    engine.run_worker(burst=True)
+    assert all(inst.status()["status"] == "complete" for inst in made)
+    assert Where.threads == ["MainThread"] * len(naps), Where.threads

@@ -36,6 +36,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,8 +103,12 @@ def widgets_available() -> bool:
     """Whether a live widget view can render: we run inside a Jupyter kernel.
 
     A terminal IPython or a bare ``InteractiveShell`` has no kernel, so a widget
-    would only add a model nobody sees (and a refresh thread nobody needs).
+    would only add a model nobody sees (and a refresh thread nobody needs).  Without
+    IPython imported there is no kernel either: a worker process or a script does not
+    import it (some 30,000 objects the garbage collector would walk for ever).
     """
+    if "IPython" not in sys.modules:
+        return False
     from IPython.core.getipython import get_ipython
 
     # IPython >= 9 ships type hints, older ones do not: the ignore must hold both ways.
