@@ -2009,17 +2009,16 @@ class Scripts:
             return False
         return bool(self._scripts["jobs_once"](keys=[once], args=["", "alone", *jobs]))
 
-    def captured(self, extra: Callable[[Any], None]) -> list[bytes]:
+    def captured(self, extra: Callable[[Any], None]) -> list[Any]:
         """The commands ``extra(pipe)`` adds to a pipeline (never sent), flattened for
-        ``jobs_once``: each as its argument count, then its arguments as Redis gets them."""
+        ``jobs_once``: each as its argument count, then its arguments.  They stay as
+        redis-py got them: the script call encodes them as the pipeline would have."""
         pipe = self._client.pipeline(transaction=False)
         extra(pipe)
-        # redis-py's own encoding of arguments (untyped there, hence the annotation)
-        encode: Callable[[Any], bytes] = self._client.connection_pool.get_encoder().encode
-        flat: list[bytes] = []
+        flat: list[Any] = []
         for args, _ in pipe.command_stack:
-            flat.append(str(len(args)).encode())
-            flat.extend(encode(arg) for arg in args)
+            flat.append(len(args))
+            flat.extend(args)
         pipe.reset()
         return flat
 
