@@ -93,6 +93,7 @@ class NbflowWorker(SimpleWorker):
         self.in_thread = in_thread
         self.stopping = stopping or threading.Event()
         self.jobs_run = 0
+        self._idle_owed = False  # a job ended: the worker's `idle` state is still to write
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         if not self.in_thread:
@@ -168,7 +169,7 @@ class NbflowWorker(SimpleWorker):
                         if job_id is None:
                             break
                     else:
-                        popped = self.connection.blpop(keys, timeout=slice_s)
+                        popped = self._blpop(keys, slice_s)
                         if popped is None:
                             continue
                         self.routes.rotate(popped[0])
@@ -195,10 +196,35 @@ class NbflowWorker(SimpleWorker):
         finally:
             listener.stop()
             try:
+                self._say_idle()
                 self.teardown()  # type: ignore[no-untyped-call]
             except redis.RedisError:
                 log.warning("nbflow worker: could not register its death (Redis unavailable)")
         return self.jobs_run > 0
+
+    def _blpop(self, keys: list[str], timeout: float) -> Any:
+        """BLPOP ``keys``; the worker's ``idle`` state owed by the last job goes in the same
+        round trip (a worker between two jobs spends one round trip less)."""
+        if not self._idle_owed:
+            return self.connection.blpop(keys, timeout=timeout)
+        pipe = self.connection.pipeline(transaction=False)
+        self._idle_state(pipe)
+        pipe.blpop(keys, timeout=timeout)
+        popped = pipe.execute()[-1]
+        self._idle_owed = False
+        return popped
+
+    def _idle_state(self, pipe: Any) -> None:
+        pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
+        pipe.hdel(self.key, "current_job")
+
+    def _say_idle(self) -> None:
+        """Writes the ``idle`` state a finished job owes, when no BLPOP carried it."""
+        if self._idle_owed:
+            pipe = self.connection.pipeline(transaction=False)
+            self._idle_state(pipe)
+            pipe.execute()
+            self._idle_owed = False
 
     def _run_admitted(self, key: str, first: str) -> None:
         """Runs held instances that a freed slot admitted (spec 10.2): their ids come
@@ -250,10 +276,7 @@ class NbflowWorker(SimpleWorker):
             log.exception("nbflow worker: job %s failed", job_id)
         finally:
             self.jobs_run += 1
-            pipe = self.connection.pipeline(transaction=False)
-            pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
-            pipe.hdel(self.key, "current_job")
-            pipe.execute()
+            self._idle_owed = True  # written with the next BLPOP (``_blpop``)
 
 
 class Housekeeper(threading.Thread):
