@@ -108,11 +108,12 @@ the same id.  Scripts named in ``ONCE`` are wrapped (``_ONCE_HEAD``/``_ONCE_TAIL
 given the request key as ``KEYS[1]`` they store their reply there on the first
 run and, on a resend, return it without running again.  A call without the key runs as
 always, so the wrapper costs nothing where it is not asked for.  RQ jobs pushed
-with a call go through the ``jobs_once`` script (RQ's own commands, captured from
-its pipeline, so the job hash is what ``rq`` tools read): inside the call's
-MULTI/EXEC, behind it, it pushes them only if the call's first run just set a
-flag (not on a resend, not when the call was refused); pushed alone it takes a
-request key of its own.  Either way a resent transaction pushes no second job.
+with a call are RQ's own commands, captured from its pipeline (so the job hash is
+what ``rq`` tools read), carried in the call's own ``KEYS`` after the request key:
+the wrapper runs them only on the first run, and only if it changed something (not
+on a resend, not when the call was refused).  Jobs pushed alone go through the
+``jobs_once`` script with a request key of their own.  Either way a resent
+transaction pushes no second job.
 
 How a new state-changing call opts in (fork, schedules, routed queues):
 
@@ -1512,23 +1513,14 @@ end
 return 'ok'
 """
 
-# KEYS[1]: a key (optional); ARGV: prefix, mode, then RQ's commands, each as its
-# argument count and its arguments.  Pushes RQ jobs once per request.  Mode 'with'
-# runs inside the MULTI/EXEC of a call, after it: KEYS[1] is the flag that call's
-# first run set (``_ONCE_TAIL``), and the jobs go out only if it is there, which it
-# is not on a resend, nor when the call refused (changed nothing) or did not run
-# (NOSCRIPT); taking the flag makes the push once.  Mode 'alone': KEYS[1] is a
-# request key of the push's own.  Returns 1 if it pushed, 0 if not.
+# KEYS[1]: a request key of the push's own (optional); ARGV: prefix, then RQ's
+# commands, each as its argument count and its arguments.  Pushes RQ jobs once per
+# request (jobs that go with a call ride in that call's KEYS instead: ``_ONCE_TAIL``).
+# Returns 1 if it pushed, 0 if not.
 _JOBS_ONCE = r"""
 local req = KEYS[1]
-if req then
-  if ARGV[2] == 'alone' then
-    if not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
-  elseif redis.call('DEL', req) == 0 then
-    return 0
-  end
-end
-local i = 3
+if req and not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
+local i = 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -1555,8 +1547,15 @@ if seen then return cmsgpack.unpack(seen) end
 local reply = once_body()
 if once_keep then
   redis.call('SET', req, cmsgpack.pack(reply), 'EX', REQUEST_TTL)
-  -- jobs_once (mode 'with') pushes the call's RQ jobs behind it if this flag is set
-  if KEYS[2] then redis.call('SET', KEYS[2], '1', 'EX', REQUEST_TTL) end
+  -- the call's RQ jobs (``Scripts.execute``): RQ's commands in KEYS[2..], each as its
+  -- argument count and its arguments, pushed by this first run only, and only when
+  -- it changed something (a resend or a refusal pushes none)
+  local i = 2
+  while i <= #KEYS do
+    local n = tonumber(KEYS[i])
+    redis.call(unpack(KEYS, i + 1, i + n))
+    i = i + n + 1
+  end
 end
 return reply
 """
@@ -1965,10 +1964,10 @@ class Scripts:
         Returns the scripts' replies.  With ``once`` (a request key, ``Keys.request``)
         the transaction is exactly-once: the first script (in ``ONCE``) gets it as
         its request key, the others ``once:2``, ``once:3``..., and what ``extra``
-        adds (RQ's enqueue commands) is captured and pushed behind them by
-        ``jobs_once``, only if the first script ran now and changed something: a
-        resent transaction changes nothing and pushes no second job, a refused
-        call pushes none.  If Redis lost its script cache (a restart) the scripts
+        adds (RQ's enqueue commands) is captured and pushed by the first script
+        (``_ONCE_TAIL``), only if it ran now and changed something: a resent
+        transaction changes nothing and pushes no second job, a refused call pushes
+        none (with no script, ``jobs_once`` pushes them once).  If Redis lost its script cache (a restart) the scripts
         are loaded and the transaction is sent again; what of the first try was
         applied is not applied twice (without ``once``, what ``extra`` added is
         pushed again, which must be harmless).
@@ -1977,19 +1976,16 @@ class Scripts:
             pipe = self._client.pipeline()
             pipe.multi()
             jobs = [] if extra is None or once is None else self.captured(extra)
-            flag = [f"{once}:jobs"] if jobs and calls else []
             for n, (name, args) in enumerate(calls):
                 if once is None:
                     pipe.evalsha(self._scripts[name].sha, 0, *args)
-                elif n == 0:
-                    pipe.evalsha(self._scripts[name].sha, 1 + len(flag), once, *flag, *args)
+                elif n == 0:  # its jobs ride along in its KEYS (see _ONCE_TAIL)
+                    pipe.evalsha(self._scripts[name].sha, 1 + len(jobs), once, *jobs, *args)
                 else:
                     pipe.evalsha(self._scripts[name].sha, 1, f"{once}:{n + 1}", *args)
-            if jobs:
+            if jobs and not calls:
                 assert once is not None
-                mode = "with" if calls else "alone"
-                key = flag[0] if flag else once
-                pipe.evalsha(self._scripts["jobs_once"].sha, 1, key, "", mode, *jobs)
+                pipe.evalsha(self._scripts["jobs_once"].sha, 1, once, "", *jobs)
             if extra is not None and once is None:
                 extra(pipe)
             try:
@@ -2007,7 +2003,7 @@ class Scripts:
         jobs = self.captured(extra)
         if not jobs:
             return False
-        return bool(self._scripts["jobs_once"](keys=[once], args=["", "alone", *jobs]))
+        return bool(self._scripts["jobs_once"](keys=[once], args=["", *jobs]))
 
     def captured(self, extra: Callable[[Any], None]) -> list[Any]:
         """The commands ``extra(pipe)`` adds to a pipeline (never sent), flattened for
