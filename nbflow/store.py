@@ -1967,8 +1967,9 @@ class Scripts:
         adds (RQ's enqueue commands) is captured and pushed by the first script
         (``_ONCE_TAIL``), only if it ran now and changed something: a resent
         transaction changes nothing and pushes no second job, a refused call pushes
-        none (with no script, ``jobs_once`` pushes them once).  If Redis lost its script cache (a restart) the scripts
-        are loaded and the transaction is sent again; what of the first try was
+        none (with no script, ``jobs_once`` pushes them once).  If Redis lost its
+        script cache (a restart) the scripts are loaded and the transaction is sent
+        again; what of the first try was
         applied is not applied twice (without ``once``, what ``extra`` added is
         pushed again, which must be harmless).
         """
