@@ -288,6 +288,8 @@ class _StepBase(ComposeSteps):
             return self._decorator(name, config, rollback, rollback_cfg)
         if name is None:
             raise TypeError("step.do needs a name: step.do('fetch user', callback)")
+        if rollback is None and rollback_cfg is None:  # (every step's path: no extra call)
+            return self._deliver(self._do(*self._begin_do(name, config), callback))
         return self._deliver(self._do_step(name, config, callback, rollback, rollback_cfg))
 
     def _do_step(
