@@ -594,7 +594,6 @@ class _StepBase(ComposeSteps):
                     return text, None, None
                 size = len(text.encode())
                 if not store.over_threshold(size):
-                    limit = self._run.max_step_bytes
                     if size > limit:
                         self._fatal(
                             st,

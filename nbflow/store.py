@@ -272,6 +272,15 @@ local function unchanged(reply)
   once_keep = false
   return reply
 end
+-- Runs RQ's captured commands in t from index i on, each as its argument count and
+-- its arguments (``Scripts.captured``): the jobs a call pushes.
+local function run_commands(t, i)
+  while i <= #t do
+    local n = tonumber(t[i])
+    redis.call(unpack(t, i + 1, i + n))
+    i = i + n + 1
+  end
+end
 local KNOWN = {queued = 1, running = 1, waiting = 1, waitingForPause = 1, paused = 1,
                complete = 1, errored = 1, terminated = 1}
 -- A stored number as a finite Lua number, or nil when it holds anything else.
@@ -423,6 +432,19 @@ local function wf_of(id)
 end
 -- Queues the instance (`wf`: its workflow when the caller knows it); returns the
 -- workflow, whose RQ queue the caller enqueues it on.
+-- A new instance's state, metadata and place in its workflow's index (create,
+-- create_opts); false, writing nothing, when the id exists.  Its status is the
+-- caller's to set.
+local function new_instance(id, payload, now, now_iso, wf, retention, version)
+  local st = k_state(id)
+  if redis.call('EXISTS', st) == 1 then return false end
+  redis.call('HSET', st, 'createdAt', now_iso)
+  if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
+  redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
+             'version', version)
+  redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+  return true
+end
 local function make_queued(id, now, now_iso, wf)
   wf = wf or wf_of(id)
   set_status(id, 'queued', now_iso, now)
@@ -576,19 +598,13 @@ _CREATE = r"""
 local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local out, made = {}, 0
 for i = 7, #ARGV, 2 do
-  local id, payload = ARGV[i], ARGV[i + 1]
-  local st = k_state(id)
-  if redis.call('EXISTS', st) == 1 then
-    out[#out + 1] = 0
-  else
-    redis.call('HSET', st, 'createdAt', now_iso)
-    if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
-    redis.call('HSET', k_meta(id), 'workflowName', wf, 'payload', payload, 'currentStep', '',
-               'version', version)
-    redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
+  local id = ARGV[i]
+  if new_instance(id, ARGV[i + 1], now, now_iso, wf, retention, version) then
     make_queued(id, now, now_iso, wf)
     out[#out + 1] = 1
     made = made + 1
+  else
+    out[#out + 1] = 0
   end
 end
 if made == 0 then return unchanged(out) end
@@ -604,19 +620,11 @@ _CREATE_OPTS = r"""
 local now, now_iso, wf, retention, version = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local out, made = {}, 0
 for i = 7, #ARGV, 5 do
-  local id, payload, ckey, prio, at = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local st = k_state(id)
-  if redis.call('EXISTS', st) == 1 then
-    out[#out + 1] = 0
-  else
-    redis.call('HSET', st, 'createdAt', now_iso)
-    if retention ~= '' then redis.call('HSET', st, 'retention', retention) end
+  local id, ckey, prio, at = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if new_instance(id, ARGV[i + 1], now, now_iso, wf, retention, version) then
     local meta = k_meta(id)
-    redis.call('HSET', meta, 'workflowName', wf, 'payload', payload, 'currentStep', '',
-               'version', version)
     if ckey ~= '' then redis.call('HSET', meta, 'concurrencyKey', ckey) end
     if prio ~= '' then redis.call('HSET', meta, 'priority', prio) end
-    redis.call('ZADD', P .. ':index:wf:' .. wf, now, id)
     if at ~= '' then
       set_status(id, 'waiting', now_iso, now)
       redis.call('ZADD', P .. ':timers', at, id)
@@ -626,6 +634,8 @@ for i = 7, #ARGV, 5 do
     end
     out[#out + 1] = 1
     made = made + 1
+  else
+    out[#out + 1] = 0
   end
 end
 if made == 0 then return unchanged(out) end
@@ -1520,12 +1530,7 @@ return 'ok'
 _JOBS_ONCE = r"""
 local req = KEYS[1]
 if req and not redis.call('SET', req, '1', 'NX', 'EX', REQUEST_TTL) then return 0 end
-local i = 2
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
+run_commands(ARGV, 2)
 return 1
 """
 
@@ -1550,12 +1555,7 @@ if once_keep then
   -- the call's RQ jobs (``Scripts.execute``): RQ's commands in KEYS[2..], each as its
   -- argument count and its arguments, pushed by this first run only, and only when
   -- it changed something (a resend or a refusal pushes none)
-  local i = 2
-  while i <= #KEYS do
-    local n = tonumber(KEYS[i])
-    redis.call(unpack(KEYS, i + 1, i + n))
-    i = i + n + 1
-  end
+  run_commands(KEYS, 2)
 end
 return reply
 """
@@ -1969,9 +1969,8 @@ class Scripts:
         transaction changes nothing and pushes no second job, a refused call pushes
         none (with no script, ``jobs_once`` pushes them once).  If Redis lost its
         script cache (a restart) the scripts are loaded and the transaction is sent
-        again; what of the first try was
-        applied is not applied twice (without ``once``, what ``extra`` added is
-        pushed again, which must be harmless).
+        again; what of the first try was applied is not applied twice (without
+        ``once``, what ``extra`` added is pushed again, which must be harmless).
         """
         for attempt in range(1, NOSCRIPT_ATTEMPTS + 1):
             pipe = self._client.pipeline()
