@@ -424,8 +424,11 @@ class Leaf(WorkflowEntrypoint):
         r = redis.Redis.from_url(p["url"])
 
         async def work():
-            r.hincrby(p["fx"], event.instance_id, 1)
-            r.hset(p["fx"] + ":where", event.instance_id, os.getpid())
+            # one transaction: a test that sees the count also sees where it ran
+            pipe = r.pipeline()
+            pipe.hincrby(p["fx"], event.instance_id, 1)
+            pipe.hset(p["fx"] + ":where", event.instance_id, os.getpid())
+            pipe.execute()
             while r.exists(p["fx"] + ":hold"):
                 await asyncio.sleep(0.02)
             return p["x"] * 10
