@@ -135,6 +135,8 @@ class Backend:
             ttl=JOB_TTL,
             result_ttl=0,
             failure_ttl=24 * 3600,
+            # plain JSON a script can read: claim_job takes the job in one round trip
+            meta={"nbflow": self.prefix, "ids": list(ids)},
             description=f"nbflow {self.prefix} {workflow} {ids[0]}"
             + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
             at_front=at_front,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import json
 import logging
 import os
 import socket
@@ -114,20 +115,62 @@ def run_job(prefix: str, ids: list[str]) -> None:
     )
 
 
+def take_job(
+    backend: Backend, job_id: str, worker_key: str, listener: StopListener | None = None
+) -> tuple[list[str], tuple[str, Any] | None] | None:
+    """Takes the RQ job ``job_id``: read, deleted, the worker marked busy and the
+    job's first instance claimed, in one round trip (script ``claim_job``).  A job
+    of one instance, the latency path, so costs one round trip less than reading
+    it first.  Returns its ids and the claim of the first (the ``first`` of
+    ``run_many``), ``([], None)`` if the job is gone, or None for a job without
+    nbflow's meta (enqueued by hand, or by an older nbflow), to be read the old way.
+
+    Raises RuntimeError for a job of another prefix (workers and engine disagree on
+    ``--prefix``), and what Redis raised when it cannot be reached."""
+    now, now_iso = clock()
+    base = _token_base(listener)
+    args = [backend.prefix, backend.base_queue.job_class.key_for(job_id), job_id, worker_key]
+    args += [base, f"{now:.6f}", now_iso, f"{now + LEASE_SECONDS:.6f}"]
+    reply = backend.scripts.pipeline([("claim_job", args)])[0]
+    if isinstance(reply, Exception):
+        raise reply  # Redis away (the worker waits for it) or a damaged job hash
+    if reply[0] == b"none":
+        return None
+    if reply[0] == b"gone":
+        log.warning("nbflow worker: job %s vanished before it ran", job_id)
+        return [], None
+    if reply[0] == b"prefix":
+        raise RuntimeError(wrong_prefix(reply[1].decode(), backend.prefix))
+    first = reply[1]
+    if first[0] == b"error":  # a read of its claim failed: as a failed claim script
+        first = redis.ResponseError(first[1].decode())
+    return json.loads(reply[0])["ids"], (base, first)
+
+
+def wrong_prefix(theirs: str, ours: str) -> str:
+    """The error of a worker given a job of another prefix."""
+    return (
+        f"job for prefix {theirs!r} reached a worker for prefix {ours!r}: start workers "
+        "with the same --prefix and --queue as the Engine"
+    )
+
+
 def run_many(
     backend: Backend,
     ids: Sequence[str],
     stopping: threading.Event | None = None,
     listener: StopListener | None = None,
+    first: tuple[str, Any] | None = None,
 ) -> list[str]:
     """Claim ``ids`` in one round trip and run them: async runs side by side with
     their writes grouped, sync runs one after another.  Returns each outcome.
 
     ``stopping`` tells runs to hand their instance back at the next step; ``listener``
-    is the worker's side of the stop handshake (``nbflow.handshake``).
+    is the worker's side of the stop handshake (``nbflow.handshake``); ``first`` is
+    the token base and reply of a claim of ``ids[0]`` already made (``take_job``).
     """
     capture.install()  # again per job: something may have replaced sys.stdout since
-    runs, outcomes = _claim(backend, ids, stopping, listener)
+    runs, outcomes = _claim(backend, ids, stopping, listener, first)
     async_runs: list[tuple[int, Run]] = []
     for n, run in runs:
         if run.is_async:
@@ -154,25 +197,27 @@ def _claim(
     ids: Sequence[str],
     stopping: threading.Event | None,
     listener: StopListener | None,
+    first: tuple[str, Any] | None = None,
 ) -> tuple[list[tuple[int, Run]], dict[int, str]]:
-    """The claims of ``ids`` in one pipeline: the runs that may go ahead (with their
-    positions), and the outcomes of those that may not."""
+    """The claims of ``ids`` in one pipeline (but ``ids[0]``'s when ``first`` has it):
+    the runs that may go ahead (with their positions), and the outcomes of those
+    that may not."""
     now, now_iso = clock()
     lease = f"{now + LEASE_SECONDS:.6f}"
-    if listener is not None:
-        # a token names the worker that lifecycle calls must ask (see tell_owner)
-        token_base = f"{listener.worker_id}/{uuid.uuid4().hex[:12]}"
-        for iid in ids:  # requests aimed at earlier runs
-            listener.requests.pop(iid, None)
-    else:
-        token_base = f"{_HOST}:{uuid.uuid4().hex[:12]}"
+    token_base = _token_base(listener) if first is None else first[0]
     tokens = [f"{token_base}:{n}" for n in range(len(ids))]
+    todo = 0 if first is None else 1
+    if listener is not None:
+        for iid in ids[todo:]:  # requests aimed at earlier runs (claimed: none can be)
+            listener.requests.pop(iid, None)
     claims = backend.scripts.pipeline(
         [
             ("claim", [backend.prefix, iid, token, f"{now:.6f}", now_iso, lease])
-            for iid, token in zip(ids, tokens, strict=True)
+            for iid, token in zip(ids[todo:], tokens[todo:], strict=True)
         ]
     )
+    if first is not None:
+        claims.insert(0, first[1])
     outcomes: dict[int, str] = {}
     runs: list[tuple[int, Run]] = []
     strays: dict[str, str] = {}  # claimed, but of a workflow this process does not have
@@ -254,6 +299,14 @@ def _failed(backend: Backend, run: Run, exc: BaseException) -> str:
         return _fail_corrupt(backend, run.iid, exc)
     log.error("nbflow: run of %s failed inside the engine: %r", run.iid, exc)
     return f"failed ({exc!r})"
+
+
+def _token_base(listener: StopListener | None) -> str:
+    """A new claim's token base: a token names the worker that lifecycle calls must
+    ask (see ``tell_owner``)."""
+    if listener is not None:
+        return f"{listener.worker_id}/{uuid.uuid4().hex[:12]}"
+    return f"{_HOST}:{uuid.uuid4().hex[:12]}"
 
 
 def _fail_corrupt(backend: Backend, iid: str, exc: BaseException) -> str:

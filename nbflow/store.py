@@ -725,42 +725,83 @@ return {'ok', copied}
 # ARGV: prefix, fingerprints key, step key, fingerprint (see Keys.fingerprints).
 _NOTE_FINGERPRINT = "return redis.call('HSET', ARGV[2], ARGV[3], ARGV[4])"
 
-# ARGV: prefix, id, token, now, now_iso, lease_until.
-# Returns {'ok', workflowName, payload, createdAt, steps...} or {status}.
-# The token is new for every claim, so finding it as the owner means this is the
-# same claim resent (its reply was lost): it answers as the first time, writing
-# nothing (a pause asked for meanwhile is the run's to apply, as ever).
-_CLAIM = r"""
-local id, token, now, now_iso, lease = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local st = k_state(id)
-local status = redis.call('HGET', st, 'status')
-if status ~= 'queued' then
-  if status and not KNOWN[status] then return {corrupt_end(id, 'status', now, now_iso)} end
-  if (status ~= 'running' and status ~= 'waitingForPause')
-     or redis.call('HGET', st, 'owner') ~= token then
-    return {status or 'unknown'}
+# The claim of one instance (scripts claim and claim_job): {'ok', workflowName,
+# payload, createdAt, steps...} or {status}.  The token is new for every claim, so
+# finding it as the owner means this is the same claim resent (its reply was lost):
+# it answers as the first time, writing nothing (a pause asked for meanwhile is the
+# run's to apply, as ever).
+_CLAIM_FUNCTIONS = r"""
+local function claim_one(id, token, now, now_iso, lease)
+  local st = k_state(id)
+  local status = redis.call('HGET', st, 'status')
+  if status ~= 'queued' then
+    if status and not KNOWN[status] then return {corrupt_end(id, 'status', now, now_iso)} end
+    if (status ~= 'running' and status ~= 'waitingForPause')
+       or redis.call('HGET', st, 'owner') ~= token then
+      return {status or 'unknown'}
+    end
   end
+  -- every read first: a failing read (a key of the wrong type) must abort the
+  -- claim before anything is written, since Redis does not undo a failed script
+  local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
+  local out = {'ok', meta[1] or '', meta[2] or '', redis.call('HGET', st, 'createdAt') or ''}
+  local steps = redis.call('HGETALL', k_steps(id))
+  for i = 1, #steps do out[#out + 1] = steps[i] end
+  if status ~= 'queued' then return out end
+  -- limits (spec 10.2): one HMGET for a workflow without them
+  local lim = limits_of(out[2])
+  if lim[1] or lim[2] then
+    local why = limit_claim(id, out[2], lim, tonumber(now), #steps > 0)
+    if why then return {why} end
+  end
+  set_status(id, 'running', now_iso)
+  redis.call('HSET', st, 'owner', token)
+  redis.call('HDEL', st, 'waitType', 'childDone')
+  redis.call('ZREM', P .. ':ready:' .. out[2], id)
+  redis.call('ZREM', P .. ':timers', id)
+  redis.call('ZADD', P .. ':leases', lease, id)
+  return out
 end
--- every read first: a failing read (a key of the wrong type) must abort the
--- script before anything is written, since Redis does not undo a failed script
-local meta = redis.call('HMGET', k_meta(id), 'workflowName', 'payload')
-local out = {'ok', meta[1] or '', meta[2] or '', redis.call('HGET', st, 'createdAt') or ''}
-local steps = redis.call('HGETALL', k_steps(id))
-for i = 1, #steps do out[#out + 1] = steps[i] end
-if status ~= 'queued' then return out end
--- limits (spec 10.2): one HMGET for a workflow without them
-local lim = limits_of(out[2])
-if lim[1] or lim[2] then
-  local why = limit_claim(id, out[2], lim, tonumber(now), #steps > 0)
-  if why then return {why} end
+"""
+
+# ARGV: prefix, id, token, now, now_iso, lease_until.  Returns what claim_one does.
+_CLAIM = "return claim_one(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])"
+
+# ARGV: prefix, job key, job id, worker key, token base, now, now_iso, lease_until.
+# A worker's first call for an RQ job it popped (``runner.run_job``): takes the job
+# (the ids in its meta, written by ``Backend.enqueue``), deletes its hash, marks the
+# worker busy and claims the job's first instance with token base .. ':0', all in
+# the one round trip that used to only read the job.  Returns {meta JSON, the
+# claim's reply} ({meta, {'error', message}} when a read of the claim failed: the
+# job is taken all the same), {'prefix', theirs} for a job of another prefix,
+# {'none'} for a job without nbflow's meta (the worker reads it the old way) and
+# {'gone'} for no job at all.  The meta stays on the worker's hash while it runs
+# the job, so a resend after a lost reply finds it there and claims with the
+# same token (which claim_one knows as its own).
+_CLAIM_JOB = r"""
+local job, jid, worker, base = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local meta = redis.call('HGET', job, 'meta')
+if meta then
+  local ok, taken = pcall(cjson.decode, meta)
+  if not ok or type(taken) ~= 'table' or type(taken.ids) ~= 'table' then return {'none'} end
+  if taken.nbflow ~= P then return {'prefix', tostring(taken.nbflow)} end
+  redis.call('DEL', job)
+  redis.call('HSET', worker, 'state', 'busy', 'current_job', jid, 'nbflow_job', meta)
+elseif redis.call('HGET', worker, 'current_job') == jid then
+  meta = redis.call('HGET', worker, 'nbflow_job')
+  if not meta then return {'gone'} end
+elseif redis.call('EXISTS', job) == 1 then
+  return {'none'}
+else
+  return {'gone'}
 end
-set_status(id, 'running', now_iso)
-redis.call('HSET', st, 'owner', token)
-redis.call('HDEL', st, 'waitType', 'childDone')
-redis.call('ZREM', P .. ':ready:' .. out[2], id)
-redis.call('ZREM', P .. ':timers', id)
-redis.call('ZADD', P .. ':leases', lease, id)
-return out
+local ids = cjson.decode(meta).ids
+local ok, claim = pcall(claim_one, ids[1], base .. ':0', ARGV[6], ARGV[7], ARGV[8])
+if not ok then
+  if type(claim) == 'table' then claim = claim.err end
+  claim = {'error', tostring(claim)}
+end
+return {meta, claim}
 """
 
 # Child workflows (``step.run_workflow``, spec 10.1): how a child's end reaches its
@@ -1617,7 +1658,7 @@ def _definitions(library: str) -> list[tuple[frozenset[str], str, frozenset[str]
     return out
 
 
-_LIBRARY = _definitions(_PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS)
+_LIBRARY = _definitions(_PRELUDE + _CHILD_FUNCTIONS + _STEP_FUNCTIONS + _CLAIM_FUNCTIONS)
 
 
 def _source(name: str, body: str) -> str:
@@ -1650,6 +1691,7 @@ _SOURCES = {
     "fork": _FORK,
     "note_fingerprint": _NOTE_FINGERPRINT,
     "claim": _CLAIM,
+    "claim_job": _CLAIM_JOB,
     "step_start": _STEP_START,
     "step_finish": _STEP_FINISH,
     "step_next": _STEP_NEXT,

@@ -70,8 +70,9 @@ class NbflowWorker(SimpleWorker):
     without RQ's per-job bookkeeping (started/finished registries, results,
     execution records: about twenty round trips a job).  nbflow does not need
     it: leases in ``nbflow.store`` are its recovery, and its jobs store no result.
-    A job costs the BLPOP that takes it, one round trip to read it and mark the
-    worker busy, and one to delete it and mark the worker idle.
+    A job costs the BLPOP that takes it and one script that reads and deletes it,
+    marks the worker busy and claims its first instance (``runner.take_job``); the
+    ``idle`` state it owes goes out with the next BLPOP.
 
     ``in_thread`` workers (notebooks) install no signal handlers and add no log
     handlers (a background thread must never print into a cell); every worker
@@ -216,7 +217,7 @@ class NbflowWorker(SimpleWorker):
 
     def _idle_state(self, pipe: Any) -> None:
         pipe.hset(self.key, "state", WorkerStatus.IDLE.value)
-        pipe.hdel(self.key, "current_job")
+        pipe.hdel(self.key, "current_job", "nbflow_job")
 
     def _say_idle(self) -> None:
         """Writes the ``idle`` state a finished job owes, when no BLPOP carried it."""
@@ -244,39 +245,41 @@ class NbflowWorker(SimpleWorker):
     def _run_job(self, job_id: str) -> None:
         # The job hash is deleted as it is read: its instances' leases, not the job, are
         # what recovers them if this worker dies, and a SIGKILLed worker never reaches a
-        # `finally` (its job hashes used to stay for ever).  Sent together, Redis runs
-        # both even if the worker dies right after sending.
-        job_key = self.backend.base_queue.job_class.key_for(job_id)
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.hget(job_key, "data")
-        pipe.delete(job_key)
-        pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
-        data, _, _ = pipe.execute()
+        # `finally` (its job hashes used to stay for ever).  nbflow's jobs are read,
+        # deleted and their first instance claimed by one script (``runner.take_job``).
         try:
-            if data is None:
-                log.warning("nbflow worker: job %s vanished before it ran", job_id)
-                return
-            func, _instance, (prefix, ids), _kwargs = json.loads(zlib.decompress(data))
-            if func != JOB_FUNCTION:
-                log.error(
-                    "nbflow worker: job %s calls %s, not an nbflow job; dropped", job_id, func
-                )
-                return
-            if prefix != self.backend.prefix:
-                raise RuntimeError(
-                    f"job for prefix {prefix!r} reached a worker for prefix "
-                    f"{self.backend.prefix!r}: start workers with the same --prefix and "
-                    "--queue as the Engine"
-                )
-            runner.run_many(self.backend, ids, self.stopping, self.listener)
-        except (KeyboardInterrupt, SystemExit):
-            raise
+            taken = runner.take_job(self.backend, job_id, self.key, self.listener)
+            ids, first = self._read_job(job_id) if taken is None else taken
+            if ids:
+                runner.run_many(self.backend, ids, self.stopping, self.listener, first)
+        except (KeyboardInterrupt, SystemExit, redis.ConnectionError, redis.TimeoutError):
+            raise  # Redis away: the work loop waits for it
         except Exception:
             # The instances stay leased; when the leases expire they are taken back.
             log.exception("nbflow worker: job %s failed", job_id)
         finally:
             self.jobs_run += 1
             self._idle_owed = True  # written with the next BLPOP (``_blpop``)
+
+    def _read_job(self, job_id: str) -> tuple[list[str], None]:
+        """The ids of a job ``take_job`` did not know (no nbflow meta), read as RQ wrote
+        it and deleted in the same round trip; none for a job that is not nbflow's."""
+        job_key = self.backend.base_queue.job_class.key_for(job_id)
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hget(job_key, "data")
+        pipe.delete(job_key)
+        pipe.hset(self.key, mapping={"state": WorkerStatus.BUSY.value, "current_job": job_id})
+        data, _, _ = pipe.execute()
+        if data is None:
+            log.warning("nbflow worker: job %s vanished before it ran", job_id)
+            return [], None
+        func, _instance, (prefix, ids), _kwargs = json.loads(zlib.decompress(data))
+        if func != JOB_FUNCTION:
+            log.error("nbflow worker: job %s calls %s, not an nbflow job; dropped", job_id, func)
+            return [], None
+        if prefix != self.backend.prefix:
+            raise RuntimeError(runner.wrong_prefix(prefix, self.backend.prefix))
+        return list(ids), None
 
 
 class Housekeeper(threading.Thread):

@@ -266,13 +266,29 @@ def test_claim_whose_reply_is_lost_runs_the_instance_at_once(
     engine: Engine, lossy: Engine, proxy: LostReplyProxy
 ) -> None:
     inst = engine.register(Three).create(id="c")
-    proxy.cut_on_script(sha(lossy, "claim"))
+    (job_id,) = engine.redis.lrange(f"rq:queue:{engine.queue_name}:Three", 0, -1)
+    # a job's first instance is claimed by the script that takes the job
+    proxy.cut_on_script(sha(lossy, "claim_job"))
     lossy.run_worker()
     assert proxy.cuts == 1
     # the resent claim knew itself by its token: the run went ahead, no lease to wait out
     assert inst.status() == {"status": "complete", "output": ["a", "b", "c"]}
     assert RUNS == {"a": 1, "b": 1, "c": 1}
     assert engine.redis.hget(engine.keys.state("c"), "stepsDone") == b"3"
+    assert not engine.redis.exists(f"rq:job:{job_id.decode()}")  # the job was taken
+
+
+def test_claim_of_a_jobs_second_instance_whose_reply_is_lost_runs_both_at_once(
+    engine: Engine, lossy: Engine, proxy: LostReplyProxy
+) -> None:
+    flow = engine.register(Three)
+    first, second = flow.create_batch([{"id": "c1"}, {"id": "c2"}])
+    proxy.cut_on_script(sha(lossy, "claim"))  # the second instance's own claim
+    lossy.run_worker()
+    assert proxy.cuts == 1
+    for inst in (first, second):
+        assert inst.status() == {"status": "complete", "output": ["a", "b", "c"]}
+    assert RUNS == {"a": 2, "b": 2, "c": 2}
 
 
 def test_step_write_whose_reply_is_lost_is_not_applied_twice(
