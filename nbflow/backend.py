@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 
 from nbflow.artifacts import ArtifactStore
 from nbflow.definition import WorkflowEntrypoint
+from nbflow.rqjobs import TEMPLATE_JOB_ID, JobTemplate
 from nbflow.store import Keys, Scripts
 
 #: the priority of an instance created without one (0 starts first, 9 last)
@@ -64,6 +65,8 @@ class Backend:
         #: registered on it, so ``rq info`` groups them under the engine's queue name
         self.base_queue = self._queue(queue)
         self._queues: dict[str, Queue] = {}
+        #: (queue name, at front) -> the commands RQ writes for a job there (rqjobs)
+        self._templates: dict[tuple[str, bool], JobTemplate] = {}
         #: workflow name -> class, as registered in this process
         self.classes: dict[str, type[WorkflowEntrypoint[Any, Any]]] = {}
         #: instance id -> token of the run this process is advancing (lease heartbeats)
@@ -128,22 +131,39 @@ class Backend:
             )
             return
         queue = self.queue_for(workflow, priority) if workflow else self.base_queue
+        template = self._templates.get((queue.name, at_front))
+        if template is None:
+            template = self._templates[queue.name, at_front] = self._template(queue, at_front)
+        description = f"nbflow {self.prefix} {workflow} {ids[0]}"
+        if len(ids) > 1:
+            description += f" +{len(ids) - 1}"
+        # the ids also go in the job's meta, plain JSON a script can read: claim_job
+        # takes the job in one round trip (``runner.take_job``)
+        meta = {"nbflow": self.prefix, "ids": list(ids)}
+        for cmd in template.commands(JOB_FUNCTION, (self.prefix, list(ids)), description, meta):
+            pipe.execute_command(*cmd)
+        if priority != DEFAULT_PRIORITY and workflow:  # (after: RQ's MULTI comes first)
+            pipe.sadd(self.keys.listen(), f"{workflow}:p{priority}")  # workers listen to it
+
+    def _template(self, queue: Queue, at_front: bool) -> JobTemplate:
+        """The commands RQ itself emits for an nbflow job on ``queue`` (``nbflow.rqjobs``)."""
+        pipe = self.redis.pipeline(transaction=False)
         queue.enqueue_call(
             JOB_FUNCTION,
-            args=(self.prefix, list(ids)),
+            args=(self.prefix, []),
             timeout=-1,
             ttl=JOB_TTL,
             result_ttl=0,
             failure_ttl=24 * 3600,
-            # plain JSON a script can read: claim_job takes the job in one round trip
-            meta={"nbflow": self.prefix, "ids": list(ids)},
-            description=f"nbflow {self.prefix} {workflow} {ids[0]}"
-            + (f" +{len(ids) - 1}" if len(ids) > 1 else ""),
+            description="",
+            meta={"nbflow": self.prefix},
+            job_id=TEMPLATE_JOB_ID,
             at_front=at_front,
             pipeline=pipe,
         )
-        if priority != DEFAULT_PRIORITY and workflow:  # (after: RQ's MULTI comes first)
-            pipe.sadd(self.keys.listen(), f"{workflow}:p{priority}")  # workers listen to it
+        commands = [args for args, _ in pipe.command_stack]
+        pipe.reset()
+        return JobTemplate(commands)
 
     def enqueue_many(self, ids: Sequence[str], at_front: bool = False) -> None:
         """RQ jobs for many instances of any workflows (the children of a fan-out, a

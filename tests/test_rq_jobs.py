@@ -4,14 +4,18 @@ job, so a SIGKILLed worker leaves none behind (it used to leave every job it was
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import redis
 from helpers_procs import Procs, poll, wait_workers
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from test_faults import Harness, procs  # noqa: F401  (the worker-process fixture)
 
 from nbflow import Engine
-from nbflow.backend import JOB_TTL
+from nbflow.backend import JOB_FUNCTION, JOB_TTL
 
 
 def job_hashes(client: redis.Redis, queue: str) -> dict[str, int]:
@@ -75,3 +79,80 @@ def test_a_job_hash_nobody_takes_expires_and_its_instances_still_run(
     h.force_expiry()
     h.worker("w")
     assert inst.wait(timeout=30)["status"] == "complete", procs.logs()
+
+
+# -- jobs written from a template (nbflow.rqjobs) ------------------------------------
+
+
+def rq_commands(engine: Engine, ids: list[str], workflow: str, at_front: bool) -> list[list]:
+    """What RQ itself emits for the job ``Backend.enqueue`` writes, made comparable."""
+    b = engine.backend
+    more = f" +{len(ids) - 1}" if len(ids) > 1 else ""
+    pipe = engine.redis.pipeline(transaction=False)
+    b.queue_for(workflow).enqueue_call(
+        JOB_FUNCTION,
+        args=(b.prefix, ids),
+        timeout=-1,
+        ttl=JOB_TTL,
+        result_ttl=0,
+        failure_ttl=24 * 3600,
+        description=f"nbflow {b.prefix} {workflow} {ids[0]}{more}",
+        meta={"nbflow": b.prefix, "ids": ids},
+        job_id="the-job",
+        at_front=at_front,
+        pipeline=pipe,
+    )
+    out = [list(args) for args, _ in pipe.command_stack]
+    pipe.reset()
+    return out
+
+
+def ours(engine: Engine, ids: list[str], workflow: str, at_front: bool) -> list[list]:
+    pipe = engine.redis.pipeline(transaction=False)
+    engine.backend.enqueue(ids, workflow, at_front=at_front, pipe=pipe)
+    out = [list(args) for args, _ in pipe.command_stack]
+    pipe.reset()
+    job_id = out[-1][-1]  # the push's value
+    return [[a.replace(job_id, "the-job") if named(a, job_id) else a for a in c] for c in out]
+
+
+def named(arg: object, job_id: str) -> bool:
+    return isinstance(arg, str) and job_id in arg
+
+
+def without_stamps(commands: list[list]) -> list[list]:
+    out = []
+    for cmd in commands:
+        cmd = list(cmd)
+        for n in range(2, len(cmd) - 1, 2):
+            if cmd[0] == "HSET" and cmd[n] in ("created_at", "enqueued_at"):
+                assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", cmd[n + 1])
+                cmd[n + 1] = "<stamp>"
+        out.append(cmd)
+    return out
+
+
+@pytest.mark.parametrize("at_front", [False, True])
+@pytest.mark.parametrize("ids", [["one"], ["a", "b", "c"]])
+def test_jobs_are_written_with_the_very_commands_rq_emits(
+    engine: Engine, ids: list[str], at_front: bool
+) -> None:
+    for _ in range(2):  # the template's first use, then a later one
+        assert without_stamps(ours(engine, ids, "Flow", at_front)) == without_stamps(
+            rq_commands(engine, ids, "Flow", at_front)
+        )
+
+
+def test_a_job_from_the_template_reads_back_in_rq_like_any_job(engine: Engine) -> None:
+    pipe = engine.redis.pipeline(transaction=False)
+    engine.backend.enqueue(["x1", "x2"], "Flow", pipe=pipe)
+    engine.backend.enqueue(["y1"], "Flow", pipe=pipe)
+    pipe.execute()
+    queue = engine.backend.queue_for("Flow")
+    jobs = [Job.fetch(j, connection=engine.redis, serializer=JSONSerializer) for j in queue.job_ids]
+    assert len(set(queue.job_ids)) == 2  # a fresh id per job
+    assert [job.args for job in jobs] == [[engine.prefix, ["x1", "x2"]], [engine.prefix, ["y1"]]]
+    assert [job.meta["ids"] for job in jobs] == [["x1", "x2"], ["y1"]]
+    assert all(job.func_name == JOB_FUNCTION and job.get_status() == "queued" for job in jobs)
+    assert all(0 < engine.redis.ttl(job.key) <= JOB_TTL for job in jobs)
+    assert queue.count == 2
