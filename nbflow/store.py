@@ -782,9 +782,13 @@ _CLAIM_JOB = r"""
 local job, jid, worker, base = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local meta = redis.call('HGET', job, 'meta')
 if meta then
+  -- (a job of someone else's, with a meta of its own, is read the old way)
   local ok, taken = pcall(cjson.decode, meta)
-  if not ok or type(taken) ~= 'table' or type(taken.ids) ~= 'table' then return {'none'} end
-  if taken.nbflow ~= P then return {'prefix', tostring(taken.nbflow)} end
+  if not ok or type(taken) ~= 'table' or type(taken.nbflow) ~= 'string'
+     or type(taken.ids) ~= 'table' or #taken.ids == 0 then
+    return {'none'}
+  end
+  if taken.nbflow ~= P then return {'prefix', taken.nbflow} end
   redis.call('DEL', job)
   redis.call('HSET', worker, 'state', 'busy', 'current_job', jid, 'nbflow_job', meta)
 elseif redis.call('HGET', worker, 'current_job') == jid then

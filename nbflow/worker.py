@@ -273,10 +273,11 @@ class NbflowWorker(SimpleWorker):
         if data is None:
             log.warning("nbflow worker: job %s vanished before it ran", job_id)
             return [], None
-        func, _instance, (prefix, ids), _kwargs = json.loads(zlib.decompress(data))
+        func, _instance, args, _kwargs = json.loads(zlib.decompress(data))
         if func != JOB_FUNCTION:
             log.error("nbflow worker: job %s calls %s, not an nbflow job; dropped", job_id, func)
             return [], None
+        prefix, ids = args
         if prefix != self.backend.prefix:
             raise RuntimeError(runner.wrong_prefix(prefix, self.backend.prefix))
         return list(ids), None

@@ -4,17 +4,20 @@ job, so a SIGKILLed worker leaves none behind (it used to leave every job it was
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from conftest import cleanup_prefix
 from helpers_procs import Procs, poll, wait_workers
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from test_faults import Harness, procs  # noqa: F401  (the worker-process fixture)
 
-from nbflow import Engine
+from nbflow import Engine, WorkflowEntrypoint
 from nbflow.backend import JOB_FUNCTION, JOB_TTL
 
 
@@ -156,3 +159,51 @@ def test_a_job_from_the_template_reads_back_in_rq_like_any_job(engine: Engine) -
     assert all(job.func_name == JOB_FUNCTION and job.get_status() == "queued" for job in jobs)
     assert all(0 < engine.redis.ttl(job.key) <= JOB_TTL for job in jobs)
     assert queue.count == 2
+
+
+# -- jobs the claim_job script does not know (runner.take_job) -----------------------
+
+
+class Two(WorkflowEntrypoint):
+    async def run(self, event: Any, step: Any) -> Any:
+        return [await step.do("a", lambda: 1), await step.do("b", lambda: 2)]
+
+
+def test_a_job_without_nbflows_meta_is_still_run(engine: Engine) -> None:
+    """A job as nbflow wrote it before its ids went in the meta (or pushed by hand)."""
+    flow = engine.register(Two)
+    inst = flow.create(id="old")
+    queue = engine.backend.queue_for("Two")
+    queue.empty()
+    queue.enqueue_call(JOB_FUNCTION, args=(engine.prefix, ["old"]), timeout=-1, result_ttl=0)
+    assert engine.run_worker() >= 1
+    assert inst.status() == {"status": "complete", "output": [1, 2]}
+
+
+def test_a_foreign_job_with_a_meta_of_its_own_is_dropped_and_the_worker_goes_on(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    flow = engine.register(Two)
+    queue = engine.backend.queue_for("Two")
+    foreign = queue.enqueue_call("builtins.print", args=("hi",), meta={"owner": "someone"})
+    inst = flow.create(id="after")
+    with caplog.at_level(logging.ERROR, logger="nbflow"):
+        engine.run_worker()
+    assert f"job {foreign.id} calls builtins.print, not an nbflow job; dropped" in caplog.text
+    assert not engine.redis.exists(foreign.key)
+    assert inst.status() == {"status": "complete", "output": [1, 2]}
+
+
+def test_a_job_of_another_prefix_is_refused_and_its_instance_stays_queued(
+    engine: Engine, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = Engine(redis_url, prefix=f"{engine.prefix}-other", queue=engine.queue_name)
+    try:
+        theirs = other.register(Two).create(id="theirs")
+        engine.register(Two)
+        with caplog.at_level(logging.ERROR, logger="nbflow"):
+            engine.run_worker()
+        assert f"job for prefix '{other.prefix}' reached a worker for prefix" in caplog.text
+        assert theirs.status() == {"status": "queued"}  # not run, not errored by the wrong worker
+    finally:
+        cleanup_prefix(other.redis, other.prefix, other.queue_name)
