@@ -208,7 +208,9 @@ def _claim(
     tokens = [f"{token_base}:{n}" for n in range(len(ids))]
     todo = 0 if first is None else 1
     if listener is not None:
-        for iid in ids[todo:]:  # requests aimed at earlier runs (claimed: none can be)
+        # stop requests left from earlier runs here (for ids[0], claimed already, the
+        # requests can only be this run's own: kept)
+        for iid in ids[todo:]:
             listener.requests.pop(iid, None)
     claims = backend.scripts.pipeline(
         [

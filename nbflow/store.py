@@ -768,7 +768,7 @@ end
 _CLAIM = "return claim_one(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])"
 
 # ARGV: prefix, job key, job id, worker key, token base, now, now_iso, lease_until.
-# A worker's first call for an RQ job it popped (``runner.run_job``): takes the job
+# A worker's first call for an RQ job it popped (``runner.take_job``): takes the job
 # (the ids in its meta, written by ``Backend.enqueue``), deletes its hash, marks the
 # worker busy and claims the job's first instance with token base .. ':0', all in
 # the one round trip that used to only read the job.  Returns {meta JSON, the
